@@ -1,0 +1,336 @@
+"""Tests of ofql.py: the maths against references, learning that must happen, errors that must be raised.
+
+Run: `pytest -q test_ofql.py` (a few minutes on 2 CPU cores). Nothing here downloads: Minari datasets
+are built in temporary folders with `minari.create_dataset_from_buffers`.
+"""
+import dataclasses
+import json
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import ofql
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_minari(tmp_path, monkeypatch):
+    """Every test sees an empty, temporary Minari folder (never the user's, never the network)."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def small_args(**overrides) -> ofql.Args:
+    return ofql.resolve_args(dataclasses.replace(ofql.Args(env="bandit-8modes"), **overrides))
+
+
+# ------------------------------------------------------------------------------------------------
+# The MeanFlow target: du/dt along the path, tangents (v, 0, 1) for (z, r, t)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("equal_times", [False, True])
+def test_dudt_matches_finite_differences_float64(equal_times):
+    torch.manual_seed(1)
+    obs_dim, act_dim, batch = 5, 3, 7
+    actor = ofql.MeanFlowActor(obs_dim, act_dim, hidden=32, time_scale=3.0).double()
+    z, v = torch.randn(batch, act_dim).double(), torch.randn(batch, act_dim).double()
+    obs = torch.randn(batch, obs_dim).double()
+    t = torch.rand(batch).double() * 0.8 + 0.1
+    r = t.clone() if equal_times else t * torch.rand(batch).double()
+    u, dudt = actor.velocity_and_dudt(z, r, t, obs, v)
+    # central difference of u along (z + h v, r, t + h): the total derivative the JVP must equal
+    h = 1e-6
+    with torch.no_grad():
+        fd = (actor(z + h * v, r, t + h, obs) - actor(z - h * v, r, t - h, obs)) / (2 * h)
+        assert torch.allclose(u, actor(z, r, t, obs), atol=1e-12)
+    err = (dudt - fd).abs().max().item()
+    print(f"max |dudt - finite difference| = {err:.2e}")
+    assert err < 1e-6
+    # and the classic bug (tangent on r instead of t) gives something else
+    with torch.no_grad():
+        wrong = (actor(z + h * v, r + h, t, obs) - actor(z - h * v, r - h, t, obs)) / (2 * h)
+    assert (wrong - fd).abs().max() > 1e-3
+
+
+def test_dudt_matches_torch_func_jvp_float32():
+    torch.manual_seed(2)
+    actor = ofql.MeanFlowActor(11, 3)
+    z, v, obs = torch.randn(257, 3), torch.randn(257, 3), torch.randn(257, 11)
+    t = torch.rand(257)
+    r = t * torch.rand(257)
+    u, dudt = actor.velocity_and_dudt(z, r, t, obs, v)
+    u_ref, dudt_ref = torch.func.jvp(lambda z_, r_, t_: actor(z_, r_, t_, obs), (z, r, t),
+                                     (v, torch.zeros_like(r), torch.ones_like(t)))
+    rel = ((dudt - dudt_ref).abs().max() / dudt_ref.abs().max()).item()
+    print(f"max relative error vs torch.func.jvp: {rel:.2e}")
+    assert rel < 1e-5 and torch.allclose(u, u_ref, atol=1e-6)
+    assert u.requires_grad and not dudt.requires_grad  # stop-gradient on the target side
+
+
+def test_mish_matches_torch_in_value_and_gradient():
+    x = (torch.randn(1000, dtype=torch.float64) * 8).requires_grad_()
+    y = ofql.mish(x)
+    ref = torch.nn.functional.mish(x)
+    assert torch.allclose(y, ref, atol=1e-12)
+    assert torch.autograd.gradcheck(ofql.mish, (x[:20].detach().requires_grad_(),))
+
+
+def test_bc_loss_is_zero_at_the_exact_average_velocity():
+    """For data that is a single point a0, the average velocity of z_t -> z_r is exactly
+    (z_t - a0) / t, whatever r: a network computing it must have zero MeanFlow loss."""
+
+    a0 = torch.tensor([0.3, -0.5])
+
+    class Exact(ofql.MeanFlowActor):
+        def forward(self, z, r, t, obs):
+            return (z - a0) / t[:, None]
+
+    actor = Exact(1, 2, hidden=4)
+
+    def velocity_and_dudt(z, r, t, obs, v):
+        return torch.func.jvp(lambda z_, r_, t_: actor(z_, r_, t_, obs), (z, r, t),
+                              (v, torch.zeros_like(r), torch.ones_like(t)))
+
+    actor.velocity_and_dudt = velocity_and_dudt
+    loss = ofql.meanflow_bc_loss(actor, torch.zeros(64, 1), a0.expand(64, 2), small_args(flow_ratio=0.3))
+    assert loss.item() < 1e-10
+
+
+# ------------------------------------------------------------------------------------------------
+# Time sampler
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flow_ratio", [0.0, 0.25, 0.5, 1.0])
+def test_time_sampler_order_and_flow_ratio(flow_ratio):
+    args = small_args(flow_ratio=flow_ratio)
+    r, t = ofql.sample_times(1000, args, "cpu")
+    assert torch.all(r <= t) and torch.all((t > 0) & (t < 1))
+    assert (r == t).float().mean().item() == pytest.approx(flow_ratio, abs=1e-3)
+
+
+def test_logit_normal_statistics_match_closed_form():
+    """t = max and r = min of two N(mu, sigma) draws in logit space: E = mu +- sigma / sqrt(pi),
+    Var = sigma^2 (1 - 1/pi)."""
+    args = small_args(flow_ratio=0.0, time_mu=-0.4, time_sigma=1.0)
+    torch.manual_seed(0)
+    r, t = ofql.sample_times(400_000, args, "cpu")
+    logit_t, logit_r = torch.logit(t.double()), torch.logit(r.double())
+    assert logit_t.mean().item() == pytest.approx(-0.4 + 1 / math.sqrt(math.pi), abs=0.01)
+    assert logit_r.mean().item() == pytest.approx(-0.4 - 1 / math.sqrt(math.pi), abs=0.01)
+    assert logit_t.var().item() == pytest.approx(1 - 1 / math.pi, abs=0.01)
+    uniform = ofql.sample_times(400_000, small_args(flow_ratio=0.0, time_sampler="uniform"), "cpu")
+    assert uniform[1].mean().item() == pytest.approx(2 / 3, abs=0.005)  # E max of two U(0,1)
+    assert uniform[0].mean().item() == pytest.approx(1 / 3, abs=0.005)
+
+
+# ------------------------------------------------------------------------------------------------
+# Learning on the 2-D bandit
+# ------------------------------------------------------------------------------------------------
+def train_bc(flow_ratio: float, steps: int, seed: int = 0) -> ofql.MeanFlowActor:
+    torch.manual_seed(seed)
+    args = small_args(flow_ratio=flow_ratio)
+    actions = torch.as_tensor(ofql.make_bandit_data()["action"], dtype=torch.float32)
+    actor = ofql.MeanFlowActor(1, 2, hidden=128)
+    opt = torch.optim.Adam(actor.parameters(), lr=1e-3)
+    obs = torch.zeros(256, 1)
+    for _ in range(steps):
+        loss = ofql.meanflow_bc_loss(actor, obs, actions[torch.randint(0, len(actions), (256,))], args)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return actor
+
+
+def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
+    d = lambda a, b: np.linalg.norm(a[:, None] - b[None], axis=-1).mean()
+    return 2 * d(x, y) - d(x, x) - d(y, y)
+
+
+@pytest.fixture(scope="module")
+def bc_actors():
+    return {"meanflow": train_bc(0.5, 3000), "flow_matching": train_bc(1.0, 3000)}
+
+
+def test_one_step_meanflow_covers_every_mode(bc_actors):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        samples = bc_actors["meanflow"].act(torch.zeros(4000, 1)).numpy()
+    centres, _ = ofql.bandit_modes()
+    dist = np.linalg.norm(samples[:, None] - centres[None], axis=-1)
+    near = dist.min(1) < 0.2  # within 4 std of a mode
+    share = np.bincount(dist.argmin(1)[near], minlength=len(centres)) / len(samples)
+    print("share of samples within 0.2 of each mode:", np.round(share, 3), "total", near.mean())
+    assert share.min() > 0.04, "a mode is missed"
+    assert near.mean() > 0.5
+
+
+def test_one_step_meanflow_beats_one_step_flow_matching(bc_actors):
+    torch.manual_seed(0)
+    data = ofql.make_bandit_data(1500, seed=1)["action"]
+    with torch.no_grad():
+        dists = {k: energy_distance(a.act(torch.zeros(1500, 1)).numpy(), data) for k, a in bc_actors.items()}
+    print("energy distance to data, one step:", dists)
+    assert dists["meanflow"] < 0.5 * dists["flow_matching"]
+
+
+def test_q_guidance_puts_samples_in_the_best_mode(tmp_path):
+    summary = ofql.train(dataclasses.replace(
+        ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), eta=5.0, total_steps=1500, eval_every=1500,
+                  hidden_dim=128, lr=1e-3)))
+    agent_state = torch.load(summary["checkpoint"], weights_only=False)["agent"]
+    actor = ofql.MeanFlowActor(1, 2, hidden=128)
+    actor.load_state_dict(agent_state["actor"])
+    with torch.no_grad():
+        samples = actor.act(torch.zeros(2000, 1)).numpy()
+    centres, rewards = ofql.bandit_modes()
+    in_best = np.linalg.norm(samples - centres[rewards.argmax()], axis=-1) < 0.2
+    print(f"share of samples in the best mode: {in_best.mean():.3f}; score {summary['final_score']:.1f}")
+    assert in_best.mean() > 0.6
+    assert (tmp_path / summary["run_dir"].split("/")[-1] / "bandit_samples.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------------------
+# Minari data, training end to end, checkpoints
+# ------------------------------------------------------------------------------------------------
+def make_hopper_dataset(dataset_id: str, episodes: int = 4, max_steps: int = 60, nan: bool = False):
+    """A tiny Minari dataset of real Hopper-v5 transitions (random actions)."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    env = gym.make("Hopper-v5", max_episode_steps=max_steps)
+    env.action_space.seed(0)
+    buffers = []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=ep)
+        rec = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
+        done = False
+        while not done:
+            action = env.action_space.sample()
+            obs, reward, term, trunc, _ = env.step(action)
+            for key, value in zip(rec, (obs, action, reward, term, trunc)):
+                rec[key].append(value)
+            done = term or trunc
+        if nan and ep == 1:
+            rec["rewards"][3] = float("nan")
+        buffers.append(EpisodeBuffer(id=ep, **{k: np.asarray(v) for k, v in rec.items()}))
+    return minari.create_dataset_from_buffers(dataset_id, buffers, env=env, ref_min_score=-20.272305,
+                                              ref_max_score=3234.3, algorithm_name="random",
+                                              author="test", author_email="none", code_permalink="test")
+
+
+def test_transitions_follow_minari_episodes():
+    dataset = make_hopper_dataset("test/hopper/tiny-v0")
+    data = ofql.episodes_to_transitions(dataset.iterate_episodes())
+    episodes = list(dataset.iterate_episodes())
+    assert len(data["obs"]) == sum(len(ep.actions) for ep in episodes) == dataset.total_steps
+    first = episodes[0]
+    n = len(first.actions)
+    np.testing.assert_allclose(data["next_obs"][: n], first.observations[1:])
+    np.testing.assert_allclose(data["obs"][n], episodes[1].observations[0])
+    # terminal steps have mask 0; truncated (time-limit) ends keep mask 1
+    ends = np.cumsum([len(ep.actions) for ep in episodes]) - 1
+    for ep, end in zip(episodes, ends):
+        assert data["mask"][end] == (0.0 if ep.terminations[-1] else 1.0)
+    assert data["mask"].sum() == len(data["mask"]) - sum(ep.terminations.sum() for ep in episodes)
+
+
+def test_train_on_tiny_minari_dataset_checkpoints_and_resumes(tmp_path):
+    make_hopper_dataset("test/hopper/tiny-v0")
+    base = ofql.Args(env="test/hopper/tiny-v0", out_dir=str(tmp_path), total_steps=40, eval_every=20,
+                     eval_episodes=2, batch_size=32, hidden_dim=64, log_every=10, eta=0.1, grad_norm=5.0)
+    first = ofql.train(dataclasses.replace(base, total_steps=20))
+    assert first["steps"] == 20 and np.isfinite(first["final_score"])
+    ckpt = ofql.load_checkpoint(first["checkpoint"])
+    assert ckpt["agent"]["step"] == 20 and ckpt["obs_mean"].shape == (11,)
+    # the critic really learned something: parameters moved away from their initial values
+    torch.manual_seed(base.seed)
+    init = ofql.TwinCritic(11, 3, 64)
+    moved = max((ckpt["agent"]["critic"][k] - v).abs().max().item() for k, v in init.state_dict().items())
+    assert moved > 1e-4
+    # resume: same run folder, continues to the new total and keeps the history
+    state = ofql.load_checkpoint(first["checkpoint"])
+    state["args"]["total_steps"] = 40
+    torch.save(state, first["checkpoint"])
+    resumed = ofql.train(ofql.Args(resume=first["checkpoint"]))
+    assert resumed["steps"] == 40 and resumed["run_dir"] == first["run_dir"]
+    assert [h["step"] for h in resumed["history"]] == [20, 40]
+    summary = json.loads((tmp_path / first["run_dir"].split("/")[-1] / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["score_source"].endswith("metadata")
+
+
+def test_resume_is_exact(tmp_path):
+    """20 steps + resume for 20 ends with the same parameters as 40 uninterrupted steps."""
+    make_hopper_dataset("test/hopper/tiny-v0")
+    base = ofql.Args(env="test/hopper/tiny-v0", out_dir=str(tmp_path), eval_every=20, eval_episodes=1,
+                     batch_size=16, hidden_dim=32, eta=0.1, grad_norm=5.0, ema_actor=True, ema_start=5, ema_every=2)
+    straight = ofql.train(dataclasses.replace(base, total_steps=40, exp_name="straight"))
+    half = ofql.train(dataclasses.replace(base, total_steps=20, exp_name="half"))
+    state = ofql.load_checkpoint(half["checkpoint"])
+    state["args"]["total_steps"] = 40
+    torch.save(state, half["checkpoint"])
+    ofql.train(ofql.Args(resume=half["checkpoint"]))
+    a = ofql.load_checkpoint(straight["checkpoint"])["agent"]
+    b = ofql.load_checkpoint(half["checkpoint"])["agent"]
+    for net in ("actor", "actor_target", "critic", "critic_target"):
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs after resume"
+
+
+def test_dataset_folder_path_is_accepted(tmp_path):
+    import os
+    dataset = make_hopper_dataset("test/hopper/tiny-v0")
+    folder = os.path.join(os.environ["MINARI_DATASETS_PATH"], "test", "hopper", "tiny-v0")
+    task, data = ofql.load_task(folder)
+    assert task.obs_dim == 11 and len(data["obs"]) == dataset.total_steps
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors a user can run into
+# ------------------------------------------------------------------------------------------------
+def test_unknown_task_names_the_closest_match():
+    with pytest.raises(ValueError, match="did you mean 'hopper-medium-v2'"):
+        ofql.load_task("hoper-medium-v2")
+
+
+def test_missing_dataset_offline_says_where_and_how(monkeypatch):
+    import minari
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(minari, "load_dataset", no_network)
+    with pytest.raises(FileNotFoundError, match="MINARI_DATASETS_PATH=.*minari download mujoco/hopper/medium-v0"):
+        ofql.load_task("mujoco/hopper/medium-v0")
+
+
+def test_nan_in_dataset_is_refused():
+    make_hopper_dataset("test/hopper/nan-v0", nan=True)
+    task, data = ofql.load_task("test/hopper/nan-v0")
+    with pytest.raises(ValueError, match="'reward' has 1 NaN/Inf"):
+        ofql.ReplayBuffer(data, torch.device("cpu"), torch.Generator())
+
+
+@pytest.mark.parametrize("field,value", [("flow_ratio", 1.5), ("eta", -0.1)])
+def test_invalid_hyperparameters_are_refused(field, value):
+    with pytest.raises(ValueError, match=field.replace("_", "-")):
+        small_args(**{field: value})
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        ofql.load_checkpoint(bad)
+
+
+def test_pendulum_builtin_dataset_builds_offline():
+    task, data = ofql.load_task("pendulum-swingup")
+    assert task.obs_dim == 3 and task.act_dim == 1
+    assert np.all(np.abs(data["action"]) <= 1.0) and len(data["obs"]) == 100 * 200
+    assert data["mask"].min() == 1.0  # Pendulum never terminates: time limits are not terminals
+    behaviour = 100 * (data["reward"].sum() / 100 - task.ref_min) / (task.ref_max - task.ref_min)
+    assert 25 < behaviour < 65, behaviour
+    env = task.make_env()
+    assert env.action_space.low[0] == -1.0
