@@ -25,7 +25,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -161,15 +161,15 @@ PRESETS: dict[str, Preset] = {
     "kitchen-complete-v0": Preset(eta=0.005, grad_norm=9), "kitchen-partial-v0": Preset(eta=0.005, grad_norm=10),
     "kitchen-mixed-v0": Preset(eta=0.005, grad_norm=10),
     # built-in tasks (no download)
-    "bandit-8modes": Preset(eta=0.0, grad_norm=0.0, total_steps=3000, eval_every=1000),
+    "bandit-8modes": Preset(eta=0.3, lr=1e-3, grad_norm=0.0, total_steps=2000, eval_every=500),
     "pendulum-swingup": Preset(eta=0.1, grad_norm=9.0, total_steps=10_000, eval_every=2000),
 }
-D4RL_MUJOCO_SOURCE = {  # D4RL name -> Minari regeneration with the same level (not comparable, see README)
-    f"{env}-{level}-v2": f"mujoco/{env}/{level}-v0"
-    for env in ("halfcheetah", "hopper", "walker2d") for level in ("medium", "expert", "simple")
-}
+D4RL_MUJOCO = {f"{env}-{level}-v2": (env, level) for env in ("halfcheetah", "hopper", "walker2d")
+               for level in ("medium", "medium-replay", "medium-expert")}
+D4RL_REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
+D4RL_EVAL_ENV = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": "Walker2d-v4"}
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{env}_{level}-v2.hdf5"
 MINARI_SOURCE = {
-    **D4RL_MUJOCO_SOURCE,
     **{f"antmaze-{m}-v0": f"D4RL/antmaze/{m}-v1" for m in
        ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")},
     **{f"kitchen-{m}-v0": f"D4RL/kitchen/{m}-v2" for m in ("complete", "partial", "mixed")},
@@ -206,7 +206,7 @@ class Task:
     name: str
     obs_dim: int
     act_dim: int
-    make_env: callable | None  # returns a gymnasium env with actions in [-1, 1]; None for the bandit
+    make_env: Callable[[], gym.Env] | None  # returns a gymnasium env with actions in [-1, 1]; None for the bandit
     ref_min: float
     ref_max: float
     ref_source: str  # where the normalisation constants came from
@@ -294,24 +294,77 @@ def build_pendulum_dataset(dataset_id: str, episodes: int = 100, seed: int = 0):
     )
 
 
+def d4rl_hdf5_to_minari(hdf5_path: str | Path, dataset_id: str, eval_env: str, ref_min: float, ref_max: float):
+    """Convert a D4RL v2 HDF5 file (observations, actions, rewards, terminals, timeouts,
+    next_observations) into a local Minari dataset: one episode per terminal/timeout boundary, terminals
+    as terminations, timeouts (and the unfinished tail) as truncations."""
+    import h5py
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    with h5py.File(hdf5_path, "r") as f:
+        obs, actions, rewards = f["observations"][:], f["actions"][:], f["rewards"][:]
+        terminals, timeouts = f["terminals"][:].astype(bool), f["timeouts"][:].astype(bool)
+        next_obs = f["next_observations"][:] if "next_observations" in f else None
+    ends = np.flatnonzero(terminals | timeouts)
+    if len(ends) == 0 or ends[-1] != len(rewards) - 1:
+        ends = np.append(ends, len(rewards) - 1)
+    buffers, start = [], 0
+    for i, end in enumerate(ends):
+        last_obs = next_obs[end] if next_obs is not None else obs[min(end + 1, len(obs) - 1)]
+        truncations = np.zeros(end + 1 - start, bool)
+        truncations[-1] = not terminals[end]
+        buffers.append(EpisodeBuffer(
+            id=i, observations=np.concatenate([obs[start:end + 1], last_obs[None]]), actions=actions[start:end + 1],
+            rewards=rewards[start:end + 1], terminations=terminals[start:end + 1], truncations=truncations))
+        start = end + 1
+    return minari.create_dataset_from_buffers(
+        dataset_id, buffers, env=eval_env, ref_min_score=ref_min, ref_max_score=ref_max,
+        algorithm_name="D4RL v2 (converted by ofql.py)", author="D4RL", author_email="none",
+        code_permalink="https://github.com/Farama-Foundation/D4RL",
+        description=f"D4RL v2 data converted from {Path(hdf5_path).name}; refs are D4RL's constants.")
+
+
+def load_d4rl_mujoco(name: str):
+    """The exact D4RL v2 data of a MuJoCo task as a local Minari dataset `d4rl/<env>/<level>-v2`
+    (downloaded once, converted, cached under MINARI_DATASETS_PATH; eval env: gymnasium's -v4)."""
+    import minari
+
+    env, level = D4RL_MUJOCO[name]
+    dataset_id = f"d4rl/{env}/{level}-v2"
+    if dataset_id in minari.list_local_datasets():
+        return minari.load_dataset(dataset_id)
+    root = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
+    url = D4RL_URL.format(env=env, level=level.replace("-", "_"))
+    hdf5 = root / "d4rl_downloads" / Path(url).name
+    if not hdf5.exists():
+        import urllib.request
+
+        hdf5.parent.mkdir(parents=True, exist_ok=True)
+        print(f"downloading {url} -> {hdf5}")
+        try:
+            urllib.request.urlretrieve(url, hdf5.with_suffix(".part"))
+        except OSError as err:
+            raise FileNotFoundError(
+                f"D4RL dataset {name} is not in MINARI_DATASETS_PATH={root} and could not be downloaded ({err}). "
+                f"Fix: on a connected machine download {url} and put it at {hdf5}, or run `python ofql.py --env "
+                f"{name}` there and copy {root / 'd4rl'} here.") from err
+        os.replace(hdf5.with_suffix(".part"), hdf5)
+    print(f"converting {hdf5.name} into the Minari dataset {dataset_id}")
+    return d4rl_hdf5_to_minari(hdf5, dataset_id, D4RL_EVAL_ENV[env], *D4RL_REF_SCORES[env])
+
+
 def load_minari(dataset_id_or_path: str):
     """Load a local Minari dataset by id or folder; build the built-in one if missing; never download
     unless the user asked for a D4RL/Minari task and is online."""
     import minari
 
     path = Path(dataset_id_or_path)
-    if path.is_dir():  # a dataset folder: <root>/<namespace...>/<name-vN>/data
-        root = path.parent if path.name == "data" else path
-        rel, base = [], root
-        while not (base / "namespace_metadata.json").exists() and base.parent != base and len(rel) < 4:
-            rel.insert(0, base.name)
-            base = base.parent
-        # walk up to the datasets root: the folder whose children hold namespaces
-        while (base / "namespace_metadata.json").exists():
-            rel.insert(0, base.name)
-            base = base.parent
-        os.environ["MINARI_DATASETS_PATH"] = str(base)
-        return minari.load_dataset("/".join(rel))
+    if path.is_dir():  # a dataset folder <root>/<namespace>/<name-vN> holding data/metadata.json
+        data_dir = path if path.name == "data" else path / "data"
+        if not (data_dir / "metadata.json").exists():
+            raise FileNotFoundError(f"{path} is not a Minari dataset folder (no data/metadata.json in it)")
+        return minari.MinariDataset(data_dir)
     local = minari.list_local_datasets()
     if dataset_id_or_path in local:
         return minari.load_dataset(dataset_id_or_path)
@@ -347,14 +400,18 @@ def bandit_reward(actions: np.ndarray) -> np.ndarray:
     return np.where(dist.min(1) < 3 * BANDIT_STD, rewards[nearest], 0.0)
 
 
-def make_bandit_data(n: int = 20_000, seed: int = 0) -> dict[str, np.ndarray]:
-    """Offline one-step bandit: constant state, actions from 8 equally likely Gaussian modes."""
+def make_bandit_data(n: int = 20_000, seed: int = 0, background: float = 0.1) -> dict[str, np.ndarray]:
+    """Offline one-step bandit: constant state; actions from 8 equally likely Gaussian modes, plus a
+    `background` fraction drawn uniformly in [-1, 1]^2 (exploration that shows the critic that actions
+    off the modes earn nothing). Reward: `bandit_reward`."""
     rng = np.random.default_rng(seed)
-    centres, rewards = bandit_modes()
+    centres, _ = bandit_modes()
     mode = rng.integers(0, len(centres), n)
     actions = centres[mode] + BANDIT_STD * rng.normal(size=(n, 2))
+    uniform = rng.random(n) < background
+    actions[uniform] = rng.uniform(-1, 1, size=(int(uniform.sum()), 2))
     obs = np.zeros((n, 1))
-    return {"obs": obs, "action": actions, "reward": rewards[mode], "next_obs": obs, "mask": np.zeros(n)}
+    return {"obs": obs, "action": actions, "reward": bandit_reward(actions), "next_obs": obs, "mask": np.zeros(n)}
 
 
 def load_task(env_name: str) -> tuple[Task, dict[str, np.ndarray]]:
@@ -362,7 +419,7 @@ def load_task(env_name: str) -> tuple[Task, dict[str, np.ndarray]]:
     if env_name == "bandit-8modes":
         return Task(env_name, 1, 2, None, 0.0, 1.0, "bandit: reward of the best mode"), make_bandit_data()
     source = MINARI_SOURCE.get(env_name, env_name)
-    if source == env_name and "/" not in env_name and not Path(env_name).exists():
+    if env_name not in D4RL_MUJOCO and source == env_name and "/" not in env_name and not Path(env_name).exists():
         known = sorted(PRESETS)
         close = difflib.get_close_matches(env_name, known, n=1)
         raise ValueError(f"unknown task '{env_name}'" + (f"; did you mean '{close[0]}'?" if close else "")
@@ -370,7 +427,7 @@ def load_task(env_name: str) -> tuple[Task, dict[str, np.ndarray]]:
     if env_name.startswith(("antmaze", "kitchen")):
         raise NotImplementedError(f"{env_name}: dict observations of AntMaze/Kitchen are not flattened yet "
                                   "(tracked in the data-layer issue); MuJoCo and built-in tasks work")
-    dataset = load_minari(source)
+    dataset = load_d4rl_mujoco(env_name) if env_name in D4RL_MUJOCO else load_minari(source)
     space = dataset.action_space
     if not isinstance(space, gym.spaces.Box) or not np.all(np.isfinite(space.low)) or not np.all(np.isfinite(space.high)):
         raise ValueError(f"dataset {source}: action space {space} is not a bounded Box; OFQL needs bounded "
@@ -382,7 +439,7 @@ def load_task(env_name: str) -> tuple[Task, dict[str, np.ndarray]]:
     data["action"] = np.clip(2.0 * (data["action"] - low) / (high - low) - 1.0, -1.0, 1.0)
     meta = dataset.storage.metadata
     if "ref_min_score" in meta and "ref_max_score" in meta:
-        ref_min, ref_max, ref_source = meta["ref_min_score"], meta["ref_max_score"], f"{source} metadata"
+        ref_min, ref_max, ref_source = meta["ref_min_score"], meta["ref_max_score"], f"{dataset.spec.dataset_id} metadata"
     else:
         ref_min, ref_max, ref_source = 0.0, 1.0, "none (score = 100 x raw return)"
 
@@ -829,7 +886,7 @@ def train(args: Args) -> dict:
     ckpt_path = run_dir / "checkpoint.pt"
     start, t0 = agent.step, time.time()
     progress = tqdm(range(agent.step, args.total_steps), initial=agent.step, total=args.total_steps,
-                    desc=args.env, unit="step", dynamic_ncols=True)
+                    desc=args.env, unit="step", dynamic_ncols=True, mininterval=1.0)
     for step in progress:
         metrics = agent.update(buffer.sample(args.batch_size), swap_heads=random.random() < 0.5)
         done = step + 1

