@@ -126,6 +126,10 @@ class Args:
     """gradient steps between TensorBoard scalars (the only host syncs of the loop)"""
     save_every: int | None = None
     """gradient steps between checkpoints (None: at every evaluation)"""
+    divergence_margin: float = 3.0
+    """stop when |Q| > margin * max|reward| / (1 - gamma) or a loss is NaN/Inf (checked every log_every steps)"""
+    continue_on_divergence: bool = False
+    """only log and checkpoint a divergence, do not stop"""
 
 
 @dataclass(frozen=True)
@@ -713,8 +717,12 @@ class OFQL:
         for key, value in state.items():
             if key == "step":
                 self.step = value
-            else:
+                continue
+            try:
                 getattr(self, key).load_state_dict(value)
+            except (RuntimeError, ValueError, KeyError) as err:  # shapes from another task or width
+                raise ValueError(f"checkpoint does not fit this task/network ({key}): it was trained with other "
+                                 f"observation/action sizes or --hidden-dim. {str(err).splitlines()[0]}") from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -810,8 +818,11 @@ def save_checkpoint(path: Path, agent: OFQL, args: Args, normalizer: Normalizer,
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with open(tmp, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)  # a kill before this line leaves the previous checkpoint untouched
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -831,6 +842,36 @@ def load_checkpoint(path: str | Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
+class DivergenceError(RuntimeError):
+    """Raised when the critic or a loss diverges (see --divergence-margin)."""
+
+
+def make_run_dir(args: Args) -> Path:
+    """A fresh run folder: an existing one is never reused (a suffix is added instead)."""
+    base = Path(args.out_dir) / f"{args.env.strip('/').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    for suffix in range(1000):
+        run_dir = base.with_name(base.name + (f"_{suffix}" if suffix else ""))
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise ValueError(f"cannot create the run folder {run_dir} ({err.strerror}); pass a writable --out-dir") from err
+    raise ValueError(f"too many runs named {base}*; pass another --exp-name")
+
+
+def check_divergence(values: dict[str, float], q_bound: float) -> str | None:
+    """A message when a logged loss is not finite or |Q| left the bound, else None."""
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        return f"non-finite {', '.join(bad)}"
+    q = max(abs(values["charts/q_mean"]), abs(values["charts/target_q_mean"]))
+    if q > q_bound:
+        return f"|Q| = {q:.3g} exceeds the bound {q_bound:.3g} (margin x max|reward| / (1 - gamma))"
+    return None
+
+
 def train(args: Args) -> dict:
     """Train OFQL on args.env; returns the summary also written to <run_dir>/summary.json."""
     from torch.utils.tensorboard import SummaryWriter
@@ -876,14 +917,14 @@ def train(args: Args) -> dict:
             torch.cuda.set_rng_state_all(rng["cuda"])
         print(f"resumed {args.resume} at step {agent.step}")
     else:
-        run_dir = Path(args.out_dir) / f"{args.env.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir.mkdir(parents=True, exist_ok=False)
+        run_dir = make_run_dir(args)
     writer = SummaryWriter(str(run_dir))
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project, config=dataclasses.asdict(args), name=run_dir.name,
                    sync_tensorboard=True, resume="allow")
     ckpt_path = run_dir / "checkpoint.pt"
+    q_bound = args.divergence_margin * max(float(np.abs(data["reward"]).max()), 1e-6) / (1 - args.gamma)
     start, t0 = agent.step, time.time()
     progress = tqdm(range(agent.step, args.total_steps), initial=agent.step, total=args.total_steps,
                     desc=args.env, unit="step", dynamic_ncols=True, mininterval=1.0)
@@ -896,6 +937,16 @@ def train(args: Args) -> dict:
             for key, value in values.items():
                 writer.add_scalar(key, value, done)
             progress.set_postfix(bc=f"{values['losses/bc_loss']:.3f}", q=f"{values['charts/q_mean']:.1f}")
+            problem = check_divergence(values, q_bound)
+            if problem is not None:
+                save_checkpoint(run_dir / f"diverged_{done}.pt", agent, args, normalizer, generator, history)
+                message = (f"divergence at step {done}: {problem}. Diagnostic checkpoint: {run_dir}/diverged_{done}.pt. "
+                           "Try a smaller --lr/--eta or a --grad-norm, or --continue-on-divergence to go on.")
+                writer.add_text("charts/divergence", message, done)
+                progress.write(message)
+                if not args.continue_on_divergence:
+                    writer.close()
+                    raise DivergenceError(message)
         if done % args.eval_every == 0 or done == args.total_steps:
             result = evaluate(agent, task, normalizer, args, args.eval_episodes, seed=10_000 * args.seed + done)
             history.append({"step": done, **result})
@@ -925,4 +976,7 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    train(tyro.cli(Args))
+    try:
+        train(tyro.cli(Args))
+    except (ValueError, FileNotFoundError, NotImplementedError, DivergenceError) as error:
+        raise SystemExit(f"error: {error}")

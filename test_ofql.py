@@ -384,3 +384,130 @@ def test_d4rl_offline_without_file_says_where_to_put_it(monkeypatch):
     monkeypatch.setattr(urllib.request, "urlretrieve", no_network)
     with pytest.raises(FileNotFoundError, match="walker2d_medium_replay-v2.hdf5"):
         ofql.load_task("walker2d-medium-replay-v2")
+
+
+# ------------------------------------------------------------------------------------------------
+# Reliability: kills, bad inputs, divergence
+# ------------------------------------------------------------------------------------------------
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """A run killed with SIGKILL after a checkpoint resumes and ends exactly where a run that was never
+    killed ends (parameters and logged evaluations)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    make_hopper_dataset("test/hopper/tiny-v0")
+    common = dict(env="test/hopper/tiny-v0", total_steps=400, eval_every=100, save_every=50, eval_episodes=1,
+                  batch_size=16, hidden_dim=32, eta=0.1, grad_norm=5.0, threads=1)
+    straight = ofql.train(ofql.Args(out_dir=str(tmp_path / "straight"), **common))
+    code = f"import ofql; ofql.train(ofql.Args(out_dir={str(tmp_path / 'killed')!r}, **{common!r}))"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(ofql.__file__),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((tmp_path / "killed").glob("*/checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = next((tmp_path / "killed").glob("*/checkpoint.pt"))
+    killed_at = ofql.load_checkpoint(ckpt)["agent"]["step"]
+    assert 0 < killed_at < 400, killed_at
+    resumed = ofql.train(ofql.Args(resume=str(ckpt)))
+    a = ofql.load_checkpoint(straight["checkpoint"])
+    b = ofql.load_checkpoint(resumed["checkpoint"])
+    for net in ("actor", "critic", "critic_target"):
+        for key in a["agent"][net]:
+            assert torch.equal(a["agent"][net][key], b["agent"][net][key]), f"{net}.{key}"
+    assert a["history"] == b["history"]
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    make_hopper_dataset("test/hopper/tiny-v0")
+    summary = ofql.train(ofql.Args(env="test/hopper/tiny-v0", out_dir=str(tmp_path), total_steps=10, eval_every=10,
+                                   eval_episodes=1, batch_size=16, hidden_dim=32))
+    before = open(summary["checkpoint"], "rb").read()
+
+    def dies_midway(obj, file, *args, **kwargs):
+        file.write(b"partial")
+        raise KeyboardInterrupt  # the process is killed while writing
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    state = ofql.load_checkpoint(summary["checkpoint"])
+    agent = ofql.OFQL(ofql.load_task("test/hopper/tiny-v0")[0], ofql.resolve_args(ofql.Args(**state["args"])),
+                      torch.device("cpu"))
+    with pytest.raises(KeyboardInterrupt):
+        ofql.save_checkpoint(ofql.Path(summary["checkpoint"]), agent, ofql.Args(**state["args"]),
+                             ofql.Normalizer(state["obs_mean"], state["obs_std"]), torch.Generator(), [])
+    assert open(summary["checkpoint"], "rb").read() == before
+
+
+def test_divergence_is_detected_saved_and_stops(tmp_path):
+    with pytest.raises(ofql.DivergenceError, match="divergence at step"):
+        ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), critic_lr=10.0, total_steps=300,
+                             log_every=5, eval_every=300, hidden_dim=32))
+    diag = list(tmp_path.glob("*/diverged_*.pt"))
+    assert len(diag) == 1 and ofql.load_checkpoint(diag[0])["agent"]["step"] <= 300
+    assert not list(tmp_path.glob("*/summary.json"))
+
+
+def test_check_divergence_bounds():
+    ok = {"charts/q_mean": 90.0, "charts/target_q_mean": 95.0, "losses/bc_loss": 0.5}
+    assert ofql.check_divergence(ok, 100.0) is None
+    assert "exceeds the bound" in ofql.check_divergence({**ok, "charts/q_mean": -150.0}, 100.0)
+    assert "non-finite losses/bc_loss" in ofql.check_divergence({**ok, "losses/bc_loss": float("nan")}, 100.0)
+
+
+def test_unwritable_output_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="cannot create the run folder .* writable --out-dir"):
+        ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(blocker / "runs"), total_steps=5))
+
+
+def test_run_folders_are_never_reused(tmp_path):
+    args = ofql.resolve_args(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path)))
+    assert ofql.make_run_dir(args) != ofql.make_run_dir(args)
+
+
+def test_batch_larger_than_dataset_is_refused(tmp_path):
+    make_hopper_dataset("test/hopper/tiny-v0", episodes=1, max_steps=20)
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        ofql.train(ofql.Args(env="test/hopper/tiny-v0", out_dir=str(tmp_path / "runs"), batch_size=256))
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_unbounded_action_space_is_refused():
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    obs = np.zeros((4, 2))
+    buffer = EpisodeBuffer(id=0, observations=obs, actions=np.zeros((3, 1)), rewards=np.zeros(3),
+                           terminations=np.zeros(3, bool), truncations=np.array([False, False, True]))
+    minari.create_dataset_from_buffers(
+        "test/unbounded/v0", [buffer], action_space=gym.spaces.Box(-np.inf, np.inf, (1,)),
+        observation_space=gym.spaces.Box(-np.inf, np.inf, (2,)), algorithm_name="none", author="t",
+        author_email="none", code_permalink="none")
+    with pytest.raises(ValueError, match="not a bounded Box"):
+        ofql.load_task("test/unbounded/v0")
+
+
+def test_checkpoint_from_another_task_is_refused(tmp_path):
+    summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=2, eval_every=2,
+                                   hidden_dim=32))
+    state = ofql.load_checkpoint(summary["checkpoint"])
+    other = ofql.Task("other", 11, 3, None, 0.0, 1.0, "")
+    agent = ofql.OFQL(other, ofql.resolve_args(ofql.Args(env="other", hidden_dim=32)), torch.device("cpu"))
+    with pytest.raises(ValueError, match="does not fit this task"):
+        agent.load_state_dict(state["agent"])
+
+
+def test_cli_exits_non_zero_with_one_clear_line():
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "ofql.py", "--env", "hoper-medium-v2"], capture_output=True, text=True,
+                            cwd=os.path.dirname(ofql.__file__), timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown task 'hoper-medium-v2'; did you mean")
