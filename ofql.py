@@ -210,7 +210,7 @@ class Task:
     name: str
     obs_dim: int
     act_dim: int
-    make_env: Callable[[], gym.Env] | None  # returns a gymnasium env with actions in [-1, 1]; None for the bandit
+    make_env: Callable[..., gym.Env] | None  # kwargs go to gym.make; returns a gymnasium env with actions in [-1, 1]; None for the bandit
     ref_min: float
     ref_max: float
     ref_source: str  # where the normalisation constants came from
@@ -447,8 +447,8 @@ def load_task(env_name: str) -> tuple[Task, dict[str, np.ndarray]]:
     else:
         ref_min, ref_max, ref_source = 0.0, 1.0, "none (score = 100 x raw return)"
 
-    def make_env():
-        env = dataset.recover_environment(eval_env=True)
+    def make_env(**kwargs):
+        env = dataset.recover_environment(eval_env=True, **kwargs)
         return gym.wrappers.RescaleAction(env, -1.0, 1.0) if np.any(low != -1) or np.any(high != 1) else env
 
     task = Task(env_name, data["obs"].shape[1], data["action"].shape[1], make_env, ref_min, ref_max, ref_source)
@@ -576,6 +576,31 @@ class MeanFlowActor(nn.Module):
         ones = torch.ones(1, device=obs.device)
         emb = torch.cat([self.emb_r(0 * ones), self.emb_t(ones)], -1).expand(obs.shape[0], -1)
         return (noise - self.net(torch.cat([noise, emb, obs], -1))).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def folded(self) -> "FoldedActor":
+        """The inference policy with r = 0 and t = 1 folded into the first layer's bias."""
+        first = self.net[0]
+        time_dim = self.emb_r.freqs.numel() * 2
+        one = torch.ones(1, device=first.weight.device)
+        emb = torch.cat([self.emb_r(0 * one), self.emb_t(one)], -1)[0]
+        w_noise, w_time, w_obs = first.weight.split([self.act_dim, 2 * time_dim, first.in_features - self.act_dim - 2 * time_dim], 1)
+        layers = copy.deepcopy(self.net)
+        layers[0] = nn.Linear(first.in_features - 2 * time_dim, first.out_features).to(first.weight.device)
+        layers[0].weight.copy_(torch.cat([w_noise, w_obs], 1))
+        layers[0].bias.copy_(first.bias + w_time @ emb)
+        return FoldedActor(layers, self.act_dim)
+
+
+class FoldedActor(nn.Module):
+    """One-step policy as a plain MLP over [e, s] (what a robot runs): a = clip(e - mlp([e, s]), -1, 1)."""
+
+    def __init__(self, net: nn.Sequential, act_dim: int):
+        super().__init__()
+        self.net, self.act_dim = net, act_dim
+
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return (noise - self.net(torch.cat([noise, obs], -1))).clamp(-1.0, 1.0)
 
 
 class EnsembleLinear(nn.Module):
@@ -757,8 +782,10 @@ def sample_actions(agent: OFQL, obs: torch.Tensor, n_samples: int = 1) -> torch.
     return actions[best]
 
 
-def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episodes: int, seed: int) -> dict:
-    """Normalized score x 100 over `episodes` episodes run side by side (one batched policy call per step)."""
+def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episodes: int, seed: int,
+             frames: list | None = None) -> dict:
+    """Normalized score x 100 over `episodes` episodes run side by side (one batched policy call per step).
+    With `frames` (a list), the first episode is rendered into it as RGB arrays."""
     device = next(agent.actor.parameters()).device
     agent.actor.eval()
     if task.make_env is None:  # bandit: score = mean reward of one-step samples
@@ -767,7 +794,8 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
         rewards = bandit_reward(actions)
         returns = rewards
     else:
-        envs = [task.make_env() for _ in range(episodes)]
+        envs = [task.make_env(**({"render_mode": "rgb_array"} if frames is not None and i == 0 else {}))
+                for i in range(episodes)]
         obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
         returns, alive = np.zeros(episodes), np.ones(episodes, bool)
         while alive.any():
@@ -778,12 +806,15 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
                 obs[i], reward, term, trunc, _ = envs[i].step(action)
                 returns[i] += reward
                 alive[i] = not (term or trunc)
+                if frames is not None and i == 0:
+                    frames.append(envs[0].render())
         for env in envs:
             env.close()
     agent.actor.train()
     scores = 100 * (returns - task.ref_min) / (task.ref_max - task.ref_min)
     return {"return_mean": float(returns.mean()), "return_std": float(returns.std()),
-            "score_mean": float(scores.mean()), "score_std": float(scores.std()), "ref_source": task.ref_source}
+            "score_mean": float(scores.mean()), "score_std": float(scores.std()), "ref_source": task.ref_source,
+            "scores": scores.tolist()}
 
 
 def plot_bandit(agent: OFQL, path: Path, n: int = 2000):
@@ -949,7 +980,7 @@ def train(args: Args) -> dict:
                     raise DivergenceError(message)
         if done % args.eval_every == 0 or done == args.total_steps:
             result = evaluate(agent, task, normalizer, args, args.eval_episodes, seed=10_000 * args.seed + done)
-            history.append({"step": done, **result})
+            history.append({"step": done, **{k: v for k, v in result.items() if k != "scores"}})
             writer.add_scalar("eval/normalized_score", result["score_mean"], done)
             writer.add_scalar("eval/return", result["return_mean"], done)
             progress.write(f"step {done}: normalized score {result['score_mean']:.1f} +- {result['score_std']:.1f} "

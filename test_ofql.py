@@ -511,3 +511,95 @@ def test_cli_exits_non_zero_with_one_clear_line():
                             cwd=os.path.dirname(ofql.__file__), timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: unknown task 'hoper-medium-v2'; did you mean")
+
+
+def test_folded_actor_equals_the_one_step_policy():
+    torch.manual_seed(3)
+    actor = ofql.MeanFlowActor(17, 6)
+    obs, noise = torch.randn(9, 17), torch.randn(9, 6)
+    with torch.no_grad():
+        err = (actor.folded()(obs, noise) - actor.act(obs, noise)).abs().max().item()
+    print(f"folded vs unfolded max error {err:.2e}")
+    assert err < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# eval.py
+# ------------------------------------------------------------------------------------------------
+def test_eval_checkpoint_gives_finite_scores_per_seed(tmp_path):
+    import eval as ofql_eval
+
+    make_hopper_dataset("test/hopper/tiny-v0")
+    summary = ofql.train(ofql.Args(env="test/hopper/tiny-v0", out_dir=str(tmp_path), total_steps=10, eval_every=10,
+                                   eval_episodes=1, batch_size=16, hidden_dim=32))
+    out = tmp_path / "eval.json"
+    result = ofql_eval.main(ofql_eval.EvalArgs(checkpoint=summary["checkpoint"], episodes=3, seeds=[0, 1],
+                                               json=str(out)))
+    assert len(result["per_seed"]) == 2 and all(len(r["scores"]) == 3 for r in result["per_seed"])
+    assert np.isfinite(result["score_mean"]) and np.isfinite(result["score_std_seeds"])
+    assert json.loads(out.read_text())["episodes_per_seed"] == 3
+
+
+def test_eval_benchmark_quick_mode_writes_json_and_png(tmp_path):
+    import eval as ofql_eval
+
+    result = ofql_eval.main(ofql_eval.EvalArgs(benchmark=True, batch_sizes=[1, 3], min_time=0.005, repeats=1,
+                                               compile=False, json=str(tmp_path / "b.json"),
+                                               plot=str(tmp_path / "b.png")))
+    names = {r["policy"] for r in result["rows"]}
+    assert {"ofql-1 eager", "ofql-1 folded", "flow-euler-50", "ddpm-5", "ddpm-50"} <= names
+    assert all(r["decisions_per_s"] > 0 for r in result["rows"]) and len(result["rows"]) == 2 * len(names)
+    assert (tmp_path / "b.png").stat().st_size > 1000 and json.loads((tmp_path / "b.json").read_text())["rows"]
+
+
+def test_euler_sampler_matches_the_data_for_an_exact_velocity():
+    """With the exact conditional velocity of a single data point a0 (v = (z - a0) / t), K Euler steps
+    from noise land exactly on a0, for any K."""
+    import eval as ofql_eval
+
+    a0 = torch.tensor([[0.25, -0.6]])
+
+    class ExactVelocity(ofql.MeanFlowActor):
+        def forward(self, z, r, t, obs):
+            return (z - a0) / t[:, None]
+
+    for k in (1, 5, 50):
+        out = ofql_eval.euler_flow_policy(ExactVelocity(1, 2, hidden=4), k)(torch.zeros(4, 1), torch.randn(4, 2))
+        assert torch.allclose(out, a0.expand(4, 2), atol=1e-5), k
+
+
+def test_ddpm_sampler_recovers_x0_from_a_perfect_noise_predictor():
+    """If the network predicts the true epsilon of x_k = sqrt(abar) x0 + sqrt(1 - abar) eps for a single
+    x0, the reverse process returns x0 (the posterior then has x0 as its mean and the noise cancels)."""
+    import eval as ofql_eval
+
+    x0 = torch.tensor([[0.3, -0.2]])
+
+    class PerfectEps(ofql.MeanFlowActor):
+        abar = None
+
+        def forward(self, z, r, t, obs):
+            a = self.abar[int(t[0])]
+            return (z - a.sqrt() * x0) / (1 - a).sqrt()
+
+    steps = 5
+    net = PerfectEps(1, 2, hidden=4)
+    i = torch.arange(1, steps + 1, dtype=torch.float64)
+    alphas = torch.exp(-0.1 / steps - 0.5 * 9.9 * (2 * i - 1) / steps**2)
+    net.abar = torch.cumprod(alphas, 0).float()
+    torch.manual_seed(0)
+    out = ofql_eval.ddpm_policy(net, steps)(torch.zeros(3, 1), torch.randn(3, 2))
+    assert torch.allclose(out, x0.expand(3, 2), atol=1e-4)
+
+
+def test_eval_refuses_a_checkpoint_of_another_task(tmp_path):
+    import eval as ofql_eval
+
+    summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=2, eval_every=2,
+                                   hidden_dim=32))
+    state = ofql.load_checkpoint(summary["checkpoint"])
+    make_hopper_dataset("test/hopper/tiny-v0")
+    state["args"]["env"] = "test/hopper/tiny-v0"  # a bandit network claiming to be a Hopper policy
+    torch.save(state, summary["checkpoint"])
+    with pytest.raises(ValueError, match="observations have 1 dims, task test/hopper/tiny-v0 has 11"):
+        ofql_eval.main(ofql_eval.EvalArgs(checkpoint=summary["checkpoint"]))

@@ -1,0 +1,281 @@
+"""Evaluate OFQL checkpoints, and benchmark how many decisions per second a policy makes.
+
+    python eval.py --checkpoint runs/<run>/checkpoint.pt --episodes 50 --seeds 0 1 2 --json result.json
+    python eval.py --benchmark --threads 1 --json bench.json --plot bench.png
+
+Evaluation prints raw return and normalized score (x 100), mean +- std over all episodes and over the
+per-seed means. The benchmark times, on the current device and with random weights of identical width
+(or a checkpoint's), one decision of:
+  - OFQL one step: eager (time embeddings computed per call), folded (r = 0, t = 1 in the first bias),
+    torch.compile of the folded net (where it compiles);
+  - flow matching with K Euler steps (K network calls) and DDPM as in DQL with K steps (K network calls).
+It reports the policy call alone and the full act step a robot pays (numpy observation in ->
+normalisation -> policy -> numpy action out). Medians over repetitions after a warm-up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+from tqdm import tqdm
+
+import ofql
+
+
+@dataclass
+class EvalArgs:
+    checkpoint: str | None = None
+    """checkpoint written by ofql.py (evaluation; optional for --benchmark)"""
+    episodes: int = 10
+    """episodes per seed"""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """evaluation seeds (environment resets and policy noise)"""
+    eval_samples: int | None = None
+    """actions per decision (None: the checkpoint's --eval-samples)"""
+    json: str | None = None
+    """write the result here"""
+    video: str | None = None
+    """folder for an animated GIF of the first episode of each seed (needs a working MuJoCo renderer)"""
+    device: str = "cpu"
+    """torch device"""
+    threads: int = 1
+    """torch CPU threads"""
+    benchmark: bool = False
+    """measure decisions per second instead of evaluating"""
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 256])
+    """benchmark batch sizes (observations per call)"""
+    obs_dim: int = 11
+    """benchmark observation size without a checkpoint (hopper)"""
+    act_dim: int = 3
+    """benchmark action size without a checkpoint (hopper)"""
+    min_time: float = 0.2
+    """seconds of calls per repetition"""
+    repeats: int = 7
+    """repetitions (the median is reported)"""
+    compile: bool = True
+    """include torch.compile of the folded policy"""
+    plot: str | None = None
+    """PNG of decisions/s against network calls per decision (the paper's Figure 4, right)"""
+
+
+def load_agent(path: str, device: torch.device):
+    """(agent, task, normalizer, args) from a checkpoint, with clear errors for anything that does not fit."""
+    state = ofql.load_checkpoint(path)
+    args = ofql.resolve_args(ofql.Args(**state["args"]))
+    task, _ = ofql.load_task(args.env)
+    if state["obs_mean"].shape != (task.obs_dim,):
+        raise ValueError(f"{path}: its observations have {state['obs_mean'].shape[0]} dims, task {args.env} has "
+                         f"{task.obs_dim}")
+    agent = ofql.OFQL(task, args, device)
+    agent.load_state_dict(state["agent"])
+    return agent, task, ofql.Normalizer(state["obs_mean"], state["obs_std"]), args
+
+
+def evaluate_checkpoint(cfg: EvalArgs) -> dict:
+    agent, task, normalizer, args = load_agent(cfg.checkpoint, torch.device(cfg.device))
+    if cfg.eval_samples is not None:
+        args = dataclasses.replace(args, eval_samples=cfg.eval_samples)
+    per_seed = []
+    for seed in tqdm(cfg.seeds, desc="seeds", unit="seed"):
+        torch.manual_seed(seed)
+        frames = [] if cfg.video and task.make_env is not None else None
+        try:
+            result = ofql.evaluate(agent, task, normalizer, args, cfg.episodes, seed=1_000_000 + 1000 * seed,
+                                   frames=frames)
+        except Exception as err:  # rendering needs an OpenGL context that headless machines may lack
+            if frames is None:
+                raise
+            print(f"warning: rendering failed ({type(err).__name__}: {err}); evaluating without video")
+            frames = None
+            result = ofql.evaluate(agent, task, normalizer, args, cfg.episodes, seed=1_000_000 + 1000 * seed)
+        if frames:
+            import imageio.v2 as imageio
+
+            Path(cfg.video).mkdir(parents=True, exist_ok=True)
+            imageio.mimsave(Path(cfg.video) / f"seed{seed}.gif", frames[::2], duration=1 / 25)
+        per_seed.append(result)
+    scores = np.array([s for r in per_seed for s in r["scores"]])
+    seed_means = np.array([r["score_mean"] for r in per_seed])
+    summary = {
+        "checkpoint": cfg.checkpoint, "env": args.env, "episodes_per_seed": cfg.episodes, "seeds": cfg.seeds,
+        "eval_samples": args.eval_samples, "score_mean": float(scores.mean()), "score_std_episodes": float(scores.std()),
+        "score_std_seeds": float(seed_means.std()), "return_mean": float(np.mean([r["return_mean"] for r in per_seed])),
+        "ref_source": task.ref_source, "per_seed": per_seed,
+    }
+    print(f"{args.env}: normalized score {summary['score_mean']:.1f} +- {summary['score_std_episodes']:.1f} "
+          f"(episodes) +- {summary['score_std_seeds']:.1f} (seeds), return {summary['return_mean']:.1f}, "
+          f"{len(scores)} episodes, refs: {task.ref_source}")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# Decision-frequency benchmark
+# ------------------------------------------------------------------------------------------------
+def euler_flow_policy(actor: ofql.MeanFlowActor, steps: int):
+    """Flow matching sampled with `steps` Euler steps from t = 1 (noise) to 0, one velocity call each
+    (the same network as OFQL's, queried at r = t: its instantaneous velocity)."""
+    def policy(obs, noise):
+        z, dt = noise, 1.0 / steps
+        for k in range(steps, 0, -1):
+            t = torch.full((len(obs),), k * dt, device=obs.device)
+            z = z - dt * actor(z, t, t, obs)
+        return z.clamp(-1.0, 1.0)
+    return policy
+
+
+def ddpm_policy(actor: ofql.MeanFlowActor, steps: int):
+    """DQL's reverse DDPM (vp schedule, epsilon prediction, posterior mean + sigma noise) with `steps`
+    network calls; the noise network has the same size as OFQL's."""
+    i = torch.arange(1, steps + 1, dtype=torch.float64)
+    b_min, b_max = 0.1, 10.0
+    alphas = torch.exp(-b_min / steps - 0.5 * (b_max - b_min) * (2 * i - 1) / steps**2)
+    betas = 1 - alphas
+    alpha_bar = torch.cumprod(alphas, 0)
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    post_var = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)
+    coef = {"recip": (1 / alpha_bar).sqrt(), "recipm1": (1 / alpha_bar - 1).sqrt(),
+            "mean1": betas * alpha_bar_prev.sqrt() / (1 - alpha_bar),
+            "mean2": (1 - alpha_bar_prev) * alphas.sqrt() / (1 - alpha_bar),
+            "sigma": post_var.clamp(min=1e-20).sqrt()}
+    coef = {k: v.float().tolist() for k, v in coef.items()}
+
+    def policy(obs, noise):
+        x = noise
+        for k in reversed(range(steps)):
+            t = torch.full((len(obs),), float(k), device=obs.device)
+            eps = actor(x, t, t, obs)
+            x0 = (coef["recip"][k] * x - coef["recipm1"][k] * eps).clamp(-1.0, 1.0)
+            x = coef["mean1"][k] * x0 + coef["mean2"][k] * x
+            if k > 0:
+                x = x + coef["sigma"][k] * torch.randn_like(x)
+        return x.clamp(-1.0, 1.0)
+    return policy
+
+
+def time_calls(fn, min_time: float, repeats: int) -> float:
+    """Median seconds per call over `repeats` repetitions of at least `min_time` seconds, after warm-up."""
+    fn()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_time / 4:
+        fn()
+        count += 1
+    per_rep = max(1, int(count * 4))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(per_rep):
+            fn()
+        samples.append((time.perf_counter() - start) / per_rep)
+    return statistics.median(samples)
+
+
+def benchmark(cfg: EvalArgs) -> dict:
+    torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        raise NotImplementedError("the GPU benchmark (CUDA events, CUDA graphs) is not written yet; use --device cpu")
+    if cfg.checkpoint:
+        agent, task, normalizer, _ = load_agent(cfg.checkpoint, device)
+        actor = agent.actor
+    else:
+        torch.manual_seed(0)
+        actor = ofql.MeanFlowActor(cfg.obs_dim, cfg.act_dim).to(device)
+        normalizer = ofql.Normalizer(np.zeros(cfg.obs_dim), np.ones(cfg.obs_dim))
+    actor.eval()
+    folded = actor.folded()
+    obs_dim = folded.net[0].in_features - actor.act_dim
+    policies = {"ofql-1 eager": (1, lambda obs, noise: actor.act(obs, noise)), "ofql-1 folded": (1, folded)}
+    if cfg.compile:
+        try:
+            compiled = torch.compile(folded, dynamic=False)
+            with torch.no_grad():
+                compiled(torch.zeros(1, obs_dim, device=device), torch.zeros(1, actor.act_dim, device=device))
+            policies["ofql-1 folded+compile"] = (1, compiled)
+        except Exception as err:  # no C++ compiler, unsupported platform...
+            print(f"torch.compile unavailable here ({type(err).__name__}); skipped")
+    for k in (1, 5, 10, 50):
+        policies[f"flow-euler-{k}"] = (k, euler_flow_policy(actor, k))
+    for k in (5, 50):
+        policies[f"ddpm-{k}"] = (k, ddpm_policy(actor, k))
+
+    rows = []
+    with torch.no_grad():
+        for batch in cfg.batch_sizes:
+            obs_np = np.random.default_rng(0).normal(size=(batch, obs_dim)).astype(np.float32)
+            obs = torch.as_tensor(obs_np, device=device)
+            for name, (calls, policy) in tqdm(policies.items(), desc=f"batch {batch}", leave=False):
+                noise = torch.randn(batch, actor.act_dim, device=device)
+                call = time_calls(lambda: policy(obs, noise), cfg.min_time, cfg.repeats)
+
+                def act_step():  # what a control loop pays: numpy in, numpy out
+                    o = torch.from_numpy(normalizer(obs_np)).to(device)
+                    return policy(o, torch.randn(len(o), actor.act_dim, device=device)).cpu().numpy()
+
+                step = time_calls(act_step, cfg.min_time, cfg.repeats)
+                rows.append({"policy": name, "network_calls": calls, "batch": batch,
+                             "policy_call_us": call * 1e6, "act_step_us": step * 1e6,
+                             "decisions_per_s": batch / call, "act_steps_decisions_per_s": batch / step})
+    result = {"device": str(device), "threads": cfg.threads, "torch": torch.__version__,
+              "obs_dim": obs_dim, "act_dim": actor.act_dim, "rows": rows}
+    for batch in cfg.batch_sizes:
+        part = [r for r in rows if r["batch"] == batch]
+        ref = {r["policy"]: r["decisions_per_s"] for r in part}
+        best = max(v for k, v in ref.items() if k.startswith("ofql"))
+        print(f"\nbatch {batch}, {cfg.threads} thread(s), {device}; ratio = best OFQL / this policy")
+        print("| policy | calls | policy call (us) | decisions/s | act step (us) | act-step decisions/s | ratio |")
+        print("|---|---|---|---|---|---|---|")
+        for r in part:
+            print(f"| {r['policy']} | {r['network_calls']} | {r['policy_call_us']:.1f} | {r['decisions_per_s']:,.0f} | "
+                  f"{r['act_step_us']:.1f} | {r['act_steps_decisions_per_s']:,.0f} | {best / r['decisions_per_s']:.1f}x |")
+    if cfg.plot:
+        plot_frequency(rows, cfg.plot)
+    return result
+
+
+def plot_frequency(rows: list[dict], path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    batch = min(r["batch"] for r in rows)
+    part = [r for r in rows if r["batch"] == batch]
+    for prefix, marker in (("ofql", "*"), ("flow-euler", "o"), ("ddpm", "s")):
+        sel = [r for r in part if r["policy"].startswith(prefix)]
+        ax.plot([r["network_calls"] for r in sel], [r["decisions_per_s"] for r in sel], marker, ls="" if prefix == "ofql" else "-",
+                label=prefix, ms=10 if prefix == "ofql" else 6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network calls per decision")
+    ax.set_ylabel(f"decisions / s (batch {batch})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(cfg: EvalArgs) -> dict:
+    if cfg.benchmark:
+        result = benchmark(cfg)
+    elif cfg.checkpoint:
+        torch.set_num_threads(cfg.threads)
+        result = evaluate_checkpoint(cfg)
+    else:
+        raise ValueError("pass --checkpoint PATH to evaluate, or --benchmark")
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(EvalArgs))
+    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+        raise SystemExit(f"error: {error}")
