@@ -220,11 +220,6 @@ class ReplayBuffer:
     """All transitions as tensors on the training device; sampling never leaves the device."""
 
     def __init__(self, data: dict[str, np.ndarray], device: torch.device, generator: torch.Generator):
-        for key, value in data.items():
-            if not np.all(np.isfinite(value)):
-                bad = np.argwhere(~np.isfinite(value.reshape(len(value), -1)))[0, 0]
-                raise ValueError(f"dataset field '{key}' has {int((~np.isfinite(value)).sum())} NaN/Inf values "
-                                 f"(first at transition {bad}); clean the dataset before training")
         self.data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in data.items()}
         self.size = len(data["obs"])
         self.generator = generator
@@ -246,6 +241,15 @@ def episodes_to_transitions(episodes) -> dict[str, np.ndarray]:
         parts["reward"].append(np.asarray(ep.rewards, dtype=np.float64))
         parts["mask"].append(1.0 - np.asarray(ep.terminations, dtype=np.float64))
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def check_finite(data: dict[str, np.ndarray], source: str):
+    """Refuse NaN/Inf anywhere in the transitions, saying where the first one is."""
+    for key, value in data.items():
+        bad = ~np.isfinite(value.reshape(len(value), -1))
+        if bad.any():
+            raise ValueError(f"{source}: '{key}' has {int(bad.sum())} NaN/Inf values (first at transition "
+                             f"{int(np.argwhere(bad)[0, 0])}); clean the dataset before training")
 
 
 def pendulum_controller(obs: np.ndarray) -> np.ndarray:
@@ -439,6 +443,7 @@ def load_task(env_name: str) -> tuple[Task, dict[str, np.ndarray]]:
     if not isinstance(dataset.observation_space, gym.spaces.Box):
         raise ValueError(f"dataset {source}: observation space {dataset.observation_space} is not a Box")
     data = episodes_to_transitions(dataset.iterate_episodes())
+    check_finite(data, dataset.spec.dataset_id)
     low, high = space.low.astype(np.float64), space.high.astype(np.float64)
     data["action"] = np.clip(2.0 * (data["action"] - low) / (high - low) - 1.0, -1.0, 1.0)
     meta = dataset.storage.metadata

@@ -194,7 +194,7 @@ def test_q_guidance_puts_samples_in_the_best_mode(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Minari data, training end to end, checkpoints
 # ------------------------------------------------------------------------------------------------
-def make_hopper_dataset(dataset_id: str, episodes: int = 4, max_steps: int = 60, nan: bool = False):
+def make_hopper_dataset(dataset_id: str, episodes: int = 4, max_steps: int = 60, nan: str | None = None):
     """A tiny Minari dataset of real Hopper-v5 transitions (random actions)."""
     import minari
     from minari.data_collector import EpisodeBuffer
@@ -212,8 +212,10 @@ def make_hopper_dataset(dataset_id: str, episodes: int = 4, max_steps: int = 60,
             for key, value in zip(rec, (obs, action, reward, term, trunc)):
                 rec[key].append(value)
             done = term or trunc
-        if nan and ep == 1:
-            rec["rewards"][3] = float("nan")
+        if nan is not None and ep == 1:  # one bad number in the second episode
+            bad = np.array(rec[nan][3], dtype=np.float64)
+            bad.flat[0] = np.inf
+            rec[nan][3] = bad
         buffers.append(EpisodeBuffer(id=ep, **{k: np.asarray(v) for k, v in rec.items()}))
     return minari.create_dataset_from_buffers(dataset_id, buffers, env=env, ref_min_score=-20.272305,
                                               ref_max_score=3234.3, algorithm_name="random",
@@ -305,11 +307,11 @@ def test_missing_dataset_offline_says_where_and_how(monkeypatch):
         ofql.load_task("mujoco/hopper/medium-v0")
 
 
-def test_nan_in_dataset_is_refused():
-    make_hopper_dataset("test/hopper/nan-v0", nan=True)
-    task, data = ofql.load_task("test/hopper/nan-v0")
-    with pytest.raises(ValueError, match="'reward' has 1 NaN/Inf"):
-        ofql.ReplayBuffer(data, torch.device("cpu"), torch.Generator())
+@pytest.mark.parametrize("field,name", [("rewards", "reward"), ("observations", "obs"), ("actions", "action")])
+def test_nan_or_inf_in_dataset_is_refused(field, name):
+    make_hopper_dataset("test/hopper/nan-v0", nan=field)
+    with pytest.raises(ValueError, match=f"test/hopper/nan-v0: '{name}' has 1 NaN/Inf values"):
+        ofql.load_task("test/hopper/nan-v0")
 
 
 @pytest.mark.parametrize("field,value", [("flow_ratio", 1.5), ("eta", -0.1)])
@@ -318,10 +320,19 @@ def test_invalid_hyperparameters_are_refused(field, value):
         small_args(**{field: value})
 
 
-def test_corrupt_checkpoint_is_refused(tmp_path):
+def test_corrupt_or_truncated_checkpoint_is_refused(tmp_path):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="truncated or corrupt"):
+        ofql.load_checkpoint(bad)
+    summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=2, eval_every=2,
+                                   hidden_dim=32))
+    whole = open(summary["checkpoint"], "rb").read()
+    bad.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        ofql.load_checkpoint(bad)
+    torch.save({"weights": 1}, bad)
+    with pytest.raises(ValueError, match="not an OFQL checkpoint"):
         ofql.load_checkpoint(bad)
 
 
