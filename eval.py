@@ -69,7 +69,7 @@ def load_agent(path: str, device: torch.device):
     """(agent, task, normalizer, args) from a checkpoint, with clear errors for anything that does not fit."""
     state = ofql.load_checkpoint(path)
     args = ofql.resolve_args(ofql.Args(**state["args"]))
-    task, _ = ofql.load_task(args.env)
+    task, _ = ofql.load_task(args.env, args.mujoco_data)
     if state["obs_mean"].shape != (task.obs_dim,):
         raise ValueError(f"{path}: its observations have {state['obs_mean'].shape[0]} dims, task {args.env} has "
                          f"{task.obs_dim}")

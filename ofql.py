@@ -43,6 +43,9 @@ class Args:
     env: str = "pendulum-swingup"
     """task: a built-in task (`bandit-8modes`, `pendulum-swingup`), a D4RL name of the paper
     (`hopper-medium-v2`, ...), a Minari dataset id (`mujoco/hopper/medium-v0`) or a Minari dataset folder"""
+    mujoco_data: Literal["d4rl", "minari"] = "d4rl"
+    """data of the D4RL MuJoCo names: `d4rl` = D4RL's v2 HDF5 files (the paper's data, evaluated on -v4 envs);
+    `minari` = Minari's v5 regeneration (mujoco/<env>/<level>-v0; not comparable with published numbers)"""
     seed: int = 0
     """seed of torch, numpy and python RNGs (one seeding block in `train`)"""
     exp_name: str = "ofql"
@@ -181,6 +184,26 @@ MINARI_SOURCE = {
 }
 
 
+@dataclass(frozen=True)
+class Convention:
+    """How a dataset family is read and scored (D4RL's conventions, DESIGN.md section 4)."""
+
+    obs_keys: tuple[str, ...] = ()  # dict observation entries concatenated, in this order
+    terminal_from_reward: bool = False  # AntMaze v1 never terminates: terminal = reward > 0 as in D4RL
+    eval_kwargs: tuple[tuple[str, object], ...] = ()  # gym.make overrides of the eval env
+    ref: tuple[float, float] | None = None  # (min, max) for the normalized score
+    ref_note: str = ""
+
+
+CONVENTIONS = {
+    "antmaze": Convention(("achieved_goal", "observation"), True, (("continuing_task", False),), (0.0, 1.0),
+                          "D4RL antmaze: 100 x success rate"),
+    "kitchen": Convention(("observation",), False, (("remove_task_when_completed", True),
+                                                    ("terminate_on_tasks_completed", True), ("max_episode_steps", 280)),
+                          (0.0, 4.0), "D4RL kitchen: 100 x return / 4"),
+}
+
+
 def resolve_args(args: Args) -> Args:
     """Fill every None field from the task preset and check values; returns a new Args."""
     preset = PRESETS.get(args.env, Preset())
@@ -229,12 +252,19 @@ class ReplayBuffer:
         return {k: v[idx] for k, v in self.data.items()}
 
 
-def episodes_to_transitions(episodes) -> dict[str, np.ndarray]:
+def flatten_obs(obs, keys: tuple[str, ...]) -> np.ndarray:
+    """A dict observation (or a batch of them) as one array: the `keys` entries side by side."""
+    if not keys:
+        return np.asarray(obs, dtype=np.float64)
+    return np.concatenate([np.asarray(obs[k], dtype=np.float64) for k in keys], -1)
+
+
+def episodes_to_transitions(episodes, obs_keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """Minari episodes -> flat transitions. Minari stores N+1 observations per episode; truncation is
     never a terminal (the last transition of a time-limited episode bootstraps)."""
     parts = {"obs": [], "action": [], "reward": [], "next_obs": [], "mask": []}
     for ep in episodes:
-        obs = np.asarray(ep.observations, dtype=np.float64)
+        obs = flatten_obs(ep.observations, obs_keys)
         parts["obs"].append(obs[:-1])
         parts["next_obs"].append(obs[1:])
         parts["action"].append(np.asarray(ep.actions, dtype=np.float64).reshape(len(ep.actions), -1))
@@ -422,7 +452,24 @@ def make_bandit_data(n: int = 20_000, seed: int = 0, background: float = 0.1) ->
     return {"obs": obs, "action": actions, "reward": bandit_reward(actions), "next_obs": obs, "mask": np.zeros(n)}
 
 
-def load_task(env_name: str) -> tuple[Task, dict[str, np.ndarray]]:
+def load_mujoco_minari(name: str):
+    """Minari's v5 regeneration of a D4RL MuJoCo task (not D4RL's data: scores are not comparable);
+    medium-expert is medium + expert combined, medium-replay does not exist there."""
+    import minari
+
+    env, level = D4RL_MUJOCO[name]
+    if level == "medium-replay":
+        raise ValueError(f"Minari has no medium-replay regeneration for {name}; use --mujoco-data d4rl")
+    parts = [load_minari(f"mujoco/{env}/{lv}-v0") for lv in level.split("-")]
+    if len(parts) == 1:
+        return parts[0]
+    combined = f"ofql/{env}/medium-expert-v0"
+    if combined in minari.list_local_datasets():
+        return minari.load_dataset(combined)
+    return minari.combine_datasets(parts, combined)
+
+
+def load_task(env_name: str, mujoco_data: str = "d4rl") -> tuple[Task, dict[str, np.ndarray]]:
     """Task description and raw transitions (actions rescaled to [-1, 1]) for --env."""
     if env_name == "bandit-8modes":
         return Task(env_name, 1, 2, None, 0.0, 1.0, "bandit: reward of the best mode"), make_bandit_data()
@@ -432,28 +479,40 @@ def load_task(env_name: str) -> tuple[Task, dict[str, np.ndarray]]:
         close = difflib.get_close_matches(env_name, known, n=1)
         raise ValueError(f"unknown task '{env_name}'" + (f"; did you mean '{close[0]}'?" if close else "")
                          + f" Known tasks: {', '.join(known)}; or a Minari dataset id or folder.")
-    if env_name.startswith(("antmaze", "kitchen")):
-        raise NotImplementedError(f"{env_name}: dict observations of AntMaze/Kitchen are not flattened yet "
-                                  "(tracked in the data-layer issue); MuJoCo and built-in tasks work")
-    dataset = load_d4rl_mujoco(env_name) if env_name in D4RL_MUJOCO else load_minari(source)
+    if env_name in D4RL_MUJOCO:
+        dataset = load_d4rl_mujoco(env_name) if mujoco_data == "d4rl" else load_mujoco_minari(env_name)
+    else:
+        dataset = load_minari(source)
+    dataset_id = dataset.spec.dataset_id
+    family = next((c for prefix, c in CONVENTIONS.items() if f"/{prefix}/" in f"/{dataset_id}"), Convention())
+    if family.obs_keys:  # AntMaze and Kitchen need gymnasium-robotics' environments registered
+        import gymnasium_robotics
+        gym.register_envs(gymnasium_robotics)
     space = dataset.action_space
     if not isinstance(space, gym.spaces.Box) or not np.all(np.isfinite(space.low)) or not np.all(np.isfinite(space.high)):
-        raise ValueError(f"dataset {source}: action space {space} is not a bounded Box; OFQL needs bounded "
+        raise ValueError(f"dataset {dataset_id}: action space {space} is not a bounded Box; OFQL needs bounded "
                          "continuous actions")
-    if not isinstance(dataset.observation_space, gym.spaces.Box):
-        raise ValueError(f"dataset {source}: observation space {dataset.observation_space} is not a Box")
-    data = episodes_to_transitions(dataset.iterate_episodes())
-    check_finite(data, dataset.spec.dataset_id)
+    if not family.obs_keys and not isinstance(dataset.observation_space, gym.spaces.Box):
+        raise ValueError(f"dataset {dataset_id}: observation space {dataset.observation_space} is not a Box")
+    data = episodes_to_transitions(dataset.iterate_episodes(), family.obs_keys)
+    if family.terminal_from_reward:
+        data["mask"] = (data["reward"] <= 0).astype(np.float64)
+    check_finite(data, dataset_id)
     low, high = space.low.astype(np.float64), space.high.astype(np.float64)
     data["action"] = np.clip(2.0 * (data["action"] - low) / (high - low) - 1.0, -1.0, 1.0)
     meta = dataset.storage.metadata
-    if "ref_min_score" in meta and "ref_max_score" in meta:
-        ref_min, ref_max, ref_source = meta["ref_min_score"], meta["ref_max_score"], f"{dataset.spec.dataset_id} metadata"
+    if family.ref is not None:
+        (ref_min, ref_max), ref_source = family.ref, family.ref_note
+    elif "ref_min_score" in meta and "ref_max_score" in meta:
+        ref_min, ref_max, ref_source = meta["ref_min_score"], meta["ref_max_score"], f"{dataset_id} metadata"
     else:
         ref_min, ref_max, ref_source = 0.0, 1.0, "none (score = 100 x raw return)"
 
     def make_env(**kwargs):
-        env = dataset.recover_environment(eval_env=True, **kwargs)
+        env = dataset.recover_environment(eval_env=True, **dict(family.eval_kwargs), **kwargs)
+        if family.obs_keys:
+            box = gym.spaces.Box(-np.inf, np.inf, (data["obs"].shape[1],), np.float64)
+            env = gym.wrappers.TransformObservation(env, lambda o: flatten_obs(o, family.obs_keys), box)
         return gym.wrappers.RescaleAction(env, -1.0, 1.0) if np.any(low != -1) or np.any(high != 1) else env
 
     task = Task(env_name, data["obs"].shape[1], data["action"].shape[1], make_env, ref_min, ref_max, ref_source)
@@ -928,7 +987,7 @@ def train(args: Args) -> dict:
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    task, data = load_task(args.env)
+    task, data = load_task(args.env, args.mujoco_data)
     if args.batch_size > len(data["obs"]):
         raise ValueError(f"--batch-size {args.batch_size} is larger than the dataset ({len(data['obs'])} transitions)")
     normalizer = Normalizer.fit(data["obs"], args.normalize_obs)

@@ -614,3 +614,67 @@ def test_eval_refuses_a_checkpoint_of_another_task(tmp_path):
     torch.save(state, summary["checkpoint"])
     with pytest.raises(ValueError, match="observations have 1 dims, task test/hopper/tiny-v0 has 11"):
         ofql_eval.main(ofql_eval.EvalArgs(checkpoint=summary["checkpoint"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# AntMaze / Kitchen conventions and the task table
+# ------------------------------------------------------------------------------------------------
+PAPER_TASKS = [f"{e}-{lv}-v2" for e in ("halfcheetah", "hopper", "walker2d")
+               for lv in ("medium", "medium-replay", "medium-expert")] + \
+              [f"antmaze-{m}-v0" for m in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play",
+                                           "large-diverse")] + [f"kitchen-{m}-v0" for m in ("complete", "partial", "mixed")]
+
+
+def test_every_paper_task_has_a_preset_and_a_data_source():
+    assert len(PAPER_TASKS) == 18
+    for name in PAPER_TASKS:
+        assert name in ofql.PRESETS and (name in ofql.D4RL_MUJOCO or name in ofql.MINARI_SOURCE), name
+    assert ofql.PRESETS["antmaze-large-play-v0"].eta == 4.5 and ofql.PRESETS["antmaze-large-play-v0"].max_q_backup
+    assert ofql.PRESETS["walker2d-medium-v2"].grad_norm == 1 and ofql.PRESETS["kitchen-mixed-v0"].eta == 0.005
+
+
+def test_antmaze_dict_observations_are_flattened_and_relabelled():
+    import gymnasium_robotics
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    gym.register_envs(gymnasium_robotics)
+    env = gym.make("AntMaze_UMaze-v4", max_episode_steps=30)
+    env.action_space.seed(0)
+    obs, _ = env.reset(seed=0)
+    rec = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
+    for i in range(12):
+        action = env.action_space.sample()
+        obs, reward, _, _, _ = env.step(action)
+        reward = 1.0 if i in (5, 6) else 0.0  # the goal reached at steps 5 and 6 (v1 data never terminates)
+        for key, value in zip(rec, (obs, action, reward, False, i == 11)):
+            rec[key].append(value)
+    stacked = {k: np.asarray(v) for k, v in rec.items() if k != "observations"}
+    stacked["observations"] = {k: np.stack([o[k] for o in rec["observations"]]) for k in obs}
+    minari.create_dataset_from_buffers("D4RL/antmaze/umaze-v1", [EpisodeBuffer(id=0, **stacked)], env=env,
+                                       algorithm_name="random", author="t", author_email="none",
+                                       code_permalink="none")
+    task, data = ofql.load_task("antmaze-umaze-v0")
+    assert task.obs_dim == 29 and data["obs"].shape == (12, 29)
+    np.testing.assert_allclose(data["obs"][:, :2], stacked["observations"]["achieved_goal"][:-1])
+    np.testing.assert_allclose(data["obs"][:, 2:], stacked["observations"]["observation"][:-1])
+    np.testing.assert_array_equal(data["mask"], [1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1])  # terminal = reward > 0
+    assert (task.ref_min, task.ref_max) == (0.0, 1.0) and "success rate" in task.ref_source
+    eval_env = task.make_env()
+    assert eval_env.unwrapped.continuing_task is False
+    assert eval_env.reset(seed=0)[0].shape == (29,)
+    args = ofql.resolve_args(ofql.Args(env="antmaze-umaze-v0"))
+    assert (args.reward_bias, args.reward_scale) == (-0.5, 4.0)  # DQL's (r - 0.5) * 4
+
+
+def test_kitchen_eval_env_uses_the_d4rl_settings():
+    import gymnasium_robotics
+
+    gym.register_envs(gymnasium_robotics)
+    kitchen = ofql.CONVENTIONS["kitchen"]
+    assert dict(kitchen.eval_kwargs) == {"remove_task_when_completed": True, "terminate_on_tasks_completed": True,
+                                         "max_episode_steps": 280}
+    assert kitchen.obs_keys == ("observation",) and kitchen.ref == (0.0, 4.0)
+    env = gym.make("FrankaKitchen-v1", tasks_to_complete=["microwave", "kettle"], **dict(kitchen.eval_kwargs))
+    obs, _ = env.reset(seed=0)
+    assert env.spec.max_episode_steps == 280 and ofql.flatten_obs(obs, kitchen.obs_keys).shape == (59,)
