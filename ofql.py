@@ -169,7 +169,7 @@ PRESETS: dict[str, Preset] = {
     "kitchen-mixed-v0": Preset(eta=0.005, grad_norm=10),
     # built-in tasks (no download)
     "bandit-8modes": Preset(eta=0.3, lr=1e-3, grad_norm=0.0, total_steps=2000, eval_every=500),
-    "pendulum-swingup": Preset(eta=0.1, grad_norm=9.0, total_steps=10_000, eval_every=2000),
+    "pendulum-swingup": Preset(eta=3.0, grad_norm=9.0, total_steps=6000, eval_every=1000),
 }
 D4RL_MUJOCO = {f"{env}-{level}-v2": (env, level) for env in ("halfcheetah", "hopper", "walker2d")
                for level in ("medium", "medium-replay", "medium-expert")}
