@@ -259,27 +259,30 @@ def flatten_obs(obs, keys: tuple[str, ...]) -> np.ndarray:
     return np.concatenate([np.asarray(obs[k], dtype=np.float64) for k in keys], -1)
 
 
-def episodes_to_transitions(episodes, obs_keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def episodes_to_transitions(episodes, obs_keys: tuple[str, ...] = (), source: str = "dataset") -> dict[str, np.ndarray]:
     """Minari episodes -> flat transitions. Minari stores N+1 observations per episode; truncation is
-    never a terminal (the last transition of a time-limited episode bootstraps)."""
+    never a terminal (the last transition of a time-limited episode bootstraps). NaN/Inf anywhere is
+    refused with its count and the first episode that has one."""
     parts = {"obs": [], "action": [], "reward": [], "next_obs": [], "mask": []}
+    bad_count, first_bad = {}, {}
     for ep in episodes:
         obs = flatten_obs(ep.observations, obs_keys)
+        fields = {"obs": obs, "action": np.asarray(ep.actions, dtype=np.float64).reshape(len(ep.actions), -1),
+                  "reward": np.asarray(ep.rewards, dtype=np.float64)}
+        for key, value in fields.items():
+            bad = int((~np.isfinite(value)).sum())
+            if bad:
+                bad_count[key] = bad_count.get(key, 0) + bad
+                first_bad.setdefault(key, ep.id)
         parts["obs"].append(obs[:-1])
         parts["next_obs"].append(obs[1:])
-        parts["action"].append(np.asarray(ep.actions, dtype=np.float64).reshape(len(ep.actions), -1))
-        parts["reward"].append(np.asarray(ep.rewards, dtype=np.float64))
+        parts["action"].append(fields["action"])
+        parts["reward"].append(fields["reward"])
         parts["mask"].append(1.0 - np.asarray(ep.terminations, dtype=np.float64))
+    if bad_count:
+        raise ValueError(f"{source}: " + "; ".join(f"'{k}' has {n} NaN/Inf values (first in episode {first_bad[k]})"
+                                                   for k, n in bad_count.items()) + "; clean the dataset before training")
     return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def check_finite(data: dict[str, np.ndarray], source: str):
-    """Refuse NaN/Inf anywhere in the transitions, saying where the first one is."""
-    for key, value in data.items():
-        bad = ~np.isfinite(value.reshape(len(value), -1))
-        if bad.any():
-            raise ValueError(f"{source}: '{key}' has {int(bad.sum())} NaN/Inf values (first at transition "
-                             f"{int(np.argwhere(bad)[0, 0])}); clean the dataset before training")
 
 
 def pendulum_controller(obs: np.ndarray) -> np.ndarray:
@@ -494,10 +497,9 @@ def load_task(env_name: str, mujoco_data: str = "d4rl") -> tuple[Task, dict[str,
                          "continuous actions")
     if not family.obs_keys and not isinstance(dataset.observation_space, gym.spaces.Box):
         raise ValueError(f"dataset {dataset_id}: observation space {dataset.observation_space} is not a Box")
-    data = episodes_to_transitions(dataset.iterate_episodes(), family.obs_keys)
+    data = episodes_to_transitions(dataset.iterate_episodes(), family.obs_keys, dataset_id)
     if family.terminal_from_reward:
         data["mask"] = (data["reward"] <= 0).astype(np.float64)
-    check_finite(data, dataset_id)
     low, high = space.low.astype(np.float64), space.high.astype(np.float64)
     data["action"] = np.clip(2.0 * (data["action"] - low) / (high - low) - 1.0, -1.0, 1.0)
     meta = dataset.storage.metadata
@@ -749,8 +751,8 @@ class OFQL:
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False) if args.ema_actor else self.actor
         self.critic = TwinCritic(task.obs_dim, task.act_dim, args.hidden_dim).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.lr, fused=True)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True)
         self.actor_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.actor_opt, args.total_steps, eta_min=0.0)
         self.step = 0
 

@@ -310,7 +310,7 @@ def test_missing_dataset_offline_says_where_and_how(monkeypatch):
 @pytest.mark.parametrize("field,name", [("rewards", "reward"), ("observations", "obs"), ("actions", "action")])
 def test_nan_or_inf_in_dataset_is_refused(field, name):
     make_hopper_dataset("test/hopper/nan-v0", nan=field)
-    with pytest.raises(ValueError, match=f"test/hopper/nan-v0: '{name}' has 1 NaN/Inf values"):
+    with pytest.raises(ValueError, match=f"test/hopper/nan-v0: '{name}' has 1 NaN/Inf values \\(first in episode 1\\)"):
         ofql.load_task("test/hopper/nan-v0")
 
 
