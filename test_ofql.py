@@ -496,11 +496,11 @@ def test_unbounded_action_space_is_refused():
     buffer = EpisodeBuffer(id=0, observations=obs, actions=np.zeros((3, 1)), rewards=np.zeros(3),
                            terminations=np.zeros(3, bool), truncations=np.array([False, False, True]))
     minari.create_dataset_from_buffers(
-        "test/unbounded/v0", [buffer], action_space=gym.spaces.Box(-np.inf, np.inf, (1,)),
+        "test/unbounded/box-v0", [buffer], action_space=gym.spaces.Box(-np.inf, np.inf, (1,)),
         observation_space=gym.spaces.Box(-np.inf, np.inf, (2,)), algorithm_name="none", author="t",
         author_email="none", code_permalink="none")
     with pytest.raises(ValueError, match="not a bounded Box"):
-        ofql.load_task("test/unbounded/v0")
+        ofql.load_task("test/unbounded/box-v0")
 
 
 def test_checkpoint_from_another_task_is_refused(tmp_path):
