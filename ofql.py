@@ -467,9 +467,11 @@ def load_mujoco_minari(name: str):
     parts = [load_minari(f"mujoco/{env}/{lv}-v0") for lv in level.split("-")]
     if len(parts) == 1:
         return parts[0]
-    combined = f"ofql/{env}/medium-expert-v0"
+    combined = f"mujoco-combined/{env}/medium-expert-v0"
     if combined in minari.list_local_datasets():
         return minari.load_dataset(combined)
+    from minari.storage import get_dataset_path
+    get_dataset_path(combined).parent.mkdir(parents=True, exist_ok=True)  # combine_datasets makes only the leaf
     return minari.combine_datasets(parts, combined)
 
 

@@ -678,3 +678,13 @@ def test_kitchen_eval_env_uses_the_d4rl_settings():
     env = gym.make("FrankaKitchen-v1", tasks_to_complete=["microwave", "kettle"], **dict(kitchen.eval_kwargs))
     obs, _ = env.reset(seed=0)
     assert env.spec.max_episode_steps == 280 and ofql.flatten_obs(obs, kitchen.obs_keys).shape == (59,)
+
+
+def test_minari_regeneration_route_combines_medium_and_expert():
+    medium = make_hopper_dataset("mujoco/hopper/medium-v0", episodes=2)
+    expert = make_hopper_dataset("mujoco/hopper/expert-v0", episodes=3)
+    task, data = ofql.load_task("hopper-medium-expert-v2", mujoco_data="minari")
+    assert len(data["obs"]) == medium.total_steps + expert.total_steps
+    assert "d4rl" not in task.ref_source
+    with pytest.raises(ValueError, match="no medium-replay"):
+        ofql.load_task("hopper-medium-replay-v2", mujoco_data="minari")
