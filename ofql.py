@@ -115,8 +115,8 @@ class Args:
     """t and r are multiplied by this before the sinusoidal embedding (DQL fed integer steps)"""
     adaptive_weight: float = 0.0
     """MeanFlow's adaptive loss weight power p (loss / sg(loss + 1e-3)^p); 0 = plain squared error"""
-    hidden_dim: int = 256
-    """width of actor and critic MLPs"""
+    hidden_dim: int | None = None
+    """width of actor and critic MLPs (None: task preset; DQL and the paper: 256)"""
 
     # --- evaluation
     eval_every: int | None = None
@@ -147,6 +147,7 @@ class Preset:
     reward_bias: float = 0.0
     total_steps: int = 1_000_000
     eval_every: int = 10_000
+    hidden_dim: int = 256
 
 
 def _mujoco(grad_norm: float) -> Preset:
@@ -169,7 +170,7 @@ PRESETS: dict[str, Preset] = {
     "kitchen-complete-v0": Preset(eta=0.005, grad_norm=9), "kitchen-partial-v0": Preset(eta=0.005, grad_norm=10),
     "kitchen-mixed-v0": Preset(eta=0.005, grad_norm=10),
     # built-in tasks (no download)
-    "bandit-8modes": Preset(eta=0.3, lr=1e-3, grad_norm=0.0, total_steps=2000, eval_every=500),
+    "bandit-8modes": Preset(eta=0.3, lr=1e-3, grad_norm=0.0, total_steps=1500, eval_every=500, hidden_dim=128),
     "pendulum-swingup": Preset(eta=3.0, grad_norm=9.0, total_steps=6000, eval_every=1000),
 }
 D4RL_MUJOCO = {f"{env}-{level}-v2": (env, level) for env in ("halfcheetah", "hopper", "walker2d")
@@ -527,16 +528,21 @@ def load_task(env_name: str, mujoco_data: str = "d4rl") -> tuple[Task, dict[str,
 # ---------------------------------------------------------------------------------------------
 # Networks
 # ---------------------------------------------------------------------------------------------
+def sigmoid_and_tanh_softplus(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sigmoid(x) and tanh(softplus(x)) from one sigmoid: with s = sigmoid(x) and n = s (2 - s),
+    tanh(softplus(x)) = n / (2 - n). Same fp32 result as aten::mish, ~3x faster on CPU."""
+    s = torch.sigmoid(x)
+    n = s * (2 - s)
+    return s, n / (2 - n)
+
+
 class Mish(torch.autograd.Function):
-    """mish(x) = x tanh(softplus(x)), written with one sigmoid: with s = sigmoid(x) and
-    n = s (2 - s), tanh(softplus(x)) = n / (2 - n). ~3x faster than aten::mish on CPU, same fp32
-    result; backward and forward mode (torch.func.jvp) reuse s and tanh(softplus(x))."""
+    """mish(x) = x tanh(softplus(x)) whose backward and forward mode (torch.func.jvp) reuse the
+    sigmoid and tanh(softplus) of the forward pass."""
 
     @staticmethod
     def forward(x):
-        s = torch.sigmoid(x)
-        n = s * (2 - s)
-        tanh_sp = n / (2 - n)
+        s, tanh_sp = sigmoid_and_tanh_softplus(x)
         return x * tanh_sp, s, tanh_sp
 
     @staticmethod
@@ -556,15 +562,15 @@ class Mish(torch.autograd.Function):
 
 
 def mish(x: torch.Tensor) -> torch.Tensor:
-    return Mish.apply(x)[0]
+    if x.requires_grad:
+        return Mish.apply(x)[0]
+    return x * sigmoid_and_tanh_softplus(x)[1]  # inference: no autograd.Function overhead (~60 us a call)
 
 
 def mish_derivative(x, s=None, tanh_sp=None):
     """d/dx [x tanh(softplus(x))] = tanh(sp) + x sigmoid(x) (1 - tanh(sp)^2)."""
     if s is None:
-        s = torch.sigmoid(x)
-        n = s * (2 - s)
-        tanh_sp = n / (2 - n)
+        s, tanh_sp = sigmoid_and_tanh_softplus(x)
     return tanh_sp + x * s * (1 - tanh_sp * tanh_sp)
 
 

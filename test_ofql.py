@@ -75,6 +75,7 @@ def test_mish_matches_torch_in_value_and_gradient():
     y = ofql.mish(x)
     ref = torch.nn.functional.mish(x)
     assert torch.allclose(y, ref, atol=1e-12)
+    assert torch.allclose(ofql.mish(x.detach()), ref.detach(), atol=1e-12)  # the inference path
     assert torch.autograd.gradcheck(ofql.mish, (x[:20].detach().requires_grad_(),))
 
 
