@@ -87,7 +87,7 @@ def main(cfg: Config) -> dict:
               "steps_per_second": {k: statistics.median(v) for k, v in times.items()}}
     base = result["steps_per_second"]["func.jvp+aten"]
     print(f"\nOFQL gradient step, batch {cfg.batch_size}, {cfg.threads} thread(s), median of {cfg.rounds} rounds")
-    print(f"| variant | steps/s | ms/step | vs func.jvp+aten |\n|---|---|---|---|")
+    print("| variant | steps/s | ms/step | vs func.jvp+aten |\n|---|---|---|---|")
     for name, value in result["steps_per_second"].items():
         print(f"| {name} | {value:.1f} | {1000 / value:.1f} | {value / base:.2f}x |")
     if cfg.json:
