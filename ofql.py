@@ -586,10 +586,11 @@ def mlp_with_tangent(layers: nn.Sequential, x: torch.Tensor, tangent: torch.Tens
             x = layer(x)
             with torch.no_grad():
                 tangent = tangent @ layer.weight.T
-        else:  # Mish
+        else:  # Mish: the sigmoid of the primal also gives the derivative for the tangent
+            pre = x
+            x, s, tanh_sp = Mish.apply(pre)
             with torch.no_grad():
-                tangent = mish_derivative(x) * tangent
-            x = layer(x)
+                tangent = mish_derivative(pre.detach(), s, tanh_sp) * tangent
     return x, tangent
 
 
