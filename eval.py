@@ -116,6 +116,87 @@ def evaluate_checkpoint(cfg: EvalArgs) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# Deployment path for a CPU control loop: the whole one-step policy as one compiled call (numba)
+# ------------------------------------------------------------------------------------------------
+_numba_forward = None
+
+
+def numba_forward():
+    """Compile (once per process, ~1 s) and return the numba kernel
+    forward(obs, noise, weights, biases) -> clip(noise - mlp([noise, obs]), -1, 1) on float32 arrays
+    (noise None: drawn from numba's generator, seeded by forward.seed(value))."""
+    global _numba_forward
+    if _numba_forward is None:
+        import numba
+
+        one, two, big = np.float32(1.0), np.float32(2.0), np.float32(20.0)
+
+        @numba.njit(fastmath=True)
+        def add_bias_mish_(h, bias):
+            # mish(x) = x tanh(softplus(x)) = x n / (n + 2) with n = e^x (e^x + 2): one exp per unit;
+            # x is capped at 20 inside the exp, where n / (n + 2) is already 1 in fp32
+            for i in range(h.shape[0]):
+                for j in range(h.shape[1]):
+                    x = h[i, j] + bias[j]
+                    e = np.exp(min(x, big))
+                    n = e * (e + two)
+                    h[i, j] = x * n / (n + two)
+
+        @numba.njit
+        def forward(obs, noise, weights, biases):
+            if noise is None:  # numba's own generator: no Python call per decision
+                noise = np.random.standard_normal((obs.shape[0], weights[-1].shape[1])).astype(np.float32)
+            x = np.concatenate((noise, obs), axis=1)
+            for i in range(len(weights) - 1):
+                h = np.dot(x, weights[i])  # BLAS
+                add_bias_mish_(h, biases[i])
+                x = h
+            return np.minimum(np.maximum(noise - (np.dot(x, weights[-1]) + biases[-1]), -one), one)
+
+        @numba.njit
+        def seed(value):
+            np.random.seed(value)
+
+        forward.seed = seed
+        _numba_forward = forward
+    return _numba_forward
+
+
+class NumbaPolicy:
+    """The one-step policy as a robot runs it: numpy observation in, numpy action out, one native call.
+    Observation normalisation and the r = 0, t = 1 time embeddings are folded into the first layer, so
+    a decision is 4 BLAS matrix products, 3 Mish loops and a clip, compiled by numba (fp32).
+
+        policy = NumbaPolicy(agent.actor.folded(), normalizer)
+        action = policy(raw_obs)            # obs [obs_dim] or [batch, obs_dim]
+
+    Fastest at small batches (the control-loop case); torch wins at large batches (its GEMMs)."""
+
+    def __init__(self, folded: ofql.FoldedActor, normalizer: ofql.Normalizer, seed: int = 0):
+        self.forward = numba_forward()
+        weights = [layer.weight.detach().cpu().double().numpy().T for layer in folded.linears]
+        biases = [layer.bias.detach().cpu().double().numpy() for layer in folded.linears]
+        self.act_dim = folded.act_dim
+        mean, std = normalizer.mean.astype(np.float64), normalizer.std.astype(np.float64)
+        w_obs = weights[0][self.act_dim:]  # W (s - m) / sd = (W / sd) s - (W / sd) m
+        biases[0] = biases[0] - (mean / std) @ w_obs
+        weights[0] = np.concatenate([weights[0][:self.act_dim], w_obs / std[:, None]])
+        self.weights = tuple(np.ascontiguousarray(w, np.float32) for w in weights)
+        self.biases = tuple(np.ascontiguousarray(b, np.float32) for b in biases)
+        self.obs_dim = len(mean)
+        self.forward.seed(seed)  # numba's generator is one per process: the last policy built seeds it
+
+    def __call__(self, obs: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        obs = np.asarray(obs, np.float32)
+        single = obs.ndim == 1
+        obs = obs.reshape(-1, self.obs_dim)
+        if noise is not None:
+            noise = np.asarray(noise, np.float32).reshape(len(obs), self.act_dim)
+        action = self.forward(obs, noise, self.weights, self.biases)
+        return action[0] if single else action
+
+
+# ------------------------------------------------------------------------------------------------
 # Decision-frequency benchmark
 # ------------------------------------------------------------------------------------------------
 def euler_flow_policy(actor: ofql.MeanFlowActor, steps: int):
@@ -159,8 +240,9 @@ def ddpm_policy(actor: ofql.MeanFlowActor, steps: int):
     return policy
 
 
-def time_calls(fn, min_time: float, repeats: int) -> float:
-    """Median seconds per call over `repeats` repetitions of at least `min_time` seconds, after warm-up."""
+def time_calls(fn, min_time: float, repeats: int, device: torch.device) -> float:
+    """Median seconds per call over `repeats` repetitions of at least `min_time` seconds, after warm-up.
+    On CUDA a repetition is timed with CUDA events (launches are asynchronous)."""
     fn()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < min_time / 4:
@@ -169,18 +251,48 @@ def time_calls(fn, min_time: float, repeats: int) -> float:
     per_rep = max(1, int(count * 4))
     samples = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(per_rep):
-            fn()
-        samples.append((time.perf_counter() - start) / per_rep)
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(per_rep):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end) / 1e3 / per_rep)
+        else:
+            start = time.perf_counter()
+            for _ in range(per_rep):
+                fn()
+            samples.append((time.perf_counter() - start) / per_rep)
     return statistics.median(samples)
 
 
+def cuda_graph_policy(policy, batch: int, obs_dim: int, act_dim: int, device: torch.device):
+    """`policy` captured once as a CUDA graph for this batch size: a decision is two input copies and one
+    graph replay (no per-kernel launch cost). Returns policy(obs, noise) -> the graph's output tensor."""
+    static_obs, static_noise = torch.zeros(batch, obs_dim, device=device), torch.zeros(batch, act_dim, device=device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as the CUDA-graph docs require
+        for _ in range(3):
+            policy(static_obs, static_noise)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_action = policy(static_obs, static_noise)
+
+    def replay(obs, noise):
+        static_obs.copy_(obs)
+        static_noise.copy_(noise)
+        graph.replay()
+        return static_action
+    return replay
+
+
 def benchmark(cfg: EvalArgs) -> dict:
+    """Decisions per second of each policy at each batch size: the policy call alone and the full act step."""
     torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
-    if device.type == "cuda":
-        raise NotImplementedError("the GPU benchmark (CUDA events, CUDA graphs) is not written yet; use --device cpu")
     if cfg.checkpoint:
         agent, task, normalizer, _ = load_agent(cfg.checkpoint, device)
         actor = agent.actor
@@ -190,40 +302,58 @@ def benchmark(cfg: EvalArgs) -> dict:
         normalizer = ofql.Normalizer(np.zeros(cfg.obs_dim), np.ones(cfg.obs_dim))
     actor.eval()
     folded = actor.folded()
-    obs_dim = folded.net[0].in_features - actor.act_dim
-    policies = {"ofql-1 eager": (1, lambda obs, noise: actor.act(obs, noise)), "ofql-1 folded": (1, folded)}
+    obs_dim, act_dim = folded.net[0].in_features - actor.act_dim, actor.act_dim
+    # name -> (network calls per decision, policy(obs, noise), whether it takes "torch" or "numpy" inputs)
+    policies = {"ofql-1 eager": (1, actor.act, "torch"), "ofql-1 folded": (1, folded, "torch")}
     if cfg.compile:
         try:
             compiled = torch.compile(folded, dynamic=False)
             with torch.no_grad():
-                compiled(torch.zeros(1, obs_dim, device=device), torch.zeros(1, actor.act_dim, device=device))
-            policies["ofql-1 folded+compile"] = (1, compiled)
+                compiled(torch.zeros(1, obs_dim, device=device), torch.zeros(1, act_dim, device=device))
+            policies["ofql-1 folded+compile"] = (1, compiled, "torch")
         except Exception as err:  # no C++ compiler, unsupported platform...
             print(f"torch.compile unavailable here ({type(err).__name__}); skipped")
+    if device.type == "cpu":
+        try:
+            policies["ofql-1 numba"] = (1, NumbaPolicy(folded, normalizer), "numpy")
+        except ImportError:
+            print("numba is not installed; the numba row is skipped (pip install numba)")
     for k in (1, 5, 10, 50):
-        policies[f"flow-euler-{k}"] = (k, euler_flow_policy(actor, k))
+        policies[f"flow-euler-{k}"] = (k, euler_flow_policy(actor, k), "torch")
     for k in (5, 50):
-        policies[f"ddpm-{k}"] = (k, ddpm_policy(actor, k))
+        policies[f"ddpm-{k}"] = (k, ddpm_policy(actor, k), "torch")
 
     rows = []
     with torch.no_grad():
         for batch in cfg.batch_sizes:
+            per_batch = dict(policies)
+            if device.type == "cuda":
+                per_batch["ofql-1 folded+cuda-graph"] = (1, cuda_graph_policy(folded, batch, obs_dim, act_dim, device), "torch")
             obs_np = np.random.default_rng(0).normal(size=(batch, obs_dim)).astype(np.float32)
-            obs = torch.as_tensor(obs_np, device=device)
-            for name, (calls, policy) in tqdm(policies.items(), desc=f"batch {batch}", leave=False):
-                noise = torch.randn(batch, actor.act_dim, device=device)
-                call = time_calls(lambda: policy(obs, noise), cfg.min_time, cfg.repeats)
+            noise_np = np.random.default_rng(1).normal(size=(batch, act_dim)).astype(np.float32)
+            obs, noise = torch.as_tensor(obs_np, device=device), torch.as_tensor(noise_np, device=device)
+            for name, (calls, policy, inputs) in tqdm(per_batch.items(), desc=f"batch {batch}", leave=False):
+                if inputs == "numpy":  # normalisation is folded into its weights: the act step is one call
+                    def policy_call():
+                        return policy(obs_np, noise_np)
 
-                def act_step():  # what a control loop pays: numpy in, numpy out
-                    o = torch.from_numpy(normalizer(obs_np)).to(device)
-                    return policy(o, torch.randn(len(o), actor.act_dim, device=device)).cpu().numpy()
+                    def act_step():
+                        return policy(obs_np)
+                else:
+                    def policy_call():
+                        return policy(obs, noise)
 
-                step = time_calls(act_step, cfg.min_time, cfg.repeats)
+                    def act_step():  # what a control loop pays: numpy in, numpy out
+                        o = torch.from_numpy(normalizer(obs_np)).to(device)
+                        return policy(o, torch.randn(len(o), act_dim, device=device)).cpu().numpy()
+
+                call = time_calls(policy_call, cfg.min_time, cfg.repeats, device)
+                step = time_calls(act_step, cfg.min_time, cfg.repeats, torch.device("cpu"))  # ends on the host
                 rows.append({"policy": name, "network_calls": calls, "batch": batch,
                              "policy_call_us": call * 1e6, "act_step_us": step * 1e6,
                              "decisions_per_s": batch / call, "act_steps_decisions_per_s": batch / step})
     result = {"device": str(device), "threads": cfg.threads, "torch": torch.__version__,
-              "obs_dim": obs_dim, "act_dim": actor.act_dim, "rows": rows}
+              "obs_dim": obs_dim, "act_dim": act_dim, "rows": rows}
     for batch in cfg.batch_sizes:
         part = [r for r in rows if r["batch"] == batch]
         ref = {r["policy"]: r["decisions_per_s"] for r in part}

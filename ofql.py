@@ -31,6 +31,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import tyro
 
 
@@ -562,6 +563,8 @@ class Mish(torch.autograd.Function):
 def mish(x: torch.Tensor) -> torch.Tensor:
     if x.requires_grad:
         return Mish.apply(x)[0]
+    if x.numel() < 4096:  # small inference batches: one aten call beats seven cheaper ones (2 vs 12 us at 256)
+        return F.mish(x)
     return x * sigmoid_and_tanh_softplus(x)[1]  # inference: no autograd.Function overhead (~60 us a call)
 
 
@@ -672,9 +675,14 @@ class FoldedActor(nn.Module):
     def __init__(self, net: nn.Sequential, act_dim: int):
         super().__init__()
         self.net, self.act_dim = net, act_dim
+        self.linears = [layer for layer in net if isinstance(layer, nn.Linear)]
 
     def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return (noise - self.net(torch.cat([noise, obs], -1))).clamp(-1.0, 1.0)
+        x = torch.cat([noise, obs], -1)
+        *hidden, last = self.linears  # called functionally: module calls cost ~13 us at batch 1
+        for layer in hidden:
+            x = mish(F.linear(x, layer.weight, layer.bias))
+        return (noise - F.linear(x, last.weight, last.bias)).clamp(-1.0, 1.0)
 
 
 class EnsembleLinear(nn.Module):

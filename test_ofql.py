@@ -559,9 +559,40 @@ def test_eval_benchmark_quick_mode_writes_json_and_png(tmp_path):
                                                compile=False, json=str(tmp_path / "b.json"),
                                                plot=str(tmp_path / "b.png")))
     names = {r["policy"] for r in result["rows"]}
-    assert {"ofql-1 eager", "ofql-1 folded", "flow-euler-50", "ddpm-5", "ddpm-50"} <= names
+    assert {"ofql-1 eager", "ofql-1 folded", "ofql-1 numba", "flow-euler-50", "ddpm-5", "ddpm-50"} <= names
     assert all(r["decisions_per_s"] > 0 for r in result["rows"]) and len(result["rows"]) == 2 * len(names)
     assert (tmp_path / "b.png").stat().st_size > 1000 and json.loads((tmp_path / "b.json").read_text())["rows"]
+
+
+@pytest.mark.parametrize("batch, obs_dim, act_dim", [(1, 17, 6), (7, 29, 8), (257, 11, 3)])
+def test_numba_policy_matches_the_torch_policy_with_normalisation(batch, obs_dim, act_dim):
+    """The compiled deployment policy (normalisation and time embeddings folded into the first layer,
+    Mish via one exp) gives the actions of the torch one-step policy on normalised observations."""
+    import eval as ofql_eval
+
+    torch.manual_seed(batch)
+    rng = np.random.default_rng(batch)
+    actor = ofql.MeanFlowActor(obs_dim, act_dim, time_scale=3.0)
+    for layer in actor.net[::2]:  # wide pre-activations, so Mish's large-|x| branches are exercised too
+        layer.weight.data *= 2
+    normalizer = ofql.Normalizer(rng.normal(size=obs_dim) * 5, rng.uniform(0.1, 3.0, size=obs_dim))
+    obs = (rng.normal(size=(batch, obs_dim)) * 5).astype(np.float32)
+    noise = rng.normal(size=(batch, act_dim)).astype(np.float32)
+    policy = ofql_eval.NumbaPolicy(actor.folded(), normalizer)
+    with torch.no_grad():
+        ref = actor.act(torch.as_tensor(normalizer(obs)), torch.as_tensor(noise)).numpy()
+    out = policy(obs, noise)
+    err = np.abs(out - ref).max()
+    print(f"max |numba - torch| = {err:.2e}, clipped {(np.abs(ref) == 1.0).mean():.2f}")
+    # fp32: folding 1/std into the weights reorders the rounding; pre-clip outputs reach ~10 here
+    assert out.shape == (batch, act_dim) and err < 3e-5 and np.abs(ref).max() <= 1.0
+    if batch > 1:  # some actions clipped, some not: the clip is tested too
+        assert 0 < (np.abs(ref) == 1.0).mean() < 1
+    # one raw observation in, one action out; drawn noise is seeded and in bounds
+    assert policy(obs[0]).shape == (act_dim,)
+    first = ofql_eval.NumbaPolicy(actor.folded(), normalizer, seed=3)(obs)
+    again = ofql_eval.NumbaPolicy(actor.folded(), normalizer, seed=3)(obs)
+    assert np.array_equal(first, again) and np.abs(first).max() <= 1.0 and not np.array_equal(first, out)
 
 
 def test_euler_sampler_matches_the_data_for_an_exact_velocity():
