@@ -69,13 +69,21 @@ def load_agent(path: str, device: torch.device):
     """(agent, task, normalizer, args) from a checkpoint, with clear errors for anything that does not fit."""
     state = ofql.load_checkpoint(path)
     args = ofql.resolve_args(ofql.Args(**state["args"]))
-    task, _ = ofql.load_task(args.env, args.mujoco_data)
+    task, _ = ofql.load_task(args.env, args.mujoco_data, with_data=False)
     if state["obs_mean"].shape != (task.obs_dim,):
         raise ValueError(f"{path}: its observations have {state['obs_mean'].shape[0]} dims, task {args.env} has "
                          f"{task.obs_dim}")
     agent = ofql.OFQL(task, args, device)
     agent.load_state_dict(state["agent"])
     return agent, task, ofql.Normalizer(state["obs_mean"], state["obs_std"]), args
+
+
+def write_gif(path: Path, frames: list[np.ndarray], fps: int):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(frame) for frame in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
 
 
 def evaluate_checkpoint(cfg: EvalArgs) -> dict:
@@ -92,14 +100,12 @@ def evaluate_checkpoint(cfg: EvalArgs) -> dict:
         except Exception as err:  # rendering needs an OpenGL context that headless machines may lack
             if frames is None:
                 raise
-            print(f"warning: rendering failed ({type(err).__name__}: {err}); evaluating without video")
+            print(f"warning: rendering failed ({type(err).__name__}: {str(err)[:200]}); evaluating without video. "
+                  "Headless MuJoCo renders with MUJOCO_GL=egl (GPU) or MUJOCO_GL=osmesa (apt install libosmesa6).")
             frames = None
             result = ofql.evaluate(agent, task, normalizer, args, cfg.episodes, seed=1_000_000 + 1000 * seed)
         if frames:
-            import imageio.v2 as imageio
-
-            Path(cfg.video).mkdir(parents=True, exist_ok=True)
-            imageio.mimsave(Path(cfg.video) / f"seed{seed}.gif", frames[::2], duration=1 / 25)
+            write_gif(Path(cfg.video) / f"seed{seed}.gif", frames[::2], fps=25)
         per_seed.append(result)
     scores = np.array([s for r in per_seed for s in r["scores"]])
     seed_means = np.array([r["score_mean"] for r in per_seed])

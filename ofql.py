@@ -475,8 +475,10 @@ def load_mujoco_minari(name: str):
     return minari.combine_datasets(parts, combined)
 
 
-def load_task(env_name: str, mujoco_data: str = "d4rl") -> tuple[Task, dict[str, np.ndarray]]:
-    """Task description and raw transitions (actions rescaled to [-1, 1]) for --env."""
+def load_task(env_name: str, mujoco_data: str = "d4rl", with_data: bool = True
+              ) -> tuple[Task, dict[str, np.ndarray] | None]:
+    """Task description and raw transitions (actions rescaled to [-1, 1]) for --env; with_data=False
+    skips reading the episodes (evaluation needs only the task: seconds instead of minutes)."""
     if env_name == "bandit-8modes":
         return Task(env_name, 1, 2, None, 0.0, 1.0, "bandit: reward of the best mode"), make_bandit_data()
     source = MINARI_SOURCE.get(env_name, env_name)
@@ -500,11 +502,9 @@ def load_task(env_name: str, mujoco_data: str = "d4rl") -> tuple[Task, dict[str,
                          "continuous actions")
     if not family.obs_keys and not isinstance(dataset.observation_space, gym.spaces.Box):
         raise ValueError(f"dataset {dataset_id}: observation space {dataset.observation_space} is not a Box")
-    data = episodes_to_transitions(dataset.iterate_episodes(), family.obs_keys, dataset_id)
-    if family.terminal_from_reward:
-        data["mask"] = (data["reward"] <= 0).astype(np.float64)
+    obs_space = dataset.observation_space
+    obs_dim = sum(obs_space[k].shape[0] for k in family.obs_keys) if family.obs_keys else obs_space.shape[0]
     low, high = space.low.astype(np.float64), space.high.astype(np.float64)
-    data["action"] = np.clip(2.0 * (data["action"] - low) / (high - low) - 1.0, -1.0, 1.0)
     meta = dataset.storage.metadata
     if family.ref is not None:
         (ref_min, ref_max), ref_source = family.ref, family.ref_note
@@ -516,11 +516,17 @@ def load_task(env_name: str, mujoco_data: str = "d4rl") -> tuple[Task, dict[str,
     def make_env(**kwargs):
         env = dataset.recover_environment(eval_env=True, **dict(family.eval_kwargs), **kwargs)
         if family.obs_keys:
-            box = gym.spaces.Box(-np.inf, np.inf, (data["obs"].shape[1],), np.float64)
+            box = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64)
             env = gym.wrappers.TransformObservation(env, lambda o: flatten_obs(o, family.obs_keys), box)
         return gym.wrappers.RescaleAction(env, -1.0, 1.0) if np.any(low != -1) or np.any(high != 1) else env
 
-    task = Task(env_name, data["obs"].shape[1], data["action"].shape[1], make_env, ref_min, ref_max, ref_source)
+    task = Task(env_name, obs_dim, space.shape[0], make_env, ref_min, ref_max, ref_source)
+    if not with_data:
+        return task, None
+    data = episodes_to_transitions(dataset.iterate_episodes(), family.obs_keys, dataset_id)
+    if family.terminal_from_reward:
+        data["mask"] = (data["reward"] <= 0).astype(np.float64)
+    data["action"] = np.clip(2.0 * (data["action"] - low) / (high - low) - 1.0, -1.0, 1.0)
     return task, data
 
 

@@ -552,6 +552,20 @@ def test_eval_checkpoint_gives_finite_scores_per_seed(tmp_path):
     assert json.loads(out.read_text())["episodes_per_seed"] == 3
 
 
+def test_eval_video_records_the_first_episode_as_a_gif(tmp_path):
+    """Pendulum renders without OpenGL (pygame): one GIF per seed with every other frame of episode 1."""
+    import eval as ofql_eval
+    from PIL import Image
+
+    summary = ofql.train(ofql.Args(env="pendulum-swingup", out_dir=str(tmp_path), total_steps=4, eval_every=4,
+                                   eval_episodes=1, batch_size=16, hidden_dim=32))
+    ofql_eval.main(ofql_eval.EvalArgs(checkpoint=summary["checkpoint"], episodes=2, seeds=[0, 1],
+                                      video=str(tmp_path / "video")))
+    for seed in (0, 1):
+        with Image.open(tmp_path / "video" / f"seed{seed}.gif") as gif:
+            assert gif.n_frames == 100 and gif.size == (500, 500)  # 200 Pendulum steps, every other one
+
+
 def test_eval_benchmark_quick_mode_writes_json_and_png(tmp_path):
     import eval as ofql_eval
 
@@ -695,6 +709,9 @@ def test_antmaze_dict_observations_are_flattened_and_relabelled():
     eval_env = task.make_env()
     assert eval_env.unwrapped.continuing_task is False
     assert eval_env.reset(seed=0)[0].shape == (29,)
+    task_only, no_data = ofql.load_task("antmaze-umaze-v0", with_data=False)  # what eval.py loads
+    assert no_data is None and (task_only.obs_dim, task_only.act_dim) == (29, 8)
+    assert task_only.make_env().reset(seed=0)[0].shape == (29,)
     args = ofql.resolve_args(ofql.Args(env="antmaze-umaze-v0"))
     assert (args.reward_bias, args.reward_scale) == (-0.5, 4.0)  # DQL's (r - 0.5) * 4
 
