@@ -110,10 +110,12 @@ def parse_grid(specs: list[str], base_flags: list[str]) -> list[dict[str, object
 def typed_value(key: str, raw: str, annotation) -> object:
     """One grid value parsed by tyro as ofql.py's command line would parse it."""
     flag = "--" + key.replace("_", "-")
+    if "bool" in str(annotation) and raw.lower() in ("true", "false"):
+        raw = raw.capitalize()  # tyro's spelling
     if annotation in (bool, "bool"):  # tyro's bool flags are --key / --no-key
-        if raw.lower() not in ("true", "false"):
+        if raw not in ("True", "False"):
             raise ValueError(f"--grid {key}: {raw!r} is not true or false")
-        argv = [flag if raw.lower() == "true" else "--no-" + key.replace("_", "-")]
+        argv = [flag if raw == "True" else "--no-" + key.replace("_", "-")]
     else:
         argv = [flag, raw]
     return getattr(tyro.cli(ofql.Args, args=argv, prog=f"sweep.py --grid {key}=..."), key)
@@ -174,7 +176,7 @@ def run_one(run_dir: str, args: ofql.Args, kill_marker: str | None = None) -> di
         if kill_marker and not Path(kill_marker).exists():
             arm_kill_after_checkpoint(kill_marker)
         with open(run_dir / "train.log", "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            ofql.train(ofql.Args(resume=str(ckpt)) if start_step else dataclasses.replace(args, run_dir=str(run_dir)))
+            ofql.train(ofql.Args(resume=str(ckpt)) if ckpt.exists() else dataclasses.replace(args, run_dir=str(run_dir)))
     except (ValueError, FileNotFoundError, NotImplementedError, ofql.DivergenceError) as err:
         message = f"{type(err).__name__}: {err}"
         (run_dir / "error.txt").write_text(message + "\n")
@@ -189,8 +191,11 @@ def arm_kill_after_checkpoint(marker: str):
 
     def save_then_die(path, *args, **kwargs):
         save(path, *args, **kwargs)
-        if Path(path).name == "checkpoint.pt" and not Path(marker).exists():
-            Path(marker).touch()
+        if Path(path).name == "checkpoint.pt":
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # atomic: one worker in the sweep dies
+            except FileExistsError:
+                return
             os._exit(1)
 
     ofql.save_checkpoint = save_then_die
@@ -199,20 +204,23 @@ def arm_kill_after_checkpoint(marker: str):
 # ---------------------------------------------------------------------------------------------
 # The sweep
 # ---------------------------------------------------------------------------------------------
-def check_sweep_folder(sweep_dir: Path, base: ofql.Args):
-    """Record the pass-through args in <sweep>/sweep.json; a restart must use the same ones."""
+def check_sweep_folder(sweep_dir: Path, base: ofql.Args, runs: list[Run]):
+    """Record the pass-through args and the planned runs in <sweep>/sweep.json. A restart must use the
+    same ofql.py flags; it may add tasks, seeds or grid points (their runs join the list)."""
     record = sweep_dir / "sweep.json"
     base_dict = json.loads(json.dumps(dataclasses.asdict(base)))
+    planned = []
     if record.exists():
-        before = json.loads(record.read_text())["ofql_args"]
-        changed = sorted(k for k in set(before) | set(base_dict) if before.get(k) != base_dict.get(k))
+        before = json.loads(record.read_text())
+        changed = sorted(k for k in set(before["ofql_args"]) | set(base_dict) if before["ofql_args"].get(k) != base_dict.get(k))
         if changed:
             raise ValueError(f"{sweep_dir} was started with other ofql.py flags ({', '.join(changed)}: "
-                             f"{[before.get(k) for k in changed]} then, {[base_dict.get(k) for k in changed]} now); "
-                             "restart it with the same flags or pass another --out")
-    else:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"ofql_args": base_dict}, indent=2))
+                             f"{[before['ofql_args'].get(k) for k in changed]} then, {[base_dict.get(k) for k in changed]} "
+                             "now); restart it with the same flags or pass another --out")
+        planned = before["runs"]
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    planned = sorted(set(planned) | {run.name for run in runs})
+    record.write_text(json.dumps({"ofql_args": base_dict, "runs": planned}, indent=2))
 
 
 def run_sweep(runs: list[Run], sweep_dir: Path, opts: argparse.Namespace) -> dict[str, dict]:
@@ -286,9 +294,17 @@ def fmt(values: list[float]) -> str:
 
 
 def collect(sweep_dir: Path, last_k: int) -> tuple[list[dict], list[str]]:
-    """One record per run folder (finished or not) and the problems found."""
+    """One record per run (finished or not) and the problems found: runs planned in sweep.json whose
+    folder is gone, folders without run.json, unfinished, failed and corrupt runs."""
     records, problems = [], []
-    for run_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
+    try:
+        planned = set(json.loads((sweep_dir / "sweep.json").read_text())["runs"])
+    except (OSError, ValueError, KeyError):
+        planned = set()
+        problems.append("no readable sweep.json: only the run folders present are reported")
+    folders = {p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name != "curves"}
+    problems += [f"{name}: missing (planned, no run folder)" for name in sorted(planned - folders)]
+    for run_dir in sorted(sweep_dir / name for name in folders):
         try:
             spec = json.loads((run_dir / "run.json").read_text())
         except (OSError, ValueError):
@@ -308,7 +324,7 @@ def collect(sweep_dir: Path, last_k: int) -> tuple[list[dict], list[str]]:
             if error.exists():
                 why = "failed: " + error.read_text().strip()
             elif (run_dir / "summary.json").exists():
-                why = "corrupt summary.json"
+                why = "corrupt summary.json: restart the sweep to rewrite it from the last checkpoint"
             elif (run_dir / "checkpoint.pt").exists():
                 why = "unfinished (checkpoint.pt, no summary.json): restart the sweep to resume it"
             else:
@@ -423,7 +439,7 @@ def main(argv: list[str]) -> int:
         key = json.dumps([opts.env, opts.seeds, opts.grid, rest])
         opts.out = f"sweeps/sweep-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     sweep_dir = Path(opts.out).resolve()  # absolute: Ray workers on other nodes see the same path
-    check_sweep_folder(sweep_dir, base)
+    check_sweep_folder(sweep_dir, base, runs)
     statuses = run_sweep(runs, sweep_dir, opts)
     report(sweep_dir, opts.last_k)
     return int(any(s["status"] != "done" for s in statuses.values()))
@@ -434,3 +450,5 @@ if __name__ == "__main__":
         sys.exit(main(sys.argv[1:]))
     except (ValueError, FileNotFoundError, NotImplementedError) as error:
         raise SystemExit(f"error: {error}")
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: run the same command again to resume the unfinished runs")
