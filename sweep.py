@@ -204,48 +204,45 @@ def arm_kill_after_checkpoint(marker: str):
 # ---------------------------------------------------------------------------------------------
 # The sweep
 # ---------------------------------------------------------------------------------------------
-def check_sweep_folder(sweep_dir: Path, base: ofql.Args, runs: list[Run]):
-    """Record the pass-through args and the planned runs in <sweep>/sweep.json. A restart must use the
-    same ofql.py flags; it may add tasks, seeds or grid points (their runs join the list)."""
+def planned_before(sweep_dir: Path, base: ofql.Args) -> list[str]:
+    """The runs an earlier start of this sweep planned (from <sweep>/sweep.json); a restart must pass the
+    same ofql.py flags (it may add tasks, seeds or grid points)."""
     record = sweep_dir / "sweep.json"
-    base_dict = json.loads(json.dumps(dataclasses.asdict(base)))
-    planned = []
-    if record.exists():
-        before = json.loads(record.read_text())
-        changed = sorted(k for k in set(before["ofql_args"]) | set(base_dict) if before["ofql_args"].get(k) != base_dict.get(k))
-        if changed:
-            raise ValueError(f"{sweep_dir} was started with other ofql.py flags ({', '.join(changed)}: "
-                             f"{[before['ofql_args'].get(k) for k in changed]} then, {[base_dict.get(k) for k in changed]} "
-                             "now); restart it with the same flags or pass another --out")
-        planned = before["runs"]
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    planned = sorted(set(planned) | {run.name for run in runs})
-    record.write_text(json.dumps({"ofql_args": base_dict, "runs": planned}, indent=2))
+    if not record.exists():
+        return []
+    before, now = json.loads(record.read_text()), json.loads(json.dumps(dataclasses.asdict(base)))
+    changed = sorted(k for k in set(before["ofql_args"]) | set(now) if before["ofql_args"].get(k) != now.get(k))
+    if changed:
+        raise ValueError(f"{sweep_dir} was started with other ofql.py flags ({', '.join(changed)}: "
+                         f"{[before['ofql_args'].get(k) for k in changed]} then, {[now.get(k) for k in changed]} now); "
+                         "restart it with the same flags or pass another --out")
+    return before["runs"]
 
 
-def run_sweep(runs: list[Run], sweep_dir: Path, opts: argparse.Namespace) -> dict[str, dict]:
-    """Run every unfinished run as a Ray task; returns {run name: status}."""
+def run_sweep(runs: list[Run], base: ofql.Args, sweep_dir: Path, opts: argparse.Namespace) -> dict[str, dict]:
+    """Run every unfinished run as a Ray task; returns {run name: status}. Nothing is written before the
+    flags, the tasks and their datasets have been checked."""
     try:
         import ray
     except ImportError as err:
         raise SystemExit("error: sweep.py needs Ray: pip install ray") from err
 
-    statuses: dict[str, dict] = {}
-    todo = []
+    planned = planned_before(sweep_dir, base)
+    statuses = {run.name: {"status": "done", "run_dir": str(sweep_dir / run.name), "skipped": True}
+                for run in runs if read_summary(sweep_dir / run.name) is not None}
+    todo = [run for run in runs if run.name not in statuses]
+    for task in sorted({run.task for run in todo}):  # fetch/convert each dataset once, before runs race for it
+        ofql.load_task(task, todo[0].args.mujoco_data)
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep.json").write_text(json.dumps({"ofql_args": dataclasses.asdict(base),
+                                                      "runs": sorted(set(planned) | {r.name for r in runs})}, indent=2))
     for run in runs:
-        run_dir = sweep_dir / run.name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run.json").write_text(json.dumps({"task": run.task, "seed": run.seed, "grid": run.point}))
-        if read_summary(run_dir) is not None:
-            statuses[run.name] = {"status": "done", "run_dir": str(run_dir), "skipped": True}
-        else:
-            todo.append(run)
+        (sweep_dir / run.name).mkdir(exist_ok=True)
+        (sweep_dir / run.name / "run.json").write_text(json.dumps({"task": run.task, "seed": run.seed, "grid": run.point}))
     print(f"sweep {sweep_dir}: {len(runs)} runs, {len(runs) - len(todo)} already finished")
     if not todo:
         return statuses
-
-    for task in sorted({run.task for run in todo}):  # fetch/convert each dataset once, before runs race for it
-        ofql.load_task(task, todo[0].args.mujoco_data)
 
     if opts.address:
         ray.init(address=opts.address, log_to_driver=False)
@@ -439,8 +436,7 @@ def main(argv: list[str]) -> int:
         key = json.dumps([opts.env, opts.seeds, opts.grid, rest])
         opts.out = f"sweeps/sweep-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     sweep_dir = Path(opts.out).resolve()  # absolute: Ray workers on other nodes see the same path
-    check_sweep_folder(sweep_dir, base, runs)
-    statuses = run_sweep(runs, sweep_dir, opts)
+    statuses = run_sweep(runs, base, sweep_dir, opts)
     report(sweep_dir, opts.last_k)
     return int(any(s["status"] != "done" for s in statuses.values()))
 

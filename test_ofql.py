@@ -712,7 +712,7 @@ def finished_sweep(tmp_path_factory):
     return out, code
 
 
-def test_sweep_grid_values_are_typed_and_bad_flags_fail_before_anything_starts():
+def test_sweep_grid_values_are_typed_and_bad_flags_fail_before_anything_starts(tmp_path):
     import sweep
 
     points = sweep.parse_grid(["eta=0.01,0.1", "ema-actor=true,false", "max_q_backup=true"], [])
@@ -736,6 +736,9 @@ def test_sweep_grid_values_are_typed_and_bad_flags_fail_before_anything_starts()
         sweep.parse_grid(["total_steps=ten"], [])
     with pytest.raises(ValueError, match="--eta -1.0 must be >= 0"):  # checked for every run, before Ray starts
         sweep.plan_runs(["bandit-8modes"], [0], [{"eta": -1.0}], ofql.Args(), threads=1)
+    with pytest.raises(ValueError, match="unknown task 'hoper-medium-v2'; did you mean"):
+        sweep.main(["--env", "hoper-medium-v2", "--out", str(tmp_path / "s")])
+    assert not (tmp_path / "s").exists()  # nothing written
     runs = sweep.plan_runs(["bandit-8modes", "d4rl/hopper/medium-v2"], [0, 1], points[:1], ofql.Args(), threads=1)
     assert [r.name for r in runs][:2] == ["bandit-8modes__eta=0.01__ema_actor=True__max_q_backup=True__seed0",
                                           "bandit-8modes__eta=0.01__ema_actor=True__max_q_backup=True__seed1"]
