@@ -219,66 +219,84 @@ def planned_before(sweep_dir: Path, base: ofql.Args) -> list[str]:
     return before["runs"]
 
 
-def run_sweep(runs: list[Run], base: ofql.Args, sweep_dir: Path, opts: argparse.Namespace) -> dict[str, dict]:
-    """Run every unfinished run as a Ray task; returns {run name: status}. Nothing is written before the
-    flags, the tasks and their datasets have been checked."""
+def start_ray(opts: argparse.Namespace):
+    """Ray embedded on this machine, or joined to the cluster at --address; returns (ray, concurrent runs)."""
     try:
         import ray
     except ImportError as err:
-        raise SystemExit("error: sweep.py needs Ray: pip install ray") from err
+        raise ValueError("sweep.py needs Ray: pip install ray") from err
+    if opts.address:
+        try:
+            ray.init(address=opts.address, log_to_driver=False)
+        except ConnectionError as err:
+            raise ValueError(f"cannot join the Ray cluster at {opts.address}: {err}. Is `ray start --head` running "
+                             "there? Ray's token authentication also needs RAY_AUTH_MODE=token and the head's "
+                             "~/.ray/auth_token (or RAY_AUTH_TOKEN) here") from err
+    else:
+        # "local": always a new embedded instance, never a cluster that happens to run here
+        ray.init(address="local", num_cpus=opts.num_cpus or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False)
+    resources = ray.cluster_resources()
+    slots = int(resources.get("CPU", 1) // opts.cpus_per_run)
+    if opts.gpus_per_run > 0:
+        if not resources.get("GPU"):
+            ray.shutdown()
+            raise ValueError(f"--gpus-per-run {opts.gpus_per_run}, but the Ray cluster has no GPU")
+        slots = min(slots, int(resources["GPU"] // opts.gpus_per_run))
+    return ray, max(slots, 1)
 
+
+def run_sweep(runs: list[Run], base: ofql.Args, sweep_dir: Path, opts: argparse.Namespace) -> dict[str, dict]:
+    """Run every unfinished run as a Ray task; returns {run name: status}. Nothing is written before the
+    flags, the tasks, their datasets and Ray have been checked."""
     planned = planned_before(sweep_dir, base)
     statuses = {run.name: {"status": "done", "run_dir": str(sweep_dir / run.name), "skipped": True}
                 for run in runs if read_summary(sweep_dir / run.name) is not None}
     todo = [run for run in runs if run.name not in statuses]
     for task in sorted({run.task for run in todo}):  # fetch/convert each dataset once, before runs race for it
         ofql.load_task(task, todo[0].args.mujoco_data)
-
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep.json").write_text(json.dumps({"ofql_args": dataclasses.asdict(base),
-                                                      "runs": sorted(set(planned) | {r.name for r in runs})}, indent=2))
-    for run in runs:
-        (sweep_dir / run.name).mkdir(exist_ok=True)
-        (sweep_dir / run.name / "run.json").write_text(json.dumps({"task": run.task, "seed": run.seed, "grid": run.point}))
-    print(f"sweep {sweep_dir}: {len(runs)} runs, {len(runs) - len(todo)} already finished")
-    if not todo:
-        return statuses
-
-    if opts.address:
-        ray.init(address=opts.address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=opts.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray, slots = start_ray(opts) if todo else (None, 0)
     try:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if opts.gpus_per_run > 0 and gpus == 0:
-            raise ValueError(f"--gpus-per-run {opts.gpus_per_run}, but the Ray cluster has no GPU")
-        slots = int(ray.cluster_resources().get("CPU", 1) // max(opts.cpus_per_run, 1e-9))
-        if gpus and opts.gpus_per_run > 0:
-            slots = min(slots, int(gpus // opts.gpus_per_run))
-        task = ray.remote(run_one).options(num_cpus=opts.cpus_per_run, num_gpus=opts.gpus_per_run,
-                                           max_retries=opts.max_retries, retry_exceptions=True)
-        kill_marker = os.environ.get(KILL_HOOK_ENV)
-        pending = {task.remote(str(sweep_dir / run.name), run.args, kill_marker): run for run in todo}
-        done = failed = 0
-        while pending:
-            print(f"runs: {done} done, {min(len(pending), slots)} running, {max(len(pending) - slots, 0)} queued, "
-                  f"{failed} failed (of {len(todo)})", flush=True)
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            run = pending.pop(ready[0])
-            try:
-                status = ray.get(ready[0])
-            except Exception as err:  # retries exhausted: the worker kept dying or raising
-                message = f"{type(err).__name__} after {opts.max_retries} retries: {str(err).splitlines()[0]}"
-                (sweep_dir / run.name / "error.txt").write_text(message + "\n")
-                status = {"status": "failed", "run_dir": str(sweep_dir / run.name), "error": message}
-            statuses[run.name] = status
-            done += status["status"] == "done"
-            failed += status["status"] == "failed"
-            if status["status"] == "failed":
-                print(f"failed: {run.name}: {status['error']}", flush=True)
-        print(f"runs: {done} done, 0 running, 0 queued, {failed} failed (of {len(todo)})", flush=True)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / "sweep.json").write_text(json.dumps(
+            {"ofql_args": dataclasses.asdict(base), "runs": sorted(set(planned) | {r.name for r in runs})}, indent=2))
+        for run in runs:
+            (sweep_dir / run.name).mkdir(exist_ok=True)
+            (sweep_dir / run.name / "run.json").write_text(json.dumps({"task": run.task, "seed": run.seed,
+                                                                       "grid": run.point}))
+        print(f"sweep {sweep_dir}: {len(runs)} runs, {len(runs) - len(todo)} already finished")
+        if todo:
+            statuses |= run_on_ray(ray, slots, todo, sweep_dir, opts)
     finally:
-        ray.shutdown()
+        if ray is not None:
+            ray.shutdown()
+    return statuses
+
+
+def run_on_ray(ray, slots: int, todo: list[Run], sweep_dir: Path, opts: argparse.Namespace) -> dict[str, dict]:
+    """Submit every run, then collect them as they finish with a progress line; {run name: status}."""
+    task = ray.remote(run_one).options(num_cpus=opts.cpus_per_run, num_gpus=opts.gpus_per_run,
+                                       max_retries=opts.max_retries, retry_exceptions=True)
+    kill_marker = os.environ.get(KILL_HOOK_ENV)
+    pending = {task.remote(str(sweep_dir / run.name), run.args, kill_marker): run for run in todo}
+    statuses, done, failed = {}, 0, 0
+    while pending:
+        print(f"runs: {done} done, {min(len(pending), slots)} running, {max(len(pending) - slots, 0)} queued, "
+              f"{failed} failed (of {len(todo)})", flush=True)
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        run = pending.pop(ready[0])
+        try:
+            status = ray.get(ready[0])
+        except Exception as err:  # retries exhausted: the worker kept dying or raising
+            message = f"{type(err).__name__} after {opts.max_retries} retries: {str(err).splitlines()[0]}"
+            (sweep_dir / run.name / "error.txt").write_text(message + "\n")
+            status = {"status": "failed", "run_dir": str(sweep_dir / run.name), "error": message}
+        statuses[run.name] = status
+        done += status["status"] == "done"
+        failed += status["status"] == "failed"
+        if status["status"] == "failed":
+            print(f"failed: {run.name}: {status['error']}", flush=True)
+    print(f"runs: {done} done, 0 running, 0 queued, {failed} failed (of {len(todo)})", flush=True)
     return statuses
 
 
