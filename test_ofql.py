@@ -833,11 +833,12 @@ def test_sweep_report_puts_paper_numbers_and_domain_averages_beside_d4rl_tasks(t
     import sweep
 
     (tmp_path / "sweep.json").write_text(json.dumps({"ofql_args": {}, "runs": []}))
-    for task, seed, scores in (("hopper-medium-v2", 0, [50, 60, 70]), ("hopper-medium-v2", 1, [40, 50, 90]),
-                               ("walker2d-medium-v2", 0, [10, 20, 30])):
-        run_dir = tmp_path / f"{task}__seed{seed}"
+    for task, grid, seed, scores in (("hopper-medium-v2", {}, 0, [50, 60, 70]), ("hopper-medium-v2", {}, 1, [40, 50, 90]),
+                                     ("walker2d-medium-v2", {}, 0, [10, 20, 30]),
+                                     ("hopper-medium-v2", {"eta": 0.3}, 0, [0, 0, 100])):
+        run_dir = tmp_path / f"{task}__{grid}__seed{seed}"
         run_dir.mkdir()
-        (run_dir / "run.json").write_text(json.dumps({"task": task, "seed": seed, "grid": {}}))
+        (run_dir / "run.json").write_text(json.dumps({"task": task, "seed": seed, "grid": grid}))
         history = [{"step": 1000 * (i + 1), "score_mean": s} for i, s in enumerate(scores)]
         (run_dir / "summary.json").write_text(json.dumps({"history": history, "steps": 3000, "wall_time_s": 1.0,
                                                           "args": {"mujoco_data": "d4rl"}}))
@@ -845,6 +846,8 @@ def test_sweep_report_puts_paper_numbers_and_domain_averages_beside_d4rl_tasks(t
     text = (tmp_path / "report.md").read_text()
     assert "| preset | 2 | 80.0 ± 10.0 | 67.5 ± 2.5 | 103.6 |" in text  # last: 70, 90; last 2: 65, 70
     assert "| MuJoCo | preset | 2/9 | 55.0 | 92.5 |" in text  # (80 + 30) / 2
+    assert "| MuJoCo | eta=0.3 | 1/9 | 100.0 | 92.5 |" in text
+    assert "| MuJoCo | best per task * | 2/9 | 65.0 | 92.5 |" in text  # (100 + 30) / 2
     assert result["tasks"]["walker2d-medium-v2"]["preset"]["paper"] == 87.4
 
 
