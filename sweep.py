@@ -26,6 +26,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +159,7 @@ def read_summary(run_dir: Path) -> dict | None:
     return summary if isinstance(summary, dict) and "history" in summary else None
 
 
-def run_one(run_dir: str, args: ofql.Args, kill_marker: str | None = None) -> dict:
+def run_one(run_dir: str, args: ofql.Args, session: str = "", kill_marker: str | None = None) -> dict:
     """Body of one Ray task: finish the run in `run_dir` (skip, resume or start) and return its status.
 
     Deterministic failures (bad input, divergence) are returned as status "failed"; anything else is
@@ -171,8 +172,8 @@ def run_one(run_dir: str, args: ofql.Args, kill_marker: str | None = None) -> di
     try:
         start_step = ofql.load_checkpoint(ckpt)["agent"]["step"] if ckpt.exists() else 0
         with open(run_dir / "attempts.jsonl", "a") as log:  # one line per attempt: the evidence of resumes
-            log.write(json.dumps({"time": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
-                                  "start_step": start_step}) + "\n")
+            log.write(json.dumps({"session": session, "time": time.time(), "host": socket.gethostname(),
+                                  "pid": os.getpid(), "start_step": start_step}) + "\n")
         if kill_marker and not Path(kill_marker).exists():
             arm_kill_after_checkpoint(kill_marker)
         with open(run_dir / "train.log", "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -220,7 +221,7 @@ def planned_before(sweep_dir: Path, base: ofql.Args) -> list[str]:
 
 
 def start_ray(opts: argparse.Namespace):
-    """Ray embedded on this machine, or joined to the cluster at --address; returns (ray, concurrent runs)."""
+    """Ray embedded on this machine, or joined to the cluster at --address; returns the ray module."""
     try:
         import ray
     except ImportError as err:
@@ -236,14 +237,10 @@ def start_ray(opts: argparse.Namespace):
         # "local": always a new embedded instance, never a cluster that happens to run here
         ray.init(address="local", num_cpus=opts.num_cpus or os.cpu_count(), include_dashboard=False,
                  log_to_driver=False)
-    resources = ray.cluster_resources()
-    slots = int(resources.get("CPU", 1) // opts.cpus_per_run)
-    if opts.gpus_per_run > 0:
-        if not resources.get("GPU"):
-            ray.shutdown()
-            raise ValueError(f"--gpus-per-run {opts.gpus_per_run}, but the Ray cluster has no GPU")
-        slots = min(slots, int(resources["GPU"] // opts.gpus_per_run))
-    return ray, max(slots, 1)
+    if opts.gpus_per_run > 0 and not ray.cluster_resources().get("GPU"):
+        ray.shutdown()
+        raise ValueError(f"--gpus-per-run {opts.gpus_per_run}, but the Ray cluster has no GPU")
+    return ray
 
 
 def run_sweep(runs: list[Run], base: ofql.Args, sweep_dir: Path, opts: argparse.Namespace) -> dict[str, dict]:
@@ -255,7 +252,7 @@ def run_sweep(runs: list[Run], base: ofql.Args, sweep_dir: Path, opts: argparse.
     todo = [run for run in runs if run.name not in statuses]
     for task in sorted({run.task for run in todo}):  # fetch/convert each dataset once, before runs race for it
         ofql.load_task(task, todo[0].args.mujoco_data)
-    ray, slots = start_ray(opts) if todo else (None, 0)
+    ray = start_ray(opts) if todo else None
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "sweep.json").write_text(json.dumps(
@@ -266,36 +263,50 @@ def run_sweep(runs: list[Run], base: ofql.Args, sweep_dir: Path, opts: argparse.
                                                                        "grid": run.point}))
         print(f"sweep {sweep_dir}: {len(runs)} runs, {len(runs) - len(todo)} already finished")
         if todo:
-            statuses |= run_on_ray(ray, slots, todo, sweep_dir, opts)
+            statuses |= run_on_ray(ray, todo, sweep_dir, opts)
     finally:
         if ray is not None:
             ray.shutdown()
     return statuses
 
 
-def run_on_ray(ray, slots: int, todo: list[Run], sweep_dir: Path, opts: argparse.Namespace) -> dict[str, dict]:
-    """Submit every run, then collect them as they finish with a progress line; {run name: status}."""
+def run_on_ray(ray, todo: list[Run], sweep_dir: Path, opts: argparse.Namespace) -> dict[str, dict]:
+    """Submit every run, then collect them as they finish, with a progress line; {run name: status}.
+    A pending run counts as running once its attempt of this session is in its attempts.jsonl."""
     task = ray.remote(run_one).options(num_cpus=opts.cpus_per_run, num_gpus=opts.gpus_per_run,
                                        max_retries=opts.max_retries, retry_exceptions=True)
+    session = uuid.uuid4().hex
     kill_marker = os.environ.get(KILL_HOOK_ENV)
-    pending = {task.remote(str(sweep_dir / run.name), run.args, kill_marker): run for run in todo}
-    statuses, done, failed = {}, 0, 0
-    while pending:
-        print(f"runs: {done} done, {min(len(pending), slots)} running, {max(len(pending) - slots, 0)} queued, "
-              f"{failed} failed (of {len(todo)})", flush=True)
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        run = pending.pop(ready[0])
+    pending = {task.remote(str(sweep_dir / run.name), run.args, session, kill_marker): run for run in todo}
+
+    def started(run: Run) -> bool:
         try:
-            status = ray.get(ready[0])
-        except Exception as err:  # retries exhausted: the worker kept dying or raising
-            message = f"{type(err).__name__} after {opts.max_retries} retries: {str(err).splitlines()[0]}"
-            (sweep_dir / run.name / "error.txt").write_text(message + "\n")
-            status = {"status": "failed", "run_dir": str(sweep_dir / run.name), "error": message}
-        statuses[run.name] = status
-        done += status["status"] == "done"
-        failed += status["status"] == "failed"
-        if status["status"] == "failed":
-            print(f"failed: {run.name}: {status['error']}", flush=True)
+            return f'"session": "{session}"' in (sweep_dir / run.name / "attempts.jsonl").read_text()
+        except OSError:
+            return False
+
+    statuses, done, failed, shown = {}, 0, 0, ""
+    while pending:
+        running = sum(started(run) for run in pending.values())
+        line = (f"runs: {done} done, {running} running, {len(pending) - running} queued, {failed} failed "
+                f"(of {len(todo)})")
+        if line != shown:
+            print(line, flush=True)
+            shown = line
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+        for ref in ready:
+            run = pending.pop(ref)
+            try:
+                status = ray.get(ref)
+            except Exception as err:  # retries exhausted: the worker kept dying or raising
+                message = f"{type(err).__name__} after {opts.max_retries} retries: {str(err).splitlines()[0]}"
+                (sweep_dir / run.name / "error.txt").write_text(message + "\n")
+                status = {"status": "failed", "run_dir": str(sweep_dir / run.name), "error": message}
+            statuses[run.name] = status
+            done += status["status"] == "done"
+            failed += status["status"] == "failed"
+            if status["status"] == "failed":
+                print(f"failed: {run.name}: {status['error']}", flush=True)
     print(f"runs: {done} done, 0 running, 0 queued, {failed} failed (of {len(todo)})", flush=True)
     return statuses
 

@@ -806,6 +806,39 @@ def test_sweep_restart_skips_finished_runs_and_resumes_unfinished_ones(finished_
     assert json.loads((run_dir / "summary.json").read_text())["history"] == before["history"]
 
 
+def test_sweep_interrupted_with_ctrl_c_resumes_its_run_when_restarted(tmp_path):
+    """The driver gets SIGINT while its run is past a checkpoint; the same command again finishes that run
+    from the checkpoint (its second attempt starts at a step > 0) instead of from scratch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import sweep
+
+    out = tmp_path / "s"
+    flags = ["--env", "bandit-8modes", "--total-steps", "600", "--eval-every", "300", "--save-every", "50",
+             "--hidden-dim", "32", "--num-cpus", "1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "sweep.py", *flags], cwd=os.path.dirname(ofql.__file__),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint, deadline = out / "bandit-8modes__seed0" / "checkpoint.pt", time.time() + 180
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 1 and "interrupted: run the same command again" in err
+    assert not (out / "bandit-8modes__seed0" / "summary.json").exists()
+    assert sweep.main(flags) == 0
+    attempts = [json.loads(line) for line in (out / "bandit-8modes__seed0" / "attempts.jsonl").read_text().splitlines()]
+    assert [a["start_step"] > 0 for a in attempts] == [False, True], attempts
+    assert json.loads((out / "bandit-8modes__seed0" / "summary.json").read_text())["steps"] == 600
+
+
 def test_sweep_report_names_missing_and_corrupt_runs_and_reports_the_rest(finished_sweep, capsys):
     import shutil
 
