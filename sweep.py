@@ -299,7 +299,7 @@ def run_on_ray(ray, todo: list[Run], sweep_dir: Path, opts: argparse.Namespace) 
             try:
                 status = ray.get(ref)
             except Exception as err:  # retries exhausted: the worker kept dying or raising
-                message = f"{type(err).__name__} after {opts.max_retries} retries: {str(err).splitlines()[0]}"
+                message = f"{type(err).__name__} after {opts.max_retries} retries: {(str(err).splitlines() or [''])[0]}"
                 (sweep_dir / run.name / "error.txt").write_text(message + "\n")
                 status = {"status": "failed", "run_dir": str(sweep_dir / run.name), "error": message}
             statuses[run.name] = status

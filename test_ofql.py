@@ -807,8 +807,8 @@ def test_sweep_restart_skips_finished_runs_and_resumes_unfinished_ones(finished_
 
 
 def test_sweep_interrupted_with_ctrl_c_resumes_its_run_when_restarted(tmp_path):
-    """The driver gets SIGINT while its run is past a checkpoint; the same command again finishes that run
-    from the checkpoint (its second attempt starts at a step > 0) instead of from scratch."""
+    """The driver gets SIGINT while its run is past a checkpoint; every later start of the same command goes
+    on from the last checkpoint instead of from scratch, and a worker death with no retry left is reported."""
     import os
     import signal
     import subprocess
@@ -833,10 +833,18 @@ def test_sweep_interrupted_with_ctrl_c_resumes_its_run_when_restarted(tmp_path):
         raise
     assert proc.returncode == 1 and "interrupted: run the same command again" in err
     assert not (out / "bandit-8modes__seed0" / "summary.json").exists()
+    # a restart whose worker dies again with no retry left: the run is reported failed, nothing hangs
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(sweep.KILL_HOOK_ENV, str(tmp_path / "killed-once"))
+        assert sweep.main(flags + ["--max-retries", "0"]) == 1
+    assert "after 0 retries" in (out / "bandit-8modes__seed0" / "error.txt").read_text()
+    assert "bandit-8modes__seed0: failed: " in (out / "report.md").read_text()
     assert sweep.main(flags) == 0
     attempts = [json.loads(line) for line in (out / "bandit-8modes__seed0" / "attempts.jsonl").read_text().splitlines()]
-    assert [a["start_step"] > 0 for a in attempts] == [False, True], attempts
+    steps = [a["start_step"] for a in attempts]
+    assert len(steps) == 3 and 0 == steps[0] < steps[1] < steps[2] < 600, steps  # each restart went on from a checkpoint
     assert json.loads((out / "bandit-8modes__seed0" / "summary.json").read_text())["steps"] == 600
+    assert not (out / "bandit-8modes__seed0" / "error.txt").exists()
 
 
 def test_sweep_report_names_missing_and_corrupt_runs_and_reports_the_rest(finished_sweep, capsys):
