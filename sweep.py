@@ -72,7 +72,7 @@ def parse_cli(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all of this machine)")
     parser.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs reserved per run (default 1)")
     parser.add_argument("--gpus-per-run", type=float, default=0.0, help="GPUs (or a fraction) per run (default 0)")
-    parser.add_argument("--max-retries", type=int, default=3, help="retries of a run whose worker dies (default 3)")
+    parser.add_argument("--max-retries", type=int, default=3, help="retries of a run whose worker dies or raises unexpectedly (default 3)")
     parser.add_argument("--last-k", type=int, default=5, help="report the mean of the last K evaluations too")
     parser.add_argument("--report", metavar="SWEEP_DIR", help="only aggregate an existing sweep folder")
     return parser.parse_known_args(argv)
@@ -140,14 +140,16 @@ class Run:
 
 
 def plan_runs(tasks: list[str], seeds: list[int], points: list[dict], base: ofql.Args, threads: int) -> list[Run]:
-    runs = []
+    """One Run per (task, grid point, seed); repeated ones (`--seeds 0 0`, `eta=0.1,0.10`) once."""
+    runs = {}
     for task, point, seed in itertools.product(tasks, points, seeds):
         args = dataclasses.replace(base, env=task, seed=seed, **point)
         if args.threads is None:
             args = dataclasses.replace(args, threads=threads)
         ofql.resolve_args(args)  # invalid values (a negative eta in the grid...) fail before anything starts
-        runs.append(Run(task, seed, point, args))
-    return runs
+        run = Run(task, seed, point, args)
+        runs.setdefault(run.name, run)
+    return list(runs.values())
 
 
 def read_summary(run_dir: Path) -> dict | None:

@@ -739,7 +739,8 @@ def test_sweep_grid_values_are_typed_and_bad_flags_fail_before_anything_starts(t
     with pytest.raises(ValueError, match="unknown task 'hoper-medium-v2'; did you mean"):
         sweep.main(["--env", "hoper-medium-v2", "--out", str(tmp_path / "s")])
     assert not (tmp_path / "s").exists()  # nothing written
-    runs = sweep.plan_runs(["bandit-8modes", "d4rl/hopper/medium-v2"], [0, 1], points[:1], ofql.Args(), threads=1)
+    runs = sweep.plan_runs(["bandit-8modes", "d4rl/hopper/medium-v2"], [0, 1, 0], points[:1], ofql.Args(), threads=1)
+    assert len(runs) == 4  # the repeated seed runs once
     assert [r.name for r in runs][:2] == ["bandit-8modes__eta=0.01__ema_actor=True__max_q_backup=True__seed0",
                                           "bandit-8modes__eta=0.01__ema_actor=True__max_q_backup=True__seed1"]
     assert runs[2].name.startswith("d4rl_hopper_medium-v2__") and runs[3].args.seed == 1 and runs[3].args.eta == 0.01
