@@ -52,6 +52,9 @@ class Args:
     """name of this experiment, part of the run folder's name"""
     out_dir: str = "runs"
     """parent folder of run folders (checkpoints, summary.json, TensorBoard events)"""
+    run_dir: str | None = None
+    """exact run folder instead of a fresh one under out_dir (sweep.py names runs this way); it may exist
+    but must not hold a checkpoint: continue one with --resume"""
     device: str = "auto"
     """`auto` (CUDA if available, else CPU), `cpu` or `cuda`"""
     threads: int | None = None
@@ -966,7 +969,18 @@ class DivergenceError(RuntimeError):
 
 
 def make_run_dir(args: Args) -> Path:
-    """A fresh run folder: an existing one is never reused (a suffix is added instead)."""
+    """A fresh run folder: an existing one is never reused (a suffix is added instead); or exactly
+    `args.run_dir`, which must not hold a checkpoint (that run is continued with --resume)."""
+    if args.run_dir is not None:
+        run_dir = Path(args.run_dir)
+        if (run_dir / "checkpoint.pt").exists():
+            raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir / 'checkpoint.pt'} "
+                             "or pass another --run-dir")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"cannot create the run folder {run_dir} ({err.strerror}); pass a writable --run-dir") from err
+        return run_dir
     base = Path(args.out_dir) / f"{args.env.strip('/').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     for suffix in range(1000):
         run_dir = base.with_name(base.name + (f"_{suffix}" if suffix else ""))

@@ -737,3 +737,214 @@ def test_minari_regeneration_route_combines_medium_and_expert():
     assert "d4rl" not in task.ref_source
     with pytest.raises(ValueError, match="no medium-replay"):
         ofql.load_task("hopper-medium-replay-v2", mujoco_data="minari")
+
+
+# ------------------------------------------------------------------------------------------------
+# sweep.py: Ray sweeps over tasks x seeds x grids, resume, report (issue #8)
+# ------------------------------------------------------------------------------------------------
+SWEEP_FLAGS = ["--env", "bandit-8modes", "--seeds", "0", "1", "--grid", "eta=0.1,0.3", "--total-steps", "200",
+               "--eval-every", "100", "--save-every", "50", "--eval-episodes", "1", "--hidden-dim", "32",
+               "--num-cpus", "2"]
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    """One embedded-Ray sweep, 2 seeds x 2 grid points on the bandit, in which the first run to write a
+    checkpoint has its worker die once (the test hook of sweep.py)."""
+    import sweep
+
+    out = tmp_path_factory.mktemp("sweep") / "s"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(sweep.KILL_HOOK_ENV, str(out.parent / "killed-once"))
+        code = sweep.main(SWEEP_FLAGS + ["--out", str(out)])
+    return out, code
+
+
+def test_sweep_grid_values_are_typed_and_bad_flags_fail_before_anything_starts(tmp_path):
+    import sweep
+
+    points = sweep.parse_grid(["eta=0.01,0.1", "ema-actor=true,false", "max_q_backup=true"], [])
+    assert points == [{"eta": 0.01, "ema_actor": True, "max_q_backup": True},
+                      {"eta": 0.01, "ema_actor": False, "max_q_backup": True},
+                      {"eta": 0.1, "ema_actor": True, "max_q_backup": True},
+                      {"eta": 0.1, "ema_actor": False, "max_q_backup": True}]
+    assert isinstance(points[0]["eta"], float)
+    with pytest.raises(ValueError, match="no field 'etaa'.*eta"):
+        sweep.parse_grid(["etaa=0.1"], [])
+    with pytest.raises(ValueError, match="also passed to every run"):
+        sweep.parse_grid(["eta=0.1"], ["--eta", "0.3"])
+    with pytest.raises(ValueError, match="set by sweep.py; use --seeds"):
+        sweep.parse_grid(["seed=1,2"], [])
+    with pytest.raises(ValueError, match="--seed is set by sweep.py"):
+        sweep.ofql_args_from(["--seed", "3"])
+    with pytest.raises(SystemExit) as exit_info:  # tyro's message for a typo in an ofql.py flag
+        sweep.ofql_args_from(["--total-stepz", "10"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):  # a value of the wrong type in the grid
+        sweep.parse_grid(["total_steps=ten"], [])
+    with pytest.raises(ValueError, match="--eta -1.0 must be >= 0"):  # checked for every run, before Ray starts
+        sweep.plan_runs(["bandit-8modes"], [0], [{"eta": -1.0}], ofql.Args(), threads=1)
+    with pytest.raises(ValueError, match="unknown task 'hoper-medium-v2'; did you mean"):
+        sweep.main(["--env", "hoper-medium-v2", "--out", str(tmp_path / "s")])
+    assert not (tmp_path / "s").exists()  # nothing written
+    runs = sweep.plan_runs(["bandit-8modes", "d4rl/hopper/medium-v2"], [0, 1, 0], points[:1], ofql.Args(), threads=1)
+    assert len(runs) == 4  # the repeated seed runs once
+    assert [r.name for r in runs][:2] == ["bandit-8modes__eta=0.01__ema_actor=True__max_q_backup=True__seed0",
+                                          "bandit-8modes__eta=0.01__ema_actor=True__max_q_backup=True__seed1"]
+    assert runs[2].name.startswith("d4rl_hopper_medium-v2__") and runs[3].args.seed == 1 and runs[3].args.eta == 0.01
+
+
+def test_sweep_finishes_every_run_and_reports_means_over_seeds(finished_sweep):
+    out, code = finished_sweep
+    assert code == 0
+    names = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "curves")
+    assert names == [f"bandit-8modes__eta={eta}__seed{seed}" for eta in ("0.1", "0.3") for seed in (0, 1)]
+    summaries = {name: json.loads((out / name / "summary.json").read_text()) for name in names}
+    assert all(s["steps"] == 200 and [h["step"] for h in s["history"]] == [100, 200] for s in summaries.values())
+    assert summaries[names[0]]["args"]["eta"] == 0.1 and summaries[names[3]]["args"]["seed"] == 1
+    result = json.loads((out / "report.json").read_text())
+    for eta in ("0.1", "0.3"):
+        cell = result["tasks"]["bandit-8modes"][f"eta={eta}"]
+        finals = [summaries[f"bandit-8modes__eta={eta}__seed{s}"]["final_score"] for s in (0, 1)]
+        assert sorted(cell["seeds"]) == [0, 1] and cell["paper"] is None
+        assert np.mean(cell["final"]) == pytest.approx(np.mean(finals))
+        assert f"| eta={eta} | 2 | {np.mean(finals):.1f} ± {np.std(finals):.1f} |" in (out / "report.md").read_text()
+    assert len((out / "report.csv").read_text().strip().splitlines()) == 5
+    assert (out / "curves" / "bandit-8modes.png").stat().st_size > 1000
+    assert result["problems"] == []
+
+
+def test_sweep_worker_killed_after_a_checkpoint_is_retried_from_it(finished_sweep, tmp_path):
+    """Ray retried the run whose worker died; the retry started at the checkpoint's step, and ends with
+    exactly the parameters of a run that was never killed."""
+    out, _ = finished_sweep
+    attempts = {p.parent.name: [json.loads(line) for line in p.read_text().splitlines()]
+                for p in out.glob("*/attempts.jsonl")}
+    killed = [name for name, lines in attempts.items() if len(lines) > 1]
+    assert len(killed) == 1, attempts
+    first, retry = attempts[killed[0]]
+    assert first["start_step"] == 0 and retry["start_step"] == 50, attempts[killed[0]]  # died after its 1st save
+    assert first["pid"] != retry["pid"]  # a new worker process
+    resumed = json.loads((out / killed[0] / "summary.json").read_text())
+    straight = ofql.train(dataclasses.replace(ofql.Args(**resumed["args"]), run_dir=str(tmp_path / "straight")))
+    a, b = ofql.load_checkpoint(straight["checkpoint"]), ofql.load_checkpoint(resumed["checkpoint"])
+    for key in a["agent"]["actor"]:
+        assert torch.equal(a["agent"]["actor"][key], b["agent"]["actor"][key]), key
+    assert a["history"] == b["history"]
+
+
+def test_sweep_restart_skips_finished_runs_and_resumes_unfinished_ones(finished_sweep, capsys):
+    import shutil
+
+    import sweep
+
+    out, _ = finished_sweep
+    copy = out.parent / "restart"
+    shutil.copytree(out, copy)
+    assert sweep.main(SWEEP_FLAGS + ["--out", str(copy)]) == 0  # all finished: Ray is not even started
+    assert "4 runs, 4 already finished" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="other ofql.py flags.*total_steps"):
+        sweep.main(SWEEP_FLAGS[:-2] + ["--total-steps", "300", "--out", str(copy)])
+    # an unfinished run (its summary lost): the next attempt resumes at the last checkpoint, not at 0
+    run_dir = copy / "bandit-8modes__eta=0.3__seed1"
+    before = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").unlink()
+    args = sweep.plan_runs(["bandit-8modes"], [1], [{"eta": 0.3}], sweep.ofql_args_from(SWEEP_FLAGS[7:-2]), 1)[0].args
+    assert sweep.run_one(str(run_dir), args) == {"status": "done", "run_dir": str(run_dir)}
+    assert json.loads((run_dir / "attempts.jsonl").read_text().splitlines()[-1])["start_step"] == 200
+    assert json.loads((run_dir / "summary.json").read_text())["history"] == before["history"]
+
+
+def test_sweep_interrupted_with_ctrl_c_resumes_its_run_when_restarted(tmp_path):
+    """The driver gets SIGINT while its run is past a checkpoint; every later start of the same command goes
+    on from the last checkpoint instead of from scratch, and a worker death with no retry left is reported."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import sweep
+
+    out = tmp_path / "s"
+    flags = ["--env", "bandit-8modes", "--total-steps", "600", "--eval-every", "300", "--save-every", "50",
+             "--hidden-dim", "32", "--num-cpus", "1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "sweep.py", *flags], cwd=os.path.dirname(ofql.__file__),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint, deadline = out / "bandit-8modes__seed0" / "checkpoint.pt", time.time() + 180
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 1 and "interrupted: run the same command again" in err
+    assert not (out / "bandit-8modes__seed0" / "summary.json").exists()
+    # a restart whose worker dies again with no retry left: the run is reported failed, nothing hangs
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(sweep.KILL_HOOK_ENV, str(tmp_path / "killed-once"))
+        assert sweep.main(flags + ["--max-retries", "0"]) == 1
+    assert "after 0 retries" in (out / "bandit-8modes__seed0" / "error.txt").read_text()
+    assert "bandit-8modes__seed0: failed: " in (out / "report.md").read_text()
+    assert sweep.main(flags) == 0
+    attempts = [json.loads(line) for line in (out / "bandit-8modes__seed0" / "attempts.jsonl").read_text().splitlines()]
+    steps = [a["start_step"] for a in attempts]
+    assert len(steps) == 3 and 0 == steps[0] < steps[1] < steps[2] < 600, steps  # each restart went on from a checkpoint
+    assert json.loads((out / "bandit-8modes__seed0" / "summary.json").read_text())["steps"] == 600
+    assert not (out / "bandit-8modes__seed0" / "error.txt").exists()
+
+
+def test_sweep_report_names_missing_and_corrupt_runs_and_reports_the_rest(finished_sweep, capsys):
+    import shutil
+
+    import sweep
+
+    out, _ = finished_sweep
+    copy = out.parent / "damaged"
+    shutil.copytree(out, copy)
+    (copy / "bandit-8modes__eta=0.1__seed0" / "summary.json").write_text('{"env": "bandit-8m')  # truncated
+    shutil.rmtree(copy / "bandit-8modes__eta=0.3__seed1")
+    assert sweep.main(["--report", str(copy)]) == 0
+    text = capsys.readouterr().out
+    assert "bandit-8modes__eta=0.1__seed0: corrupt summary.json" in text
+    assert "bandit-8modes__eta=0.3__seed1: missing (planned, no run folder)" in text
+    result = json.loads((copy / "report.json").read_text())
+    assert result["tasks"]["bandit-8modes"]["eta=0.1"]["seeds"] == [1]
+    assert result["tasks"]["bandit-8modes"]["eta=0.3"]["seeds"] == [0]
+    with pytest.raises(ValueError, match="is not a folder"):
+        sweep.report(copy / "nope")
+
+
+def test_sweep_report_puts_paper_numbers_and_domain_averages_beside_d4rl_tasks(tmp_path):
+    """Fabricated finished runs of two D4RL tasks: the table shows the paper's number, and the MuJoCo
+    average is the mean of the per-task means over the tasks present."""
+    import sweep
+
+    (tmp_path / "sweep.json").write_text(json.dumps({"ofql_args": {}, "runs": []}))
+    for task, grid, seed, scores in (("hopper-medium-v2", {}, 0, [50, 60, 70]), ("hopper-medium-v2", {}, 1, [40, 50, 90]),
+                                     ("walker2d-medium-v2", {}, 0, [10, 20, 30]),
+                                     ("hopper-medium-v2", {"eta": 0.3}, 0, [0, 0, 100])):
+        run_dir = tmp_path / f"{task}__{grid}__seed{seed}"
+        run_dir.mkdir()
+        (run_dir / "run.json").write_text(json.dumps({"task": task, "seed": seed, "grid": grid}))
+        history = [{"step": 1000 * (i + 1), "score_mean": s} for i, s in enumerate(scores)]
+        (run_dir / "summary.json").write_text(json.dumps({"history": history, "steps": 3000, "wall_time_s": 1.0,
+                                                          "args": {"mujoco_data": "d4rl"}}))
+    result = sweep.report(tmp_path, last_k=2)
+    text = (tmp_path / "report.md").read_text()
+    assert "| preset | 2 | 80.0 ± 10.0 | 67.5 ± 2.5 | 103.6 |" in text  # last: 70, 90; last 2: 65, 70
+    assert "| MuJoCo | preset | 2/9 | 55.0 | 92.5 |" in text  # (80 + 30) / 2
+    assert "| MuJoCo | eta=0.3 | 1/9 | 100.0 | 92.5 |" in text
+    assert "| MuJoCo | best per task * | 2/9 | 65.0 | 92.5 |" in text  # (100 + 30) / 2
+    assert result["tasks"]["walker2d-medium-v2"]["preset"]["paper"] == 87.4
+
+
+def test_run_dir_is_used_exactly_and_an_existing_run_is_not_overwritten(tmp_path):
+    run_dir = tmp_path / "exact" / "run"
+    summary = ofql.train(ofql.Args(env="bandit-8modes", run_dir=str(run_dir), total_steps=2, eval_every=2,
+                                   hidden_dim=32))
+    assert summary["run_dir"] == str(run_dir) and (run_dir / "checkpoint.pt").exists()
+    with pytest.raises(ValueError, match="already holds a run; continue it with --resume"):
+        ofql.train(ofql.Args(env="bandit-8modes", run_dir=str(run_dir), total_steps=2, eval_every=2, hidden_dim=32))
