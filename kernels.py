@@ -12,7 +12,7 @@ What is fused (each is ONE kernel launch per call, every weight read once per pr
 
 Supported: float32 only (tl.dot runs in "ieee" precision, not TF32, so results match torch's fp32 to
 ~1e-6 relative); contiguous tensors on the device of the weights; any batch (rows are processed in
-blocks of 16 or 32, padded and masked); any observation/action/hidden/time-embedding sizes (padded to
+blocks of 16, padded and masked); any observation/action/hidden/time-embedding sizes (padded to
 the next power of two >= 16 and masked; D4RL: obs 11-59, act 3-9, hidden 256). The actor must be the
 network of ofql.py: net = 4 Linear layers with Mish between them, time embeddings Linear -> Mish -> Linear.
 
@@ -27,6 +27,7 @@ Backends: `resolve_backend("auto" | "triton" | "torch")` is the one place that d
 Triton when CUDA and Triton are usable, else torch. On a CPU, Triton kernels run only under its
 interpreter (TRITON_INTERPRET=1 set before this module is imported), which is how the tests check them.
 
+`compile_for_gpu()` builds every kernel for an NVIDIA GPU without one (Triton's bundled ptxas).
 `python kernels.py` times torch eager vs torch.compile vs Triton on the device it runs on.
 """
 from __future__ import annotations
@@ -228,18 +229,18 @@ def folded_actor_triton(folded, obs: torch.Tensor, noise: torch.Tensor, out: tor
     linears = _linear_mish_stack(folded.net, 4)
     A, H = folded.act_dim, linears[0].out_features
     S, B, device = linears[0].in_features - A, obs.shape[0] if obs.dim() == 2 else -1, linears[0].weight.device
-    for i, layer in enumerate(linears):
-        _check(f"layer {i} weight", layer.weight.detach(), (layer.out_features, layer.in_features), device)
+    params = [p.detach() for layer in linears for p in (layer.weight, layer.bias)]
+    for i, p in enumerate(params):
+        _check(f"actor parameter {i}", p, p.shape, device)
     _check("obs", obs, (B, S), device)
     _check("noise", noise, (B, A), device)
     out = torch.empty(B, A, device=device) if out is None else out
     _check("out", out, (B, A), device)
-    block_b, h_pad = BLOCK_ROWS, _pad(H)
-    grid = (triton.cdiv(B, block_b),)
-    scratch = torch.empty(grid[0] * 3 * block_b * h_pad, device=device)
-    params = [p.detach() for layer in linears for p in (layer.weight, layer.bias)]
+    h_pad = _pad(H)
+    grid = (triton.cdiv(B, BLOCK_ROWS),)
+    scratch = torch.empty(grid[0] * 3 * BLOCK_ROWS * h_pad, device=device)
     _folded_actor_kernel[grid](noise, obs, *params, out, scratch, B, A, S, H, A_PAD=_pad(A), S_PAD=_pad(S),
-                               H_PAD=h_pad, BLOCK_B=block_b, BLOCK_N=min(64, h_pad), **LAUNCH)
+                               H_PAD=h_pad, BLOCK_B=BLOCK_ROWS, BLOCK_N=min(64, h_pad), **LAUNCH)
     return out
 
 
@@ -284,16 +285,15 @@ def time_embedding_triton(emb, time: torch.Tensor, out: torch.Tensor | None = No
     _check("time", time, (B,), device)
     out = torch.empty(B, dim, device=device) if out is None else out
     _check("out", out, (B, dim), device)
-    block_b = BLOCK_ROWS
-    _time_embedding_kernel[(triton.cdiv(B, block_b),)](time, *params, out, B, dim, DIM_PAD=_pad(dim),
-                                                       HALF_PAD=_pad(dim // 2), HID_PAD=_pad(2 * dim), BLOCK_B=block_b,
-                                                       **LAUNCH)
+    _time_embedding_kernel[(triton.cdiv(B, BLOCK_ROWS),)](time, *params, out, B, dim, DIM_PAD=_pad(dim),
+                                                          HALF_PAD=_pad(dim // 2), HID_PAD=_pad(2 * dim),
+                                                          BLOCK_B=BLOCK_ROWS, **LAUNCH)
     return out
 
 
 class TimeEmbeddingFunction(torch.autograd.Function):
     """Triton forward; the backward saves only the times and recomputes the torch reference to
-    differentiate it (a [B] input and ~1.1k weights: recomputing costs less than saving activations)."""
+    differentiate it (the embedding is tiny: a few small ops, and no activations kept between passes)."""
 
     @staticmethod
     def forward(ctx, time, emb, *weights):
@@ -388,12 +388,13 @@ def fused_velocity(actor, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, obs
     u, dudt = out if out is not None else (torch.empty(B, A, device=device), torch.empty(B, A, device=device))
     _check("out u", u, (B, A), device)
     _check("out du/dt", dudt, (B, A), device)
-    block_b, h_pad, with_tangent = BLOCK_ROWS, _pad(H), v is not None
-    grid = (triton.cdiv(B, block_b),)
-    scratch = torch.empty(grid[0] * (6 if with_tangent else 3) * block_b * h_pad, device=device)
+    h_pad, with_tangent = _pad(H), v is not None
+    grid = (triton.cdiv(B, BLOCK_ROWS),)
+    scratch = torch.empty(grid[0] * (6 if with_tangent else 3) * BLOCK_ROWS * h_pad, device=device)
     _velocity_kernel[grid](z, r, t, obs, z if v is None else v, *params, u, dudt, scratch, B, A, S, H, dim,
                            A_PAD=_pad(A), S_PAD=_pad(S), H_PAD=h_pad, DIM_PAD=_pad(dim), HALF_PAD=_pad(dim // 2),
-                           HID_PAD=_pad(2 * dim), BLOCK_B=block_b, BLOCK_N=min(64, h_pad), WITH_TANGENT=with_tangent, **LAUNCH)
+                           HID_PAD=_pad(2 * dim), BLOCK_B=BLOCK_ROWS, BLOCK_N=min(64, h_pad), WITH_TANGENT=with_tangent,
+                           **LAUNCH)
     return u, (dudt if with_tangent else None)
 
 
@@ -461,6 +462,7 @@ def time_call(fn: Callable[[], object], device: torch.device, min_time: float = 
     return statistics.median(samples)
 
 
+@torch.no_grad()  # all three ops are inference or stop-gradient computations
 def benchmark(batches: tuple[int, ...] = (1, 256), obs_dim: int = 17, act_dim: int = 6, hidden: int = 256,
               device: str = "auto", threads: int = 1, compile: bool = True, min_time: float = 0.2) -> dict:
     """Seconds per call of each fused op: torch eager vs torch.compile vs Triton."""
