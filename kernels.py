@@ -182,9 +182,17 @@ def _check(name: str, x: torch.Tensor, shape: tuple, device: torch.device):
         raise ValueError(f"{name} is on {x.device} but the weights are on {device}; move it with .to()")
     if not x.is_contiguous():
         raise ValueError(f"{name} is not contiguous; pass {name}.contiguous()")
-    reason = triton_unusable_reason(x.device)
+
+
+def _check_params(params: list[torch.Tensor]) -> torch.device:
+    """The weights: float32, contiguous, on one device where the kernels can run; returns that device."""
+    device = params[0].device
+    reason = triton_unusable_reason(device)
     if reason is not None:
-        raise RuntimeError(f"{name}: {reason}")
+        raise RuntimeError(reason)
+    for i, p in enumerate(params):
+        _check(f"parameter {i}", p, p.shape, device)
+    return device
 
 
 def _linear_mish_stack(net: torch.nn.Sequential, n_linear: int) -> list[torch.nn.Linear]:
@@ -224,14 +232,17 @@ def _folded_actor_kernel(noise_ptr, obs_ptr, w0, b0, w1, b1, w2, b2, w3, b3, act
     _store_rows(action_ptr, action, row0, B, A, A_PAD, BLOCK_B)
 
 
-def folded_actor_triton(folded, obs: torch.Tensor, noise: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launcher of the fused inference actor: `folded` is an ofql.FoldedActor; returns actions [B, A]."""
+def _folded_params(folded) -> tuple[list[torch.Tensor], int, int, int]:
+    """The weights of an ofql.FoldedActor (views of its parameters, checked) and its sizes (A, S, H)."""
     linears = _linear_mish_stack(folded.net, 4)
-    A, H = folded.act_dim, linears[0].out_features
-    S, B, device = linears[0].in_features - A, obs.shape[0] if obs.dim() == 2 else -1, linears[0].weight.device
     params = [p.detach() for layer in linears for p in (layer.weight, layer.bias)]
-    for i, p in enumerate(params):
-        _check(f"actor parameter {i}", p, p.shape, device)
+    _check_params(params)
+    return params, folded.act_dim, linears[0].in_features - folded.act_dim, linears[0].out_features
+
+
+def _launch_folded(params: list[torch.Tensor], A: int, S: int, H: int, obs: torch.Tensor, noise: torch.Tensor,
+                   out: torch.Tensor | None) -> torch.Tensor:
+    device, B = params[0].device, obs.shape[0] if obs.dim() == 2 else -1
     _check("obs", obs, (B, S), device)
     _check("noise", noise, (B, A), device)
     out = torch.empty(B, A, device=device) if out is None else out
@@ -244,13 +255,20 @@ def folded_actor_triton(folded, obs: torch.Tensor, noise: torch.Tensor, out: tor
     return out
 
 
+def folded_actor_triton(folded, obs: torch.Tensor, noise: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launcher of the fused inference actor: `folded` is an ofql.FoldedActor; returns actions [B, A]."""
+    return _launch_folded(*_folded_params(folded), obs, noise, out)
+
+
 def folded_policy(folded, backend: str = "auto") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """policy(obs [B, S] float32, noise [B, A] float32) -> actions [B, A] in [-1, 1], no autograd graph,
-    on the device of `folded` (an ofql.FoldedActor). The backend is resolved once, here; the policy reads
-    the current weights of `folded` at every call."""
+    on the device of `folded` (an ofql.FoldedActor). The backend is resolved and the weights are checked
+    once, here (per call only obs and noise are: Python checks cost ~2 us each); the policy reads the
+    current values of `folded`'s parameters at every call (in-place updates show, replaced tensors do not)."""
     device = next(folded.parameters()).device
     if resolve_backend(backend, device) == "triton":
-        return lambda obs, noise: folded_actor_triton(folded, obs, noise)
+        params = _folded_params(folded)
+        return lambda obs, noise: _launch_folded(*params, obs, noise, None)
     return torch.no_grad()(folded.forward)
 
 
@@ -278,9 +296,7 @@ def _time_embedding_params(emb) -> tuple[int, list[torch.Tensor]]:
 def time_embedding_triton(emb, time: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Launcher: emb(time) for an ofql.TimeEmbedding `emb` and times [B]; returns [B, dim]. No autograd."""
     dim, params = _time_embedding_params(emb)
-    device = params[0].device
-    for name, p in zip(("freqs", "w1", "b1", "w2", "b2"), params):
-        _check(name, p, p.shape, device)
+    device = _check_params(params)
     B = time.shape[0] if time.dim() == 1 else -1
     _check("time", time, (B,), device)
     out = torch.empty(B, dim, device=device) if out is None else out
@@ -377,11 +393,9 @@ def fused_velocity(actor, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, obs
     if dim_t != dim:
         raise ValueError(f"the time embeddings of r and t must have one size, got {dim} and {dim_t}")
     A, H = actor.act_dim, linears[0].out_features
-    S, device = linears[0].in_features - A - 2 * dim, linears[0].weight.device
-    B = z.shape[0] if z.dim() == 2 else -1
+    S, B = linears[0].in_features - A - 2 * dim, z.shape[0] if z.dim() == 2 else -1
     params = emb_r + emb_t + [p.detach() for layer in linears for p in (layer.weight, layer.bias)]
-    for i, p in enumerate(params):
-        _check(f"actor parameter {i}", p, p.shape, device)
+    device = _check_params(params)
     for name, x, shape in (("z", z, (B, A)), ("r", r, (B,)), ("t", t, (B,)), ("obs", obs, (B, S))) + \
             ((("v", v, (B, A)),) if v is not None else ()):
         _check(name, x, shape, device)
