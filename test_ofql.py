@@ -886,3 +886,18 @@ def test_kernels_build_for_an_h100_without_a_gpu():
     print(f"shared memory per program on sm_90 (bytes): {shared}")
     assert set(shared) == {"folded actor", "time embedding", "velocity", "velocity + du/dt"}
     assert max(shared.values()) <= 227 * 1024
+
+
+def test_cli_kernels_triton_without_a_gpu_is_one_clear_error():
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --kernels triton is usable")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "ofql.py", "--env", "bandit-8modes", "--kernels", "triton"], env=env,
+                            capture_output=True, text=True, cwd=os.path.dirname(ofql.__file__), timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: --kernels triton is not usable here: Triton kernels need a CUDA GPU")
