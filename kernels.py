@@ -4,7 +4,8 @@ What is fused (each is ONE kernel launch per call, every weight read once per pr
 
 - `folded_policy` (inference): a = clip(e - u(e, 0, 1; s), -1, 1) with r = 0, t = 1 folded into the
   first layer's bias (`MeanFlowActor.folded()`): 4 Linear layers, 3 Mish, the subtraction and the clip.
-- `time_embedding`: sinusoidal embedding -> Linear -> Mish -> Linear of DQL's TimeEmbedding.
+- `time_embedding`: sinusoidal embedding -> Linear -> Mish -> Linear of DQL's TimeEmbedding, and its
+  backward (gradients for the times and the four weight tensors) in a second kernel.
 - `fused_velocity`: the whole unfolded actor u(z, r, t; s) including both time embeddings, and with
   `v` given, du/dt = v . d_z u + d_t u in the same pass (dual numbers, tangents (v, 0, 1) for (z, r, t):
   tangent_out = tangent_in W^T through Linear, Mish'(pre) * tangent through Mish). OFQL uses it for the
@@ -17,11 +18,11 @@ the next power of two >= 16 and masked; D4RL: obs 11-59, act 3-9, hidden 256). T
 network of ofql.py: net = 4 Linear layers with Mish between them, time embeddings Linear -> Mish -> Linear.
 
 Hidden activations of one block of rows go through a small global scratch buffer (a program cannot
-slice its own registers); it stays in L1/L2 on a GPU. The kernels themselves have no backward:
-`time_embedding`'s autograd.Function saves only its input and recomputes the torch reference in the
-backward (the embedding is tiny; a hand-written backward would need a cross-program reduction over the
-batch for the weight gradients); `fused_velocity` only feeds a stop-gradient target and no-grad actions,
-while the primal u with gradients stays in torch (see README: "Triton kernels").
+slice its own registers); it stays in L1/L2 on a GPU. Backward: `time_embedding` is an
+autograd.Function whose backward kernel saves nothing but the times and recomputes the forward; its
+weight gradients are summed per program, then over programs by torch (deterministic, no atomics).
+`fused_velocity` has no backward: it feeds a stop-gradient target and no-grad actions, while the primal
+u that carries gradients stays in torch (see README: "Triton kernels").
 
 Backends: `resolve_backend("auto" | "triton" | "torch")` is the one place that decides. "auto" is
 Triton when CUDA and Triton are usable, else torch. On a CPU, Triton kernels run only under its
@@ -307,9 +308,67 @@ def time_embedding_triton(emb, time: torch.Tensor, out: torch.Tensor | None = No
     return out
 
 
+@triton.jit
+def _time_embedding_backward_kernel(time_ptr, grad_ptr, freqs, w1, b1, w2, b2, grad_time_ptr, partial_ptr, B, DIM,
+                                    DIM_PAD: tl.constexpr, HALF_PAD: tl.constexpr, HID_PAD: tl.constexpr,
+                                    BLOCK_B: tl.constexpr):
+    """Gradients for one block of rows: d time per row, and this block's sums of the weight gradients
+    (one row of `partial` per program, [dW1, db1, dW2, db2] flattened; the launcher sums the programs)."""
+    row0 = tl.program_id(0) * BLOCK_B
+    rows = row0 + tl.arange(0, BLOCK_B)
+    half, hid = DIM // 2, 2 * DIM
+    time = tl.load(time_ptr + rows, mask=rows < B, other=0.0)
+    grad = _rows(grad_ptr, row0, B, DIM, DIM_PAD, BLOCK_B)  # padded rows are 0, so they add nothing below
+    # recompute the forward
+    k = tl.arange(0, HALF_PAD)
+    f = tl.load(freqs + k, mask=k < half, other=0.0)[None, :]
+    arg = time[:, None] * f
+    sin, cos = tl.sin(arg), tl.cos(arg)
+    pre = (_matmul_wt(sin, w1, DIM, 0, 0, half, hid, HALF_PAD, HID_PAD)
+           + _matmul_wt(cos, w1, DIM, half, 0, half, hid, HALF_PAD, HID_PAD) + _vector(b1, 0, hid, HID_PAD)[None, :])
+    hidden, slope = _mish_and_slope(pre)
+    # backward: d hidden = grad W2, d pre = mish'(pre) d hidden, d [sin, cos] = d pre W1
+    i, j = tl.arange(0, DIM_PAD)[:, None], tl.arange(0, HID_PAD)[None, :]
+    w2_tile = tl.load(w2 + i * hid + j, mask=(i < DIM) & (j < hid), other=0.0)
+    d_pre = slope * tl.dot(grad, w2_tile, input_precision="ieee")
+    j, k = tl.arange(0, HID_PAD)[:, None], tl.arange(0, HALF_PAD)[None, :]
+    in_w1 = (j < hid) & (k < half)
+    d_sin = tl.dot(d_pre, tl.load(w1 + j * DIM + k, mask=in_w1, other=0.0), input_precision="ieee")
+    d_cos = tl.dot(d_pre, tl.load(w1 + j * DIM + half + k, mask=in_w1, other=0.0), input_precision="ieee")
+    tl.store(grad_time_ptr + rows, tl.sum((d_sin * cos - d_cos * sin) * f, 1), mask=rows < B)
+    # this block's weight gradients
+    out = partial_ptr + tl.program_id(0) * (2 * hid * DIM + hid + DIM)
+    tl.store(out + j * DIM + k, tl.dot(tl.trans(d_pre), sin, input_precision="ieee"), mask=in_w1)
+    tl.store(out + j * DIM + half + k, tl.dot(tl.trans(d_pre), cos, input_precision="ieee"), mask=in_w1)
+    n = tl.arange(0, HID_PAD)
+    tl.store(out + hid * DIM + n, tl.sum(d_pre, 0), mask=n < hid)
+    i, j = tl.arange(0, DIM_PAD)[:, None], tl.arange(0, HID_PAD)[None, :]
+    tl.store(out + hid * DIM + hid + i * hid + j, tl.dot(tl.trans(grad), hidden, input_precision="ieee"),
+             mask=(i < DIM) & (j < hid))
+    n = tl.arange(0, DIM_PAD)
+    tl.store(out + 2 * hid * DIM + hid + n, tl.sum(grad, 0), mask=n < DIM)
+
+
+def time_embedding_backward_triton(emb, time: torch.Tensor, grad: torch.Tensor):
+    """Launcher: (d time [B], [dW1, db1, dW2, db2]) of sum(grad * emb(time)) for an ofql.TimeEmbedding."""
+    dim, params = _time_embedding_params(emb)
+    device = _check_params(params)
+    B = time.shape[0] if time.dim() == 1 else -1
+    _check("time", time, (B,), device)
+    _check("grad", grad, (B, dim), device)
+    grid = (triton.cdiv(B, BLOCK_ROWS),)
+    grad_time = torch.empty(B, device=device)
+    partial = torch.empty(grid[0], 4 * dim * dim + 3 * dim, device=device)
+    _time_embedding_backward_kernel[grid](time, grad, *params, grad_time, partial, B, dim, DIM_PAD=_pad(dim),
+                                          HALF_PAD=_pad(dim // 2), HID_PAD=_pad(2 * dim), BLOCK_B=BLOCK_ROWS,
+                                          **LAUNCH)
+    sizes = [p.numel() for p in params[1:]]
+    return grad_time, [g.view_as(p) for g, p in zip(partial.sum(0).split(sizes), params[1:])]
+
+
 class TimeEmbeddingFunction(torch.autograd.Function):
-    """Triton forward; the backward saves only the times and recomputes the torch reference to
-    differentiate it (the embedding is tiny: a few small ops, and no activations kept between passes)."""
+    """Triton forward and backward; only the times are saved, the backward kernel recomputes the
+    forward (two tiny layers) instead of keeping activations between the passes."""
 
     @staticmethod
     def forward(ctx, time, emb, *weights):
@@ -320,13 +379,8 @@ class TimeEmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (time,) = ctx.saved_tensors
-        params = list(ctx.emb.parameters())
-        with torch.enable_grad():
-            time_ = time.detach().requires_grad_(ctx.needs_input_grad[0])
-            inputs = ([time_] if ctx.needs_input_grad[0] else []) + params
-            grads = torch.autograd.grad(ctx.emb(time_), inputs, grad, allow_unused=True)
-        time_grad = grads[0] if ctx.needs_input_grad[0] else None
-        return time_grad, None, *grads[len(grads) - len(params):]
+        grad_time, grad_weights = time_embedding_backward_triton(ctx.emb, time, grad.contiguous())
+        return grad_time, None, *grad_weights
 
 
 def time_embedding(emb, time: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -427,6 +481,7 @@ def compile_for_gpu(capability: int = 90, obs_dim: int = 17, act_dim: int = 6, h
             "BLOCK_N": min(64, _pad(hidden)), "DIM_PAD": _pad(time_dim), "HALF_PAD": _pad(time_dim // 2),
             "HID_PAD": _pad(2 * time_dim)}
     builds = {"folded actor": (_folded_actor_kernel, {}), "time embedding": (_time_embedding_kernel, {}),
+              "time embedding backward": (_time_embedding_backward_kernel, {}),
               "velocity": (_velocity_kernel, {"WITH_TANGENT": False}),
               "velocity + du/dt": (_velocity_kernel, {"WITH_TANGENT": True})}
     shared = {}
