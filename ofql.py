@@ -34,6 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
+try:  # optional fused Triton kernels (kernels.py next to this file); without them --kernels auto means torch
+    import kernels
+    KERNELS_IMPORT_ERROR = None
+except ImportError as error:
+    kernels, KERNELS_IMPORT_ERROR = None, error
+
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -57,6 +63,9 @@ class Args:
     but must not hold a checkpoint: continue one with --resume"""
     device: str = "auto"
     """`auto` (CUDA if available, else CPU), `cpu` or `cuda`"""
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    """actor kernels for du/dt and no-grad actions: `triton` = fused kernels of kernels.py (CUDA), `torch` = the
+    plain reference, `auto` = triton where CUDA and triton are usable, else torch"""
     threads: int | None = None
     """torch CPU threads (None: torch's default)"""
     track: bool = False
@@ -633,8 +642,20 @@ class TimeEmbedding(nn.Module):
         return mlp_with_tangent(self.mlp, torch.cat([sin, cos], -1), torch.cat([cos, -sin], -1) * self.freqs.repeat(2))
 
 
+def resolve_kernels(requested: str, device: torch.device) -> str:
+    """"triton" or "torch" for --kernels (see Args.kernels); asking for triton where it cannot run is an error."""
+    if kernels is not None:
+        return kernels.resolve_backend(requested, device)
+    if requested == "triton":
+        raise ValueError(f"--kernels triton needs kernels.py next to ofql.py and the triton package "
+                         f"({KERNELS_IMPORT_ERROR}); use --kernels auto or torch")
+    return "torch"
+
+
 class MeanFlowActor(nn.Module):
     """u(z, r, t; s): cat[z, emb(r), emb(t), s] -> 3 x 256 Mish MLP -> average velocity."""
+
+    backend = "torch"  # "triton": du/dt and no-grad actions from kernels.py (set once by OFQL from --kernels)
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, time_dim: int = 16, time_scale: float = 1.0):
         super().__init__()
@@ -648,6 +669,8 @@ class MeanFlowActor(nn.Module):
     def velocity_and_dudt(self, z, r, t, obs, v):
         """u(z, r, t) with its graph, and du/dt = v . d_z u + d_t u (JVP, tangents (v, 0, 1) for (z, r, t))
         without one."""
+        if self.backend == "triton":  # one fused pass for du/dt; the primal keeps its torch graph
+            return self(z, r, t, obs), kernels.fused_velocity(self, z, r, t, obs, v)[1]
         emb_t, demb_t = self.emb_t.forward_with_tangent(t)
         emb_r = self.emb_r(r)
         x = torch.cat([z, emb_r, emb_t, obs], -1)
@@ -659,6 +682,9 @@ class MeanFlowActor(nn.Module):
         """One-step policy a = clip(e - u(e, 0, 1; s), -1, 1)."""
         if noise is None:
             noise = torch.randn(obs.shape[0], self.act_dim, device=obs.device)
+        if self.backend == "triton" and not torch.is_grad_enabled():  # TD target and evaluation: one fused pass
+            ones = torch.ones(obs.shape[0], device=obs.device)
+            return (noise - kernels.fused_velocity(self, noise, 0 * ones, ones, obs)[0]).clamp(-1.0, 1.0)
         ones = torch.ones(1, device=obs.device)
         emb = torch.cat([self.emb_r(0 * ones), self.emb_t(ones)], -1).expand(obs.shape[0], -1)
         return (noise - self.net(torch.cat([noise, emb, obs], -1))).clamp(-1.0, 1.0)
@@ -773,6 +799,7 @@ class OFQL:
     def __init__(self, task: Task, args: Args, device: torch.device):
         self.args = args
         self.actor = MeanFlowActor(task.obs_dim, task.act_dim, args.hidden_dim, time_scale=args.time_emb_scale).to(device)
+        self.actor.backend = resolve_kernels(args.kernels, device)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False) if args.ema_actor else self.actor
         self.critic = TwinCritic(task.obs_dim, task.act_dim, args.hidden_dim).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)

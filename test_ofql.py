@@ -948,3 +948,214 @@ def test_run_dir_is_used_exactly_and_an_existing_run_is_not_overwritten(tmp_path
     assert summary["run_dir"] == str(run_dir) and (run_dir / "checkpoint.pt").exists()
     with pytest.raises(ValueError, match="already holds a run; continue it with --resume"):
         ofql.train(ofql.Args(env="bandit-8modes", run_dir=str(run_dir), total_steps=2, eval_every=2, hidden_dim=32))
+
+
+# kernels.py: fused Triton kernels against their torch references (Triton's CPU interpreter here, set in
+# conftest.py; the real kernels where a GPU is present)
+# ------------------------------------------------------------------------------------------------
+kernels = pytest.importorskip("kernels")
+KERNEL_DEVICE = "cpu" if kernels.INTERPRETED else "cuda"
+needs_triton = pytest.mark.skipif(kernels.triton_unusable_reason(KERNEL_DEVICE) is not None,
+                                  reason=f"Triton kernels cannot run: {kernels.triton_unusable_reason(KERNEL_DEVICE)}")
+# (batch, obs dim, act dim, hidden): batches 1 / 7 / 257 (one row, a partial block, several blocks and a
+# ragged one), every D4RL obs size class and action size, hidden 256 and one width that is not a power of two
+KERNEL_CASES = [(1, 59, 9, 256), (7, 17, 6, 256), (257, 29, 8, 256), (7, 11, 3, 48)]
+# fp32 sums of <= 300 products through 4 layers: ~1e-6 relative is expected; 1e-5 leaves a margin
+REL_TOL = 1e-5
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def random_actor(obs_dim: int, act_dim: int, hidden: int, seed: int) -> ofql.MeanFlowActor:
+    """Fresh weights, with biases large enough that every padding/masking mistake shows."""
+    torch.manual_seed(seed)
+    actor = ofql.MeanFlowActor(obs_dim, act_dim, hidden, time_scale=3.0)
+    with torch.no_grad():
+        for name, p in actor.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    return actor.to(KERNEL_DEVICE)
+
+
+def nans(*shape) -> torch.Tensor:
+    return torch.full(shape, float("nan"), device=KERNEL_DEVICE)
+
+
+@needs_triton
+@pytest.mark.parametrize("batch,obs_dim,act_dim,hidden", KERNEL_CASES)
+def test_triton_folded_actor_matches_torch(batch, obs_dim, act_dim, hidden):
+    actor = random_actor(obs_dim, act_dim, hidden, seed=batch + obs_dim)
+    folded = actor.folded()
+    obs, noise = torch.randn(batch, obs_dim, device=KERNEL_DEVICE), 2 * torch.randn(batch, act_dim, device=KERNEL_DEVICE)
+    out = kernels.folded_actor_triton(folded, obs, noise, out=nans(batch, act_dim))
+    with torch.no_grad():
+        ref = folded(obs, noise)
+    rel = relative_error(out, ref)
+    print(f"folded actor {batch}x{obs_dim}->{act_dim} (hidden {hidden}): max relative error {rel:.2e}")
+    assert not out.isnan().any() and rel <= REL_TOL
+    assert out.abs().max() <= 1.0
+
+
+@needs_triton
+@pytest.mark.parametrize("batch,obs_dim,act_dim,hidden", KERNEL_CASES)
+def test_triton_velocity_and_dudt_match_torch_func_jvp(batch, obs_dim, act_dim, hidden):
+    actor = random_actor(obs_dim, act_dim, hidden, seed=1000 + batch + obs_dim)
+    z, v = torch.randn(batch, act_dim, device=KERNEL_DEVICE), torch.randn(batch, act_dim, device=KERNEL_DEVICE)
+    obs, t = torch.randn(batch, obs_dim, device=KERNEL_DEVICE), torch.rand(batch, device=KERNEL_DEVICE)
+    r = torch.where(torch.arange(batch, device=KERNEL_DEVICE) % 2 == 0, t, t * torch.rand(batch, device=KERNEL_DEVICE))
+    u, dudt = kernels.fused_velocity(actor, z, r, t, obs, v, out=(nans(batch, act_dim), nans(batch, act_dim)))
+    u_ref, dudt_ref = torch.func.jvp(lambda z_, r_, t_: actor(z_, r_, t_, obs), (z, r, t),
+                                     (v, torch.zeros_like(r), torch.ones_like(t)))
+    errors = relative_error(u, u_ref.detach()), relative_error(dudt, dudt_ref.detach())
+    print(f"velocity {batch}x{obs_dim}->{act_dim} (hidden {hidden}): max relative error u {errors[0]:.2e}, "
+          f"du/dt {errors[1]:.2e}")
+    assert not (u.isnan().any() or dudt.isnan().any()) and max(errors) <= REL_TOL
+    u_only, none = kernels.fused_velocity(actor, z, r, t, obs)
+    assert none is None and relative_error(u_only, u_ref.detach()) <= REL_TOL
+
+
+@needs_triton
+@pytest.mark.parametrize("batch", [1, 257])
+def test_triton_time_embedding_matches_torch_in_value_and_gradient(batch):
+    emb = random_actor(3, 2, 16, seed=batch).emb_t
+    time = torch.rand(batch, device=KERNEL_DEVICE)
+    out = kernels.time_embedding_triton(emb, time, out=nans(batch, 16))
+    rel = relative_error(out, emb(time).detach())
+    print(f"time embedding batch {batch}: max relative error {rel:.2e}")
+    assert not out.isnan().any() and rel <= REL_TOL
+    weights = torch.randn(batch, 16, device=KERNEL_DEVICE)
+    grads = {}
+    for backend in ("triton", "torch"):
+        time_ = time.clone().requires_grad_()
+        loss = (kernels.time_embedding(emb, time_, backend=backend) * weights).sum()
+        grads[backend] = torch.autograd.grad(loss, [time_, *emb.parameters()])
+    for g_triton, g_torch in zip(grads["triton"], grads["torch"]):
+        assert relative_error(g_triton, g_torch) <= REL_TOL
+
+
+@needs_triton
+def test_triton_training_steps_match_torch_steps(monkeypatch):
+    """OFQL updates with --kernels triton (fused du/dt and TD-target actions) follow the torch ones."""
+    task = ofql.Task("kernels-test", obs_dim=17, act_dim=6, make_env=None, ref_min=0.0, ref_max=1.0, ref_source="none")
+    batch_size = 33
+    gen = torch.Generator().manual_seed(0)
+    batch = {"obs": torch.randn(batch_size, 17, generator=gen), "action": torch.rand(batch_size, 6, generator=gen) * 2 - 1,
+             "reward": torch.randn(batch_size, generator=gen), "next_obs": torch.randn(batch_size, 17, generator=gen),
+             "mask": torch.ones(batch_size)}
+    batch = {k: v.to(KERNEL_DEVICE) for k, v in batch.items()}
+    calls = []
+    fused_velocity = kernels.fused_velocity
+    monkeypatch.setattr(kernels, "fused_velocity", lambda *a, **k: calls.append(len(a)) or fused_velocity(*a, **k))
+    agents, metrics = {}, {}
+    for backend in ("triton", "torch"):
+        args = dataclasses.replace(small_args(hidden_dim=64, eta=0.1, grad_norm=5.0), kernels=backend)
+        torch.manual_seed(0)
+        agents[backend] = ofql.OFQL(task, args, torch.device(KERNEL_DEVICE))
+        assert agents[backend].actor.backend == backend
+        for step in range(3):
+            torch.manual_seed(step)
+            metrics[backend] = agents[backend].update(batch, swap_heads=False)
+    assert calls == [5, 6] * 3  # per step: the TD target's actions (5 args, no v), then du/dt (6 args); none for torch
+    for key in metrics["torch"]:
+        assert abs(metrics["triton"][key] - metrics["torch"][key]) <= 1e-4 * (1 + abs(metrics["torch"][key])), key
+    for p_triton, p_torch in zip(agents["triton"].actor.parameters(), agents["torch"].actor.parameters()):
+        assert relative_error(p_triton, p_torch) <= 1e-4
+
+
+def test_torch_backend_forced_through_a_short_training_run(tmp_path, monkeypatch):
+    def no_kernels(*args, **kwargs):
+        raise AssertionError("a Triton kernel ran with --kernels torch")
+
+    monkeypatch.setattr(kernels, "fused_velocity", no_kernels)
+    summary = ofql.train(ofql.Args(env="bandit-8modes", kernels="torch", out_dir=str(tmp_path), total_steps=20,
+                                   eval_every=20, hidden_dim=32, log_every=10))
+    assert summary["steps"] == 20 and np.isfinite(summary["final_score"])
+
+
+def test_kernel_backend_is_resolved_in_one_place(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    assert kernels.resolve_backend("auto") == "torch" and kernels.resolve_backend("torch") == "torch"
+    with pytest.raises(ValueError, match="not usable here: Triton kernels need a CUDA GPU"):
+        kernels.resolve_backend("triton")
+    with pytest.raises(ValueError, match="not one of"):
+        kernels.resolve_backend("cuda")
+    monkeypatch.setattr(kernels, "INTERPRETED", True)  # the interpreter is for tests: only on request
+    assert kernels.resolve_backend("auto", "cpu") == "torch" and kernels.resolve_backend("triton", "cpu") == "triton"
+    assert ofql.resolve_kernels("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setattr(ofql, "kernels", None)  # ofql.py copied without kernels.py / triton
+    monkeypatch.setattr(ofql, "KERNELS_IMPORT_ERROR", ImportError("No module named 'kernels'"))
+    assert ofql.resolve_kernels("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="needs kernels.py next to ofql.py"):
+        ofql.resolve_kernels("triton", torch.device("cpu"))
+
+
+def test_ofql_copied_alone_runs_without_kernels(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(ofql.__file__, tmp_path / "ofql.py")
+    code = ("import torch, ofql; print(ofql.kernels, ofql.resolve_kernels('auto', torch.device('cpu')))\n"
+            "try: ofql.resolve_kernels('triton', torch.device('cpu'))\nexcept ValueError as e: print(e)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and lines[0] == "None torch", result.stderr
+    assert "--kernels triton needs kernels.py next to ofql.py" in lines[1]
+
+
+@needs_triton
+def test_kernel_launchers_refuse_bad_inputs():
+    folded = random_actor(11, 3, 32, seed=0).folded()
+    obs, noise = torch.randn(4, 11, device=KERNEL_DEVICE), torch.randn(4, 3, device=KERNEL_DEVICE)
+    with pytest.raises(TypeError, match="float32"):
+        kernels.folded_actor_triton(folded, obs.double(), noise)
+    with pytest.raises(ValueError, match="not contiguous"):
+        kernels.folded_actor_triton(folded, torch.randn(11, 4, device=KERNEL_DEVICE).T, noise)
+    with pytest.raises(ValueError, match=r"obs: expected shape \(4, 11\)"):
+        kernels.folded_actor_triton(folded, obs[:, :10].contiguous(), noise)
+    with pytest.raises(ValueError, match="4 Linear layers"):
+        kernels.folded_actor_triton(ofql.FoldedActor(ofql.mlp([14, 8, 3]), 3), obs, noise)
+
+
+@needs_triton
+def test_folded_policy_backends_agree():
+    folded = random_actor(17, 6, 64, seed=5).folded()
+    obs, noise = torch.randn(7, 17, device=KERNEL_DEVICE), torch.randn(7, 6, device=KERNEL_DEVICE)
+    torch_policy, triton_policy = kernels.folded_policy(folded, "torch"), kernels.folded_policy(folded, "triton")
+    ref = torch_policy(obs, noise)
+    assert not ref.requires_grad and relative_error(triton_policy(obs, noise), ref) <= REL_TOL
+
+
+def test_kernels_build_for_an_h100_without_a_gpu():
+    """The CPU interpreter accepts code the GPU compiler rejects; Triton's bundled ptxas builds the kernels
+    for sm_90 here (cached in ~/.triton after the first run) and their shared memory must fit (227 KB)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", "import json, kernels; print(json.dumps(kernels.compile_for_gpu(90)))"],
+                            capture_output=True, text=True, cwd=os.path.dirname(kernels.__file__), env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    shared = json.loads(result.stdout.splitlines()[-1])
+    print(f"shared memory per program on sm_90 (bytes): {shared}")
+    assert set(shared) == {"folded actor", "time embedding", "time embedding backward", "velocity", "velocity + du/dt"}
+    assert max(shared.values()) <= 227 * 1024
+
+
+def test_cli_kernels_triton_without_a_gpu_is_one_clear_error():
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --kernels triton is usable")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "ofql.py", "--env", "bandit-8modes", "--kernels", "triton"], env=env,
+                            capture_output=True, text=True, cwd=os.path.dirname(ofql.__file__), timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: --kernels triton is not usable here: Triton kernels need a CUDA GPU")
