@@ -7,7 +7,8 @@ Evaluation prints raw return and normalized score (x 100), mean +- std over all 
 per-seed means. The benchmark times, on the current device and with random weights of identical width
 (or a checkpoint's), one decision of:
   - OFQL one step: eager (time embeddings computed per call), folded (r = 0, t = 1 in the first bias),
-    torch.compile of the folded net (where it compiles);
+    torch.compile of the folded net (where it compiles), numba (CPU: normalisation folded too, one
+    compiled call), Triton's fused kernel and a CUDA-graph replay (CUDA);
   - flow matching with K Euler steps (K network calls) and DDPM as in DQL with K steps (K network calls).
 It reports the policy call alone and the full act step a robot pays (numpy observation in ->
 normalisation -> policy -> numpy action out). Medians over repetitions after a warm-up.
@@ -20,6 +21,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -45,6 +47,9 @@ class EvalArgs:
     """folder for an animated GIF of the first episode of each seed (needs a working MuJoCo renderer)"""
     device: str = "cpu"
     """torch device"""
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    """actor kernels (replaces the checkpoint's --kernels, so a policy trained with Triton evaluates on a CPU):
+    auto = Triton's fused kernels (kernels.py) where CUDA and Triton are usable, else torch"""
     threads: int = 1
     """torch CPU threads"""
     benchmark: bool = False
@@ -65,10 +70,10 @@ class EvalArgs:
     """PNG of decisions/s against network calls per decision (the paper's Figure 4, right)"""
 
 
-def load_agent(path: str, device: torch.device):
+def load_agent(path: str, device: torch.device, kernels: str = "auto"):
     """(agent, task, normalizer, args) from a checkpoint, with clear errors for anything that does not fit."""
     state = ofql.load_checkpoint(path)
-    args = ofql.resolve_args(ofql.Args(**state["args"]))
+    args = ofql.resolve_args(dataclasses.replace(ofql.Args(**state["args"]), kernels=kernels))
     task, _ = ofql.load_task(args.env, args.mujoco_data, with_data=False)
     if state["obs_mean"].shape != (task.obs_dim,):
         raise ValueError(f"{path}: its observations have {state['obs_mean'].shape[0]} dims, task {args.env} has "
@@ -87,7 +92,7 @@ def write_gif(path: Path, frames: list[np.ndarray], fps: int):
 
 
 def evaluate_checkpoint(cfg: EvalArgs) -> dict:
-    agent, task, normalizer, args = load_agent(cfg.checkpoint, torch.device(cfg.device))
+    agent, task, normalizer, args = load_agent(cfg.checkpoint, torch.device(cfg.device), cfg.kernels)
     if cfg.eval_samples is not None:
         args = dataclasses.replace(args, eval_samples=cfg.eval_samples)
     per_seed = []
@@ -300,7 +305,7 @@ def benchmark(cfg: EvalArgs) -> dict:
     torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     if cfg.checkpoint:
-        agent, task, normalizer, _ = load_agent(cfg.checkpoint, device)
+        agent, task, normalizer, _ = load_agent(cfg.checkpoint, device, cfg.kernels)
         actor = agent.actor
     else:
         torch.manual_seed(0)
@@ -319,6 +324,8 @@ def benchmark(cfg: EvalArgs) -> dict:
             policies["ofql-1 folded+compile"] = (1, compiled, "torch")
         except Exception as err:  # no C++ compiler, unsupported platform...
             print(f"torch.compile unavailable here ({type(err).__name__}); skipped")
+    if ofql.resolve_kernels(cfg.kernels, device) == "triton":
+        policies["ofql-1 triton"] = (1, ofql.kernels.folded_policy(folded, "triton"), "torch")
     if device.type == "cpu":
         try:
             policies["ofql-1 numba"] = (1, NumbaPolicy(folded, normalizer), "numpy")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import kernels  # needs triton (requirements.txt): missing, the kernel tests must fail, not skip
 import ofql
 
 torch.set_num_threads(1)  # deterministic, and immune to oversubscription on a busy machine
@@ -649,6 +650,21 @@ def test_ddpm_sampler_recovers_x0_from_a_perfect_noise_predictor():
     assert torch.allclose(out, x0.expand(3, 2), atol=1e-4)
 
 
+def test_eval_runs_a_policy_trained_with_triton_kernels_on_torch(tmp_path):
+    """The checkpoint's --kernels is replaced by eval.py's (auto: torch without CUDA)."""
+    import eval as ofql_eval
+
+    summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=2, eval_every=2,
+                                   hidden_dim=32))
+    state = ofql.load_checkpoint(summary["checkpoint"])
+    state["args"]["kernels"] = "triton"  # as if trained on a GPU
+    torch.save(state, summary["checkpoint"])
+    agent, *_ = ofql_eval.load_agent(summary["checkpoint"], torch.device("cpu"))
+    assert agent.actor.backend == ("triton" if torch.cuda.is_available() else "torch")
+    result = ofql_eval.main(ofql_eval.EvalArgs(checkpoint=summary["checkpoint"], kernels="torch"))
+    assert np.isfinite(result["score_mean"])
+
+
 def test_eval_refuses_a_checkpoint_of_another_task(tmp_path):
     import eval as ofql_eval
 
@@ -950,10 +966,10 @@ def test_run_dir_is_used_exactly_and_an_existing_run_is_not_overwritten(tmp_path
         ofql.train(ofql.Args(env="bandit-8modes", run_dir=str(run_dir), total_steps=2, eval_every=2, hidden_dim=32))
 
 
+# ------------------------------------------------------------------------------------------------
 # kernels.py: fused Triton kernels against their torch references (Triton's CPU interpreter here, set in
 # conftest.py; the real kernels where a GPU is present)
 # ------------------------------------------------------------------------------------------------
-kernels = pytest.importorskip("kernels")
 KERNEL_DEVICE = "cpu" if kernels.INTERPRETED else "cuda"
 needs_triton = pytest.mark.skipif(kernels.triton_unusable_reason(KERNEL_DEVICE) is not None,
                                   reason=f"Triton kernels cannot run: {kernels.triton_unusable_reason(KERNEL_DEVICE)}")
