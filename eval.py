@@ -394,6 +394,10 @@ def plot_frequency(rows: list[dict], path: str):
         sel = [r for r in part if r["policy"].startswith(prefix)]
         ax.plot([r["network_calls"] for r in sel], [r["decisions_per_s"] for r in sel], marker, ls="" if prefix == "ofql" else "-",
                 label=prefix, ms=10 if prefix == "ofql" else 6)
+    for r in part:  # name each one-step variant
+        if r["policy"].startswith("ofql"):
+            ax.annotate(r["policy"].removeprefix("ofql-1 "), (1, r["decisions_per_s"]), xytext=(8, -3),
+                        textcoords="offset points", fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("network calls per decision")
