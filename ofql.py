@@ -940,16 +940,17 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
 
 
 def plot_bandit(agent: OFQL, path: Path, n: int = 2000):
-    """PNG of the bandit's offline actions next to one-step policy samples."""
+    """PNG of the bandit's offline actions next to samples of the evaluation policy."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     data = make_bandit_data(n)["action"]
     with torch.no_grad():
-        samples = agent.actor.act(torch.zeros(n, 1, device=next(agent.actor.parameters()).device)).cpu().numpy()
+        samples = agent.evaluation_act(torch.zeros(n, 1, device=next(agent.actor.parameters()).device)).cpu().numpy()
+    policy = "OFQL, one step" if agent.args.policy == "meanflow" else f"--policy {agent.args.policy}"
     fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
-    for ax, pts, title in ((axes[0], data, "offline data"), (axes[1], samples, "OFQL, one step")):
+    for ax, pts, title in ((axes[0], data, "offline data"), (axes[1], samples, policy)):
         ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
         ax.set_title(title)
         ax.set_aspect("equal")
