@@ -668,6 +668,7 @@ class MeanFlowActor(nn.Module):
         return mlp_with_tangent(self.net, x, tangent)
 
     def bc_loss(self, obs, action, args: Args) -> torch.Tensor:
+        """OFQL.update's BC term; every --policy's actor provides one (baselines.py)."""
         return meanflow_bc_loss(self, obs, action, args)
 
     def act(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -893,7 +894,7 @@ class Normalizer:
 
 @torch.no_grad()
 def sample_actions(agent: OFQL, obs: torch.Tensor, n_samples: int = 1) -> torch.Tensor:
-    """Actions for normalised observations: one one-step sample, or the best of `n_samples` by the
+    """Actions for normalised observations: one sample of the evaluation policy, or the best of `n_samples` by the
     min over target critics (DQL's selection, argmax instead of softmax sampling)."""
     if n_samples == 1:
         return agent.evaluation_act(obs)
