@@ -98,8 +98,9 @@ class Args:
     """TD target from the max over `max_q_samples` next actions per head (None: task preset)"""
     max_q_samples: int = 10
     """next-action samples for the max-Q backup (DQL: 10)"""
-    ema_actor: bool = False
-    """use an EMA copy of the actor for next actions (DQL); the paper's OFQL uses the current actor"""
+    ema_actor: bool | None = None
+    """use an EMA copy of the actor for next actions (DQL); the paper's OFQL uses the current actor
+    (None: on for --policy diffusion, as DQL; off otherwise)"""
     ema_decay: float = 0.995
     """EMA decay of the target actor"""
     ema_start: int = 1000
@@ -112,6 +113,17 @@ class Args:
     """reward -> (reward + reward_bias) * reward_scale (None: task preset)"""
     reward_bias: float | None = None
     """see reward_scale (None: task preset)"""
+
+    # --- policy class (the baselines live in baselines.py, imported only when asked for)
+    policy: Literal["meanflow", "flow", "diffusion"] = "meanflow"
+    """`meanflow` = OFQL's one-step average-velocity policy; `flow` = flow-matching BC with K Euler steps,
+    back-propagated through in the Q term (FQL row); `diffusion` = DQL's DDPM (vp schedule, epsilon
+    prediction, K steps, EMA target actor)"""
+    policy_steps: int | None = None
+    """K, network calls per action in training (None: 1 for meanflow, 5 for flow and diffusion)"""
+    eval_policy_steps: int | None = None
+    """network calls per action at evaluation (None: as trained). flow: K' Euler steps; diffusion: a
+    deterministic DDIM with K' <= K steps over the trained schedule (1 = the paper's `DQL + DDIM`)"""
 
     # --- flow policy
     flow_ratio: float = 0.5
@@ -222,6 +234,10 @@ def resolve_args(args: Args) -> Args:
     preset = PRESETS.get(args.env, Preset())
     filled = {f.name: getattr(preset, f.name) for f in dataclasses.fields(Preset) if getattr(args, f.name) is None}
     args = dataclasses.replace(args, **filled)
+    if args.policy_steps is None:
+        args = dataclasses.replace(args, policy_steps=1 if args.policy == "meanflow" else 5)
+    if args.ema_actor is None:
+        args = dataclasses.replace(args, ema_actor=args.policy == "diffusion")
     if args.save_every is None:
         args = dataclasses.replace(args, save_every=args.eval_every)
     problems = []
@@ -231,6 +247,14 @@ def resolve_args(args: Args) -> Args:
         problems.append(f"--eta {args.eta} must be >= 0")
     if args.batch_size < 1 or args.total_steps < 1 or args.eval_samples < 1:
         problems.append("--batch-size, --total-steps and --eval-samples must be >= 1")
+    if args.policy == "meanflow" and {args.policy_steps, args.eval_policy_steps} - {1, None}:
+        problems.append("--policy meanflow acts in one step: drop --policy-steps/--eval-policy-steps or pick "
+                        "--policy flow/diffusion")
+    if args.policy_steps < 1 or (args.eval_policy_steps or 1) < 1:
+        problems.append("--policy-steps and --eval-policy-steps must be >= 1")
+    if args.policy == "diffusion" and (args.eval_policy_steps or 1) > args.policy_steps:
+        problems.append(f"--eval-policy-steps {args.eval_policy_steps} > --policy-steps {args.policy_steps}: DDIM "
+                        "strides over the trained schedule, so it can use at most K steps")
     if problems:
         raise ValueError("invalid arguments: " + "; ".join(problems))
     return args
@@ -678,6 +702,10 @@ class MeanFlowActor(nn.Module):
             tangent = torch.cat([v, torch.zeros_like(emb_r), demb_t, torch.zeros_like(obs)], -1)
         return mlp_with_tangent(self.net, x, tangent)
 
+    def bc_loss(self, obs, action, args: Args) -> torch.Tensor:
+        """OFQL.update's BC term; every --policy's actor provides one (baselines.py)."""
+        return meanflow_bc_loss(self, obs, action, args)
+
     def act(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """One-step policy a = clip(e - u(e, 0, 1; s), -1, 1)."""
         if noise is None:
@@ -752,13 +780,17 @@ class TwinCritic(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------
+def draw_times(shape: tuple[int, ...], args: Args, device, generator=None) -> torch.Tensor:
+    """Independent times in (0, 1) from --time-sampler."""
+    if args.time_sampler == "logit-normal":
+        return torch.sigmoid(args.time_mu + args.time_sigma * torch.randn(shape, device=device, generator=generator))
+    return torch.rand(shape, device=device, generator=generator)
+
+
 def sample_times(n: int, args: Args, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(r, t) with r <= t: t = max and r = min of two draws; the first round(flow_ratio * n) rows get
     r = t (rows of a batch are i.i.d., so this is a random subset of exactly that size)."""
-    if args.time_sampler == "logit-normal":
-        draws = torch.sigmoid(args.time_mu + args.time_sigma * torch.randn(2, n, device=device, generator=generator))
-    else:
-        draws = torch.rand(2, n, device=device, generator=generator)
+    draws = draw_times((2, n), args, device, generator)
     t, r = draws.max(0).values, draws.min(0).values
     n_equal = round(args.flow_ratio * n)
     r = torch.cat([t[:n_equal], r[n_equal:]])
@@ -795,11 +827,29 @@ def td_target(actor, critic_target, batch, args: Args) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Agent: networks, optimisers and one gradient step
 # ---------------------------------------------------------------------------------------------
+def make_actor(obs_dim: int, act_dim: int, args: Args) -> nn.Module:
+    """The actor of --policy: OFQL's MeanFlowActor, or a baseline of baselines.py (imported only then, so
+    this file copied alone still runs OFQL)."""
+    if args.policy == "meanflow":
+        return MeanFlowActor(obs_dim, act_dim, args.hidden_dim, time_scale=args.time_emb_scale)
+    try:
+        import baselines
+    except ModuleNotFoundError as err:
+        if err.name != "baselines":
+            raise
+        raise NotImplementedError(f"--policy {args.policy} needs baselines.py (from the OFQL repository) next to "
+                                  "ofql.py or on PYTHONPATH; --policy meanflow needs nothing else") from err
+    return baselines.make_actor(obs_dim, act_dim, args)
+
+
 class OFQL:
     def __init__(self, task: Task, args: Args, device: torch.device):
         self.args = args
-        self.actor = MeanFlowActor(task.obs_dim, task.act_dim, args.hidden_dim, time_scale=args.time_emb_scale).to(device)
-        self.actor.backend = resolve_kernels(args.kernels, device)
+        self.actor = make_actor(task.obs_dim, task.act_dim, args).to(device)
+        if isinstance(self.actor, MeanFlowActor):  # the fused kernels serve OFQL's actor (set before the EMA copy)
+            self.actor.backend = resolve_kernels(args.kernels, device)
+        # evaluation's sampler: the one-step policy, or a baseline's with --eval-policy-steps
+        self.evaluation_act = self.actor.act if args.policy == "meanflow" else self.actor.sampler(args.eval_policy_steps)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False) if args.ema_actor else self.actor
         self.critic = TwinCritic(task.obs_dim, task.act_dim, args.hidden_dim).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
@@ -822,7 +872,7 @@ class OFQL:
         self.critic_opt.step()
 
         # actor: MeanFlow BC + normalised Q term (critic frozen so its grads are not computed)
-        bc_loss = meanflow_bc_loss(self.actor, batch["obs"], batch["action"], args)
+        bc_loss = self.actor.bc_loss(batch["obs"], batch["action"], args)
         if args.eta > 0:
             self.critic.requires_grad_(False)
             q_pi = self.critic(batch["obs"], self.actor.act(batch["obs"]))
@@ -889,12 +939,12 @@ class Normalizer:
 
 @torch.no_grad()
 def sample_actions(agent: OFQL, obs: torch.Tensor, n_samples: int = 1) -> torch.Tensor:
-    """Actions for normalised observations: one one-step sample, or the best of `n_samples` by the
+    """Actions for normalised observations: one sample of the evaluation policy, or the best of `n_samples` by the
     min over target critics (DQL's selection, argmax instead of softmax sampling)."""
     if n_samples == 1:
-        return agent.actor.act(obs)
+        return agent.evaluation_act(obs)
     repeated = obs.repeat_interleave(n_samples, 0)
-    actions = agent.actor.act(repeated)
+    actions = agent.evaluation_act(repeated)
     q = agent.critic_target(repeated, actions).min(0).values.view(-1, n_samples)
     best = q.argmax(1) + torch.arange(len(obs), device=obs.device) * n_samples
     return actions[best]
@@ -936,16 +986,17 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
 
 
 def plot_bandit(agent: OFQL, path: Path, n: int = 2000):
-    """PNG of the bandit's offline actions next to one-step policy samples."""
+    """PNG of the bandit's offline actions next to samples of the evaluation policy."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     data = make_bandit_data(n)["action"]
     with torch.no_grad():
-        samples = agent.actor.act(torch.zeros(n, 1, device=next(agent.actor.parameters()).device)).cpu().numpy()
+        samples = agent.evaluation_act(torch.zeros(n, 1, device=next(agent.actor.parameters()).device)).cpu().numpy()
+    policy = "OFQL, one step" if agent.args.policy == "meanflow" else f"--policy {agent.args.policy}"
     fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
-    for ax, pts, title in ((axes[0], data, "offline data"), (axes[1], samples, "OFQL, one step")):
+    for ax, pts, title in ((axes[0], data, "offline data"), (axes[1], samples, policy)):
         ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
         ax.set_title(title)
         ax.set_aspect("equal")

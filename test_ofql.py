@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import baselines
 import kernels  # needs triton (requirements.txt): missing, the kernel tests must fail, not skip
 import ofql
 
@@ -145,9 +146,7 @@ def train_bc(flow_ratio: float, steps: int, seed: int = 0) -> ofql.MeanFlowActor
     return actor
 
 
-def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
-    d = lambda a, b: np.linalg.norm(a[:, None] - b[None], axis=-1).mean()
-    return 2 * d(x, y) - d(x, x) - d(y, y)
+from baselines import energy_distance  # noqa: E402  (the toy figure's distance, baselines.py)
 
 
 @pytest.fixture(scope="module")
@@ -1175,3 +1174,159 @@ def test_cli_kernels_triton_without_a_gpu_is_one_clear_error():
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: --kernels triton is not usable here: Triton kernels need a CUDA GPU")
+
+
+# ------------------------------------------------------------------------------------------------
+# Baselines (baselines.py): flow matching (--policy flow), DQL's DDPM (--policy diffusion), DDIM, toy figure
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy, eval_steps", [("meanflow", None), ("flow", 1), ("diffusion", None), ("diffusion", 1)])
+def test_each_policy_class_learns_checkpoints_and_acts_in_bounds(tmp_path, policy, eval_steps):
+    """A few gradient steps of the full OFQL update with each --policy: the BC loss falls, the checkpoint
+    rebuilds the same class through eval.py, and its evaluation sampler gives actions in [-1, 1]."""
+    import eval as ofql_eval
+
+    torch.manual_seed(0)
+    args = small_args(policy=policy, eval_policy_steps=eval_steps, hidden_dim=64, total_steps=150, eval_every=150)
+    task, data = ofql.load_task("bandit-8modes")
+    buffer = ofql.ReplayBuffer(data, torch.device("cpu"), torch.Generator().manual_seed(0))
+    agent = ofql.OFQL(task, args, torch.device("cpu"))
+    bc = [agent.update(buffer.sample(256), swap_heads=i % 2 == 0)["losses/bc_loss"].item() for i in range(150)]
+    print(f"{policy}: BC loss {np.mean(bc[:20]):.3f} -> {np.mean(bc[-20:]):.3f}")
+    assert agent.step == 150 and np.mean(bc[-20:]) < 0.9 * np.mean(bc[:20])
+    assert (agent.actor_target is not agent.actor) == (policy == "diffusion")  # DQL's EMA actor by default
+
+    summary = ofql.train(dataclasses.replace(args, out_dir=str(tmp_path), total_steps=3, eval_every=3))
+    loaded, *_ = ofql_eval.load_agent(summary["checkpoint"], torch.device("cpu"))
+    assert loaded.args.policy == policy and type(loaded.actor) is type(agent.actor)
+    torch.manual_seed(1)
+    actions = ofql.sample_actions(loaded, torch.zeros(500, 1), n_samples=2)
+    assert actions.shape == (500, 2) and torch.isfinite(actions).all() and actions.abs().max() <= 1.0
+
+
+def test_baseline_bc_losses_vanish_at_the_exact_velocity_and_noise():
+    """For data that is a single point a0, the exact flow velocity (z - a0) / t and the exact noise
+    (x_k - sqrt(abar_k) a0) / sqrt(1 - abar_k) make both BC losses zero (up to rounding)."""
+    a0, obs, args = torch.tensor([[0.4, -0.7]]), torch.zeros(128, 1), small_args()
+
+    class ExactFlow(baselines.FlowActor):
+        def forward(self, x, time, obs):
+            return (x - a0) / time[:, None]
+
+    class ExactNoise(baselines.DiffusionActor):
+        def forward(self, x, time, obs):
+            abar = self.alpha_bar[time.long()][:, None]
+            return (x - abar.sqrt() * a0) / (1 - abar).sqrt()
+
+    flow_loss = ExactFlow(1, 2, hidden=4).bc_loss(obs, a0.expand(128, 2), args).item()
+    ddpm_loss = ExactNoise(1, 2, hidden=4).bc_loss(obs, a0.expand(128, 2), args).item()
+    print(f"BC loss at the exact field: flow {flow_loss:.2e}, ddpm {ddpm_loss:.2e}")
+    assert flow_loss < 1e-9 and ddpm_loss < 1e-9
+
+
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_flow_euler_sampler_integrates_a_known_velocity_exactly(steps):
+    """Straight-line fields are integrated exactly by Euler: a constant field c maps e to e - c, and the
+    single-point field (z - a0) / t lands on a0; the sampler queries t = 1, (K-1)/K, ..., 1/K."""
+    c, a0, seen = torch.tensor([[0.3, -0.5]]), torch.tensor([[-0.2, 0.6]]), []
+
+    class Field(baselines.FlowActor):
+        field = None
+
+        def forward(self, x, time, obs):
+            seen.append(time[0].item())
+            return self.field(x, time[:, None])
+
+    actor, noise, obs = Field(1, 2, hidden=4, steps=steps), torch.linspace(-0.4, 0.4, 12).view(6, 2), torch.zeros(6, 1)
+    actor.field = lambda x, t: c.expand_as(x)
+    assert torch.allclose(actor.sampler(steps)(obs, noise), noise - c, atol=1e-6)
+    assert seen == pytest.approx([k / steps for k in range(steps, 0, -1)])
+    actor.field = lambda x, t: (x - a0) / t
+    assert torch.allclose(actor.act(obs, noise), a0.expand(6, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [5, 50])
+def test_vp_schedule_and_ddpm_posterior_match_closed_forms(steps):
+    """DQL's vp schedule ends at abar_K = exp(-(b_min + (b_max - b_min) / 2)) for any K, and the
+    posterior q(x_{k-1} | x_k, x0) coefficients equal Gaussian conditioning of the forward chain."""
+    actor = baselines.DiffusionActor(1, 2, hidden=4, steps=steps).double()
+    alphas = baselines.vp_alphas(steps)
+    abar = torch.cumprod(alphas, 0)
+    assert abar[-1].item() == pytest.approx(math.exp(-(0.1 + 9.9 / 2)), rel=1e-12)
+    assert torch.allclose(actor.alpha_bar.double(), abar, rtol=1e-6)
+    k = torch.arange(1, steps)  # k = 0 has a point-mass posterior (x0 itself)
+    precision = 1 / (1 - abar[k - 1]) + alphas[k] / (1 - alphas[k])
+    assert torch.allclose(actor.posterior_x0[k].double(), abar[k - 1].sqrt() / (1 - abar[k - 1]) / precision, rtol=1e-5)
+    assert torch.allclose(actor.posterior_xk[k].double(), alphas[k].sqrt() / (1 - alphas[k]) / precision, rtol=1e-5)
+    assert torch.allclose(actor.posterior_std[k].double() ** 2, 1 / precision, rtol=1e-5)
+
+
+def test_ddpm_forward_chain_matches_q_xk_given_x0():
+    """Running the forward chain x_k = sqrt(alpha_k) x_{k-1} + sqrt(1 - alpha_k) e from x0 has the moments
+    of the closed form q(x_k | x0) = N(sqrt(abar_k) x0, 1 - abar_k), which `q_sample` draws from."""
+    torch.manual_seed(0)
+    steps, n, x0 = 5, 200_000, torch.tensor([0.7, -0.3])
+    actor = baselines.DiffusionActor(1, 2, hidden=4, steps=steps)
+    alphas, x = baselines.vp_alphas(steps).float(), x0.expand(n, 2)
+    for k in range(steps):
+        x = alphas[k].sqrt() * x + (1 - alphas[k]).sqrt() * torch.randn(n, 2)
+        closed = actor.q_sample(x0.expand(n, 2), torch.full((n,), k), torch.randn(n, 2))
+        mean, std = actor.alpha_bar[k].sqrt() * x0, (1 - actor.alpha_bar[k]).sqrt()
+        for sample in (x, closed):
+            assert torch.allclose(sample.mean(0), mean, atol=5 * std / math.sqrt(n)), k
+            assert torch.allclose(sample.std(0), std.expand(2), rtol=0.01), k
+
+
+def test_ddpm_and_ddim_recover_x0_from_a_perfect_noise_predictor():
+    """With the true noise of a single x0, DQL's ancestral DDPM and DDIM with 1, 2 or K steps all return x0
+    (the paper's one-step DDIM is exact for a perfect predictor; its failure is the learned one's error)."""
+    x0 = torch.tensor([[0.3, -0.9]])
+
+    class PerfectNoise(baselines.DiffusionActor):
+        def forward(self, x, time, obs):
+            abar = self.alpha_bar[time.long()][:, None]
+            return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+    torch.manual_seed(0)
+    actor, obs, noise = PerfectNoise(1, 2, hidden=4, steps=5), torch.zeros(4, 1), torch.randn(4, 2)
+    for name, sampler in {"ddpm": actor.sampler(None), **{f"ddim-{k}": actor.sampler(k) for k in (1, 2, 5)}}.items():
+        assert torch.allclose(sampler(obs, noise), x0.expand(4, 2), atol=1e-5), name
+
+
+def test_policy_flags_are_checked_and_defaulted():
+    assert small_args(policy="diffusion").policy_steps == 5 and small_args(policy="diffusion").ema_actor
+    assert small_args(policy="flow").policy_steps == 5 and not small_args(policy="flow").ema_actor
+    assert small_args().policy_steps == 1 and not small_args().ema_actor
+    with pytest.raises(ValueError, match="--policy meanflow acts in one step"):
+        small_args(policy_steps=5)
+    with pytest.raises(ValueError, match="DDIM strides over the trained schedule"):
+        small_args(policy="diffusion", policy_steps=5, eval_policy_steps=10)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        small_args(policy="flow", policy_steps=0)
+
+
+def test_baseline_without_baselines_py_is_a_clear_error(monkeypatch):
+    """ofql.py copied alone: the default runs, --policy flow says which file is missing."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "baselines", None)  # `import baselines` now fails as if the file were absent
+    task = ofql.Task("bandit", 1, 2, None, 0.0, 1.0, "")
+    ofql.OFQL(task, small_args(hidden_dim=8), torch.device("cpu"))
+    with pytest.raises(NotImplementedError, match="--policy flow needs baselines.py"):
+        ofql.OFQL(task, small_args(policy="flow", hidden_dim=8), torch.device("cpu"))
+
+
+def test_toy_one_step_ofql_beats_one_step_flow_matching_and_the_figure_is_written(tmp_path):
+    """The paper's Figure 3 ordering on the eight-mode data, BC only (small models, 800 steps): flow
+    matching sampled in one Euler step is far from the data, with ten steps it is close, and OFQL's one
+    step is far closer than flow matching's one step. Then the figure script writes its PNG and JSON."""
+    flow, meanflow = baselines.train_toy_bc("flow", 800, hidden=64), baselines.train_toy_bc("meanflow", 800, hidden=64)
+    data = ofql.make_bandit_data(1500, seed=1, background=0.0)["action"]
+    dist = {k: baselines.energy_distance(x, data) for k, x in baselines.toy_samples(flow, meanflow, 1500).items()}
+    print("energy distance to data:", {k: round(v, 4) for k, v in dist.items()})
+    assert dist["OFQL-1"] < 0.5 * dist["FM-1"] and dist["FM-10"] < 0.5 * dist["FM-1"]
+    result = baselines.toy_figure(baselines.ToyConfig(steps=2, hidden=8, samples=100, png=str(tmp_path / "toy.png"),
+                                                      json=str(tmp_path / "toy.json")))
+    assert (tmp_path / "toy.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "toy.json").read_text())["energy_distance"] == result["energy_distance"]

@@ -1,0 +1,241 @@
+"""Baseline policy classes for the paper's comparisons, behind `ofql.py --policy`, and the toy figure.
+
+    python ofql.py --env hopper-medium-v2 --policy flow --policy-steps 5 --eval-policy-steps 1   # FQL row
+    python ofql.py --env hopper-medium-v2 --policy diffusion --policy-steps 5                    # DQL row
+    python ofql.py --env hopper-medium-v2 --policy diffusion --eval-policy-steps 1               # DQL + DDIM
+    python baselines.py --png toy.png --json toy.json   # Figure 3: FM with 1/2/5/10 steps vs OFQL with 1
+
+Everything else (data, critic, TD target, actor loss L_BC - eta Q / E|Q|, loop, logging, evaluation,
+checkpoints) is ofql.py's: an actor here only provides `bc_loss(obs, action, args)`, a differentiable
+`act(obs, noise=None)` (the K-step sampler used by the Q term and the TD target) and `sampler(steps)`,
+a `policy(obs, noise) -> action` callable for evaluation and benchmarks.
+
+Both baselines use DQL's network: cat[x, emb(time), s] -> 3 x hidden Mish MLP -> action dim, with
+ofql.py's TimeEmbedding (one time input, where OFQL's actor has two). Their BC losses are summed over
+action dimensions and averaged over the batch, like OFQL's, so --eta means the same for every --policy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+
+from ofql import Args, MeanFlowActor, TimeEmbedding, draw_times, make_bandit_data, mlp, resolve_args
+
+
+class TimeConditionedMLP(nn.Module):
+    """f(x, time; s) = MLP(cat[x, emb(time), s]): DQL's noise network, and the flow-matching velocity."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, steps: int = 5, time_dim: int = 16,
+                 time_scale: float = 1.0):
+        super().__init__()
+        self.act_dim, self.steps = act_dim, steps
+        self.emb = TimeEmbedding(time_dim, time_scale)
+        self.net = mlp([act_dim + time_dim + obs_dim, hidden, hidden, hidden, act_dim])
+
+    def forward(self, x, time, obs):
+        return self.net(torch.cat([x, self.emb(time), obs], -1))
+
+    def initial_noise(self, obs, noise):
+        return torch.randn(obs.shape[0], self.act_dim, device=obs.device) if noise is None else noise
+
+
+class FlowActor(TimeConditionedMLP):
+    """Flow-matching BC: v(z, t; s) regresses the conditional velocity e - a on z_t = (1 - t) a + t e
+    (OFQL's time convention, t = 1 is noise, t from --time-sampler); actions by K Euler steps from t = 1
+    to 0, differentiable through all K steps (the Q term back-propagates through the chain)."""
+
+    def bc_loss(self, obs, action, args: Args, generator=None) -> torch.Tensor:
+        noise = torch.randn(action.shape, device=action.device, generator=generator)
+        t = draw_times((len(action),), args, action.device, generator)
+        z = (1 - t[:, None]) * action + t[:, None] * noise
+        return (self(z, t, obs) - (noise - action)).pow(2).sum(-1).mean()
+
+    def act(self, obs, noise=None, steps: int | None = None):
+        steps = steps or self.steps
+        z = self.initial_noise(obs, noise)
+        for k in range(steps, 0, -1):
+            z = z - self(z, torch.full((len(obs),), k / steps, device=obs.device), obs) / steps
+        return z.clamp(-1.0, 1.0)
+
+    def sampler(self, steps: int | None = None):
+        """policy(obs, noise) with `steps` Euler steps (None: the trained K)."""
+        return lambda obs, noise=None: self.act(obs, noise, steps)
+
+
+def vp_alphas(steps: int) -> torch.Tensor:
+    """DQL's variance-preserving schedule (beta_min 0.1, beta_max 10) discretised into `steps` steps:
+    alpha_i = exp(-b_min / K - (b_max - b_min) (2 i - 1) / (2 K^2)), i = 1..K, in float64."""
+    i = torch.arange(1, steps + 1, dtype=torch.float64)
+    b_min, b_max = 0.1, 10.0
+    return torch.exp(-b_min / steps - 0.5 * (b_max - b_min) * (2 * i - 1) / steps**2)
+
+
+class DiffusionActor(TimeConditionedMLP):
+    """DQL's DDPM policy: epsilon prediction on x_k = sqrt(abar_k) a + sqrt(1 - abar_k) e, k uniform in
+    0..K-1 (the step index is the network's time input, unscaled, as in DQL); actions by the K-step
+    ancestral sampler (x0 clipped to [-1, 1], posterior mean + posterior std noise, none at k = 0),
+    differentiable through the chain; `sampler(K')` is a deterministic DDIM over K' of the K steps."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, steps: int = 5, time_dim: int = 16):
+        super().__init__(obs_dim, act_dim, hidden, steps, time_dim)
+        alphas = vp_alphas(steps)
+        alpha_bar = torch.cumprod(alphas, 0)
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        schedule = {
+            "alpha_bar": alpha_bar,
+            "posterior_x0": (1 - alphas) * alpha_bar_prev.sqrt() / (1 - alpha_bar),
+            "posterior_xk": (1 - alpha_bar_prev) * alphas.sqrt() / (1 - alpha_bar),
+            "posterior_std": ((1 - alphas) * (1 - alpha_bar_prev) / (1 - alpha_bar)).clamp(min=1e-20).sqrt(),
+        }
+        for name, value in schedule.items():  # derived from `steps`, so not saved in checkpoints
+            self.register_buffer(name, value.float(), persistent=False)
+
+    def q_sample(self, x0, k, noise):
+        """x_k ~ q(x_k | x_0) = N(sqrt(abar_k) x0, (1 - abar_k) I), written with the given noise."""
+        abar = self.alpha_bar[k][:, None]
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def predict_x0(self, x, k: int, obs):
+        """(x0 estimate clipped to [-1, 1], predicted noise) at step index k."""
+        eps = self(x, torch.full((len(obs),), float(k), device=obs.device), obs)
+        abar = self.alpha_bar[k]
+        return ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1.0, 1.0), eps
+
+    def bc_loss(self, obs, action, args: Args, generator=None) -> torch.Tensor:
+        noise = torch.randn(action.shape, device=action.device, generator=generator)
+        k = torch.randint(0, self.steps, (len(action),), device=action.device, generator=generator)
+        return (self(self.q_sample(action, k, noise), k.float(), obs) - noise).pow(2).sum(-1).mean()
+
+    def act(self, obs, noise=None):
+        x = self.initial_noise(obs, noise)
+        for k in reversed(range(self.steps)):
+            x0, _ = self.predict_x0(x, k, obs)
+            x = self.posterior_x0[k] * x0 + self.posterior_xk[k] * x
+            if k > 0:
+                x = x + self.posterior_std[k] * torch.randn_like(x)
+        return x.clamp(-1.0, 1.0)
+
+    def ddim(self, obs, noise=None, steps: int = 1):
+        """Deterministic DDIM (eta 0) over `steps` evenly spaced indices of the trained K, from K-1 to 0,
+        then to the data: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps."""
+        x = self.initial_noise(obs, noise)
+        ks = torch.linspace(self.steps - 1, 0, steps).round().long().tolist()
+        for k, k_prev in zip(ks, ks[1:] + [None]):
+            x0, eps = self.predict_x0(x, k, obs)
+            if k_prev is None:
+                return x0
+            abar_prev = self.alpha_bar[k_prev]
+            x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
+
+    def sampler(self, steps: int | None = None):
+        """policy(obs, noise): DQL's K-step DDPM (None) or a `steps`-step DDIM."""
+        if steps is None:
+            return self.act
+        return lambda obs, noise=None: self.ddim(obs, noise, steps)
+
+
+def make_actor(obs_dim: int, act_dim: int, args: Args) -> nn.Module:
+    """The baseline actor of --policy (called by ofql.make_actor)."""
+    if args.policy == "flow":
+        return FlowActor(obs_dim, act_dim, args.hidden_dim, args.policy_steps, time_scale=args.time_emb_scale)
+    if args.policy == "diffusion":
+        return DiffusionActor(obs_dim, act_dim, args.hidden_dim, args.policy_steps)
+    raise ValueError(f"baselines.py has no policy '{args.policy}' (flow, diffusion)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Toy figure (paper Figure 3): BC only on the 2-D eight-mode data
+# ---------------------------------------------------------------------------------------------
+def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """Energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| between two samples (V-statistic; 0 for equal
+    distributions, larger the further apart)."""
+    d = lambda a, b: np.linalg.norm(a[:, None] - b[None], axis=-1).mean()
+    return 2 * d(x, y) - d(x, x) - d(y, y)
+
+
+def train_toy_bc(policy: str, steps: int, hidden: int = 256, seed: int = 0, lr: float = 1e-3) -> nn.Module:
+    """BC only (no critic) on the eight-mode actions of `bandit-8modes`, with the --policy's own loss."""
+    from ofql import make_actor
+
+    torch.manual_seed(seed)
+    args = resolve_args(Args(env="bandit-8modes", policy=policy, hidden_dim=hidden))
+    actions = torch.as_tensor(make_bandit_data(background=0.0, seed=seed)["action"], dtype=torch.float32)
+    actor = make_actor(1, 2, args)
+    opt = torch.optim.Adam(actor.parameters(), lr=lr)
+    obs = torch.zeros(args.batch_size, 1)
+    for _ in range(steps):
+        loss = actor.bc_loss(obs, actions[torch.randint(0, len(actions), (args.batch_size,))], args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return actor
+
+
+def toy_samples(flow: FlowActor, meanflow: MeanFlowActor, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The figure's panels: flow matching with 1, 2, 5, 10 Euler steps and OFQL with 1, same noise."""
+    torch.manual_seed(seed)
+    obs, noise = torch.zeros(n, 1), torch.randn(n, 2)
+    with torch.no_grad():
+        panels = {f"FM-{k}": flow.sampler(k)(obs, noise) for k in (1, 2, 5, 10)}
+        panels["OFQL-1"] = meanflow.act(obs, noise)
+    return {k: v.numpy() for k, v in panels.items()}
+
+
+@dataclass
+class ToyConfig:
+    steps: int = 5000
+    """BC gradient steps of each model (batch 256, Adam lr 1e-3)"""
+    hidden: int = 256
+    """MLP width of both models"""
+    samples: int = 2000
+    """samples per panel, and held-out data points the energy distance compares them with"""
+    seed: int = 0
+    threads: int = 1
+    """torch CPU threads"""
+    png: str = "toy_figure.png"
+    """where the figure is written"""
+    json: str | None = None
+    """write the distances (and the config) to this JSON file"""
+
+
+def toy_figure(cfg: ToyConfig) -> dict:
+    """Train flow matching and OFQL on the 2-D eight-mode data, plot their samples beside the data and
+    print the energy distance of each panel to held-out data."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    torch.set_num_threads(cfg.threads)
+    start = time.time()
+    flow = train_toy_bc("flow", cfg.steps, cfg.hidden, cfg.seed)
+    meanflow = train_toy_bc("meanflow", cfg.steps, cfg.hidden, cfg.seed)
+    panels = toy_samples(flow, meanflow, cfg.samples, cfg.seed)
+    data = make_bandit_data(cfg.samples, seed=cfg.seed + 1, background=0.0)["action"]
+    distances = {name: energy_distance(x, data) for name, x in panels.items()}
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3 * (len(panels) + 1), 3.2), sharex=True, sharey=True)
+    for ax, (name, x) in zip(axes, {"data": data, **panels}.items()):
+        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4)
+        ax.set_title(name if name == "data" else f"{name}  (ED {distances[name]:.3f})")
+        ax.set_xlim(-1.05, 1.05), ax.set_ylim(-1.05, 1.05), ax.set_aspect("equal")
+    fig.savefig(cfg.png, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    print(f"\nenergy distance to {cfg.samples} held-out data points (0 = same distribution), "
+          f"{cfg.steps} BC steps each, {time.time() - start:.0f} s")
+    print("| panel | " + " | ".join(distances) + " |\n" + "|---" * (len(distances) + 1) + "|")
+    print("| energy distance | " + " | ".join(f"{v:.4f}" for v in distances.values()) + " |")
+    result = {"config": dataclasses.asdict(cfg), "energy_distance": distances}
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    toy_figure(tyro.cli(ToyConfig))
