@@ -28,6 +28,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
+import baselines
 import ofql
 
 
@@ -41,6 +42,9 @@ class EvalArgs:
     """evaluation seeds (environment resets and policy noise)"""
     eval_samples: int | None = None
     """actions per decision (None: the checkpoint's --eval-samples)"""
+    eval_policy_steps: int | None = None
+    """network calls per action for a --policy flow/diffusion checkpoint: Euler steps, or DDIM steps
+    (None: the checkpoint's --eval-policy-steps)"""
     json: str | None = None
     """write the result here"""
     video: str | None = None
@@ -70,10 +74,14 @@ class EvalArgs:
     """PNG of decisions/s against network calls per decision (the paper's Figure 4, right)"""
 
 
-def load_agent(path: str, device: torch.device, kernels: str = "auto"):
-    """(agent, task, normalizer, args) from a checkpoint, with clear errors for anything that does not fit."""
+def load_agent(path: str, device: torch.device, kernels: str = "auto", eval_policy_steps: int | None = None):
+    """(agent, task, normalizer, args) from a checkpoint, with clear errors for anything that does not fit;
+    `kernels` and `eval_policy_steps` (when given) replace the checkpoint's."""
     state = ofql.load_checkpoint(path)
-    args = ofql.resolve_args(dataclasses.replace(ofql.Args(**state["args"]), kernels=kernels))
+    args = dataclasses.replace(ofql.Args(**state["args"]), kernels=kernels)
+    if eval_policy_steps is not None:
+        args = dataclasses.replace(args, eval_policy_steps=eval_policy_steps)
+    args = ofql.resolve_args(args)
     task, _ = ofql.load_task(args.env, args.mujoco_data, with_data=False)
     if state["obs_mean"].shape != (task.obs_dim,):
         raise ValueError(f"{path}: its observations have {state['obs_mean'].shape[0]} dims, task {args.env} has "
@@ -92,7 +100,8 @@ def write_gif(path: Path, frames: list[np.ndarray], fps: int):
 
 
 def evaluate_checkpoint(cfg: EvalArgs) -> dict:
-    agent, task, normalizer, args = load_agent(cfg.checkpoint, torch.device(cfg.device), cfg.kernels)
+    agent, task, normalizer, args = load_agent(cfg.checkpoint, torch.device(cfg.device), cfg.kernels,
+                                               cfg.eval_policy_steps)
     if cfg.eval_samples is not None:
         args = dataclasses.replace(args, eval_samples=cfg.eval_samples)
     per_seed = []
@@ -116,7 +125,8 @@ def evaluate_checkpoint(cfg: EvalArgs) -> dict:
     seed_means = np.array([r["score_mean"] for r in per_seed])
     summary = {
         "checkpoint": cfg.checkpoint, "env": args.env, "episodes_per_seed": cfg.episodes, "seeds": cfg.seeds,
-        "eval_samples": args.eval_samples, "score_mean": float(scores.mean()), "score_std_episodes": float(scores.std()),
+        "eval_samples": args.eval_samples, "policy": args.policy, "eval_policy_steps": args.eval_policy_steps,
+        "score_mean": float(scores.mean()), "score_std_episodes": float(scores.std()),
         "score_std_seeds": float(seed_means.std()), "return_mean": float(np.mean([r["return_mean"] for r in per_seed])),
         "ref_source": task.ref_source, "per_seed": per_seed,
     }
@@ -210,47 +220,6 @@ class NumbaPolicy:
 # ------------------------------------------------------------------------------------------------
 # Decision-frequency benchmark
 # ------------------------------------------------------------------------------------------------
-def euler_flow_policy(actor: ofql.MeanFlowActor, steps: int):
-    """Flow matching sampled with `steps` Euler steps from t = 1 (noise) to 0, one velocity call each
-    (the same network as OFQL's, queried at r = t: its instantaneous velocity)."""
-    def policy(obs, noise):
-        z, dt = noise, 1.0 / steps
-        for k in range(steps, 0, -1):
-            t = torch.full((len(obs),), k * dt, device=obs.device)
-            z = z - dt * actor(z, t, t, obs)
-        return z.clamp(-1.0, 1.0)
-    return policy
-
-
-def ddpm_policy(actor: ofql.MeanFlowActor, steps: int):
-    """DQL's reverse DDPM (vp schedule, epsilon prediction, posterior mean + sigma noise) with `steps`
-    network calls; the noise network has the same size as OFQL's."""
-    i = torch.arange(1, steps + 1, dtype=torch.float64)
-    b_min, b_max = 0.1, 10.0
-    alphas = torch.exp(-b_min / steps - 0.5 * (b_max - b_min) * (2 * i - 1) / steps**2)
-    betas = 1 - alphas
-    alpha_bar = torch.cumprod(alphas, 0)
-    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-    post_var = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)
-    coef = {"recip": (1 / alpha_bar).sqrt(), "recipm1": (1 / alpha_bar - 1).sqrt(),
-            "mean1": betas * alpha_bar_prev.sqrt() / (1 - alpha_bar),
-            "mean2": (1 - alpha_bar_prev) * alphas.sqrt() / (1 - alpha_bar),
-            "sigma": post_var.clamp(min=1e-20).sqrt()}
-    coef = {k: v.float().tolist() for k, v in coef.items()}
-
-    def policy(obs, noise):
-        x = noise
-        for k in reversed(range(steps)):
-            t = torch.full((len(obs),), float(k), device=obs.device)
-            eps = actor(x, t, t, obs)
-            x0 = (coef["recip"][k] * x - coef["recipm1"][k] * eps).clamp(-1.0, 1.0)
-            x = coef["mean1"][k] * x0 + coef["mean2"][k] * x
-            if k > 0:
-                x = x + coef["sigma"][k] * torch.randn_like(x)
-        return x.clamp(-1.0, 1.0)
-    return policy
-
-
 def time_calls(fn, min_time: float, repeats: int, device: torch.device) -> float:
     """Median seconds per call over `repeats` repetitions of at least `min_time` seconds, after warm-up.
     On CUDA a repetition is timed with CUDA events (launches are asynchronous)."""
@@ -304,16 +273,19 @@ def benchmark(cfg: EvalArgs) -> dict:
     """Decisions per second of each policy at each batch size: the policy call alone and the full act step."""
     torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
+    torch.manual_seed(0)
     if cfg.checkpoint:
-        agent, task, normalizer, _ = load_agent(cfg.checkpoint, device, cfg.kernels)
+        agent, task, normalizer, args = load_agent(cfg.checkpoint, device, cfg.kernels)
+        if args.policy != "meanflow":
+            raise ValueError(f"--benchmark --checkpoint takes an OFQL (--policy meanflow) checkpoint, this one is "
+                             f"--policy {args.policy}; the baselines are timed with random weights of the same width")
         actor = agent.actor
     else:
-        torch.manual_seed(0)
         actor = ofql.MeanFlowActor(cfg.obs_dim, cfg.act_dim).to(device)
         normalizer = ofql.Normalizer(np.zeros(cfg.obs_dim), np.ones(cfg.obs_dim))
     actor.eval()
     folded = actor.folded()
-    obs_dim, act_dim = folded.net[0].in_features - actor.act_dim, actor.act_dim
+    obs_dim, act_dim, hidden = folded.net[0].in_features - actor.act_dim, actor.act_dim, folded.net[0].out_features
     # name -> (network calls per decision, policy(obs, noise), whether it takes "torch" or "numpy" inputs)
     policies = {"ofql-1 eager": (1, actor.act, "torch"), "ofql-1 folded": (1, folded, "torch")}
     if cfg.compile:
@@ -331,10 +303,13 @@ def benchmark(cfg: EvalArgs) -> dict:
             policies["ofql-1 numba"] = (1, NumbaPolicy(folded, normalizer), "numpy")
         except ImportError:
             print("numba is not installed; the numba row is skipped (pip install numba)")
+    # the baselines' own samplers (baselines.py), random weights of the same width
+    flow = baselines.FlowActor(obs_dim, act_dim, hidden).to(device).eval()
     for k in (1, 5, 10, 50):
-        policies[f"flow-euler-{k}"] = (k, euler_flow_policy(actor, k), "torch")
+        policies[f"flow-euler-{k}"] = (k, flow.sampler(k), "torch")
     for k in (5, 50):
-        policies[f"ddpm-{k}"] = (k, ddpm_policy(actor, k), "torch")
+        policies[f"ddpm-{k}"] = (k, baselines.DiffusionActor(obs_dim, act_dim, hidden, steps=k).to(device).eval().sampler(), "torch")
+    policies["ddim-1"] = (1, baselines.DiffusionActor(obs_dim, act_dim, hidden, steps=5).to(device).eval().sampler(1), "torch")
 
     rows = []
     with torch.no_grad():

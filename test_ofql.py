@@ -146,9 +146,6 @@ def train_bc(flow_ratio: float, steps: int, seed: int = 0) -> ofql.MeanFlowActor
     return actor
 
 
-from baselines import energy_distance  # noqa: E402  (the toy figure's distance, baselines.py)
-
-
 @pytest.fixture(scope="module")
 def bc_actors():
     return {"meanflow": train_bc(0.5, 3000), "flow_matching": train_bc(1.0, 3000)}
@@ -171,7 +168,7 @@ def test_one_step_meanflow_beats_one_step_flow_matching(bc_actors):
     torch.manual_seed(0)
     data = ofql.make_bandit_data(1500, seed=1, background=0.0)["action"]
     with torch.no_grad():
-        dists = {k: energy_distance(a.act(torch.zeros(1500, 1)).numpy(), data) for k, a in bc_actors.items()}
+        dists = {k: baselines.energy_distance(a.act(torch.zeros(1500, 1)).numpy(), data) for k, a in bc_actors.items()}
     print("energy distance to data, one step:", dists)
     assert dists["meanflow"] < 0.5 * dists["flow_matching"]
 
@@ -573,7 +570,7 @@ def test_eval_benchmark_quick_mode_writes_json_and_png(tmp_path):
                                                compile=False, json=str(tmp_path / "b.json"),
                                                plot=str(tmp_path / "b.png")))
     names = {r["policy"] for r in result["rows"]}
-    assert {"ofql-1 eager", "ofql-1 folded", "ofql-1 numba", "flow-euler-50", "ddpm-5", "ddpm-50"} <= names
+    assert {"ofql-1 eager", "ofql-1 folded", "ofql-1 numba", "flow-euler-50", "ddpm-5", "ddpm-50", "ddim-1"} <= names
     assert all(r["decisions_per_s"] > 0 for r in result["rows"]) and len(result["rows"]) == 2 * len(names)
     assert (tmp_path / "b.png").stat().st_size > 1000 and json.loads((tmp_path / "b.json").read_text())["rows"]
 
@@ -607,46 +604,6 @@ def test_numba_policy_matches_the_torch_policy_with_normalisation(batch, obs_dim
     first = ofql_eval.NumbaPolicy(actor.folded(), normalizer, seed=3)(obs)
     again = ofql_eval.NumbaPolicy(actor.folded(), normalizer, seed=3)(obs)
     assert np.array_equal(first, again) and np.abs(first).max() <= 1.0 and not np.array_equal(first, out)
-
-
-def test_euler_sampler_matches_the_data_for_an_exact_velocity():
-    """With the exact conditional velocity of a single data point a0 (v = (z - a0) / t), K Euler steps
-    from noise land exactly on a0, for any K."""
-    import eval as ofql_eval
-
-    a0 = torch.tensor([[0.25, -0.6]])
-
-    class ExactVelocity(ofql.MeanFlowActor):
-        def forward(self, z, r, t, obs):
-            return (z - a0) / t[:, None]
-
-    for k in (1, 5, 50):
-        out = ofql_eval.euler_flow_policy(ExactVelocity(1, 2, hidden=4), k)(torch.zeros(4, 1), torch.randn(4, 2))
-        assert torch.allclose(out, a0.expand(4, 2), atol=1e-5), k
-
-
-def test_ddpm_sampler_recovers_x0_from_a_perfect_noise_predictor():
-    """If the network predicts the true epsilon of x_k = sqrt(abar) x0 + sqrt(1 - abar) eps for a single
-    x0, the reverse process returns x0 (the posterior then has x0 as its mean and the noise cancels)."""
-    import eval as ofql_eval
-
-    x0 = torch.tensor([[0.3, -0.2]])
-
-    class PerfectEps(ofql.MeanFlowActor):
-        abar = None
-
-        def forward(self, z, r, t, obs):
-            a = self.abar[int(t[0])]
-            return (z - a.sqrt() * x0) / (1 - a).sqrt()
-
-    steps = 5
-    net = PerfectEps(1, 2, hidden=4)
-    i = torch.arange(1, steps + 1, dtype=torch.float64)
-    alphas = torch.exp(-0.1 / steps - 0.5 * 9.9 * (2 * i - 1) / steps**2)
-    net.abar = torch.cumprod(alphas, 0).float()
-    torch.manual_seed(0)
-    out = ofql_eval.ddpm_policy(net, steps)(torch.zeros(3, 1), torch.randn(3, 2))
-    assert torch.allclose(out, x0.expand(3, 2), atol=1e-4)
 
 
 def test_eval_runs_a_policy_trained_with_triton_kernels_on_torch(tmp_path):
@@ -1203,6 +1160,12 @@ def test_each_policy_class_learns_checkpoints_and_acts_in_bounds(tmp_path, polic
     torch.manual_seed(1)
     actions = ofql.sample_actions(loaded, torch.zeros(500, 1), n_samples=2)
     assert actions.shape == (500, 2) and torch.isfinite(actions).all() and actions.abs().max() <= 1.0
+    if policy != "meanflow":  # eval.py --eval-policy-steps 1: the same model acts in one network call
+        one_step, *_ = ofql_eval.load_agent(summary["checkpoint"], torch.device("cpu"), eval_policy_steps=1)
+        calls = []
+        one_step.actor.net.register_forward_hook(lambda *_: calls.append(1))
+        ofql.sample_actions(one_step, torch.zeros(4, 1))
+        assert one_step.args.eval_policy_steps == 1 and len(calls) == 1
 
 
 def test_baseline_bc_losses_vanish_at_the_exact_velocity_and_noise():
