@@ -223,11 +223,14 @@ class NumbaPolicy:
 def time_calls(fn, min_time: float, repeats: int, device: torch.device) -> float:
     """Median seconds per call over `repeats` repetitions of at least `min_time` seconds, after warm-up.
     On CUDA a repetition is timed with CUDA events (launches are asynchronous)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()
+    sync()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < min_time / 4:
         fn()
         count += 1
+    sync()
     per_rep = max(1, int(count * 4))
     samples = []
     for _ in range(repeats):

@@ -498,44 +498,12 @@ def compile_for_gpu(capability: int = 90, obs_dim: int = 17, act_dim: int = 6, h
 # ---------------------------------------------------------------------------------------------
 # Benchmark: python kernels.py [--batches 1 256] [--json out.json]
 # ---------------------------------------------------------------------------------------------
-def time_call(fn: Callable[[], object], device: torch.device, min_time: float = 0.2, repeats: int = 5) -> float:
-    """Median seconds per call over `repeats` runs of at least `min_time` s each, after warm-up;
-    CUDA events on a GPU (no host sync inside a run), perf_counter on the CPU."""
-    import statistics
-    import time
-
-    fn()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < min_time / 4:
-        fn()
-        count += 1
-    sync()
-    per_run = max(1, count * 4)
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            for _ in range(per_run):
-                fn()
-            end.record()
-            end.synchronize()
-            samples.append(begin.elapsed_time(end) / 1e3 / per_run)
-        else:
-            start = time.perf_counter()
-            for _ in range(per_run):
-                fn()
-            samples.append((time.perf_counter() - start) / per_run)
-    return statistics.median(samples)
-
-
 @torch.no_grad()  # all three ops are inference or stop-gradient computations
 def benchmark(batches: tuple[int, ...] = (1, 256), obs_dim: int = 17, act_dim: int = 6, hidden: int = 256,
               device: str = "auto", threads: int = 1, compile: bool = True, min_time: float = 0.2) -> dict:
     """Seconds per call of each fused op: torch eager vs torch.compile vs Triton."""
-    import ofql  # the torch references (a call-time import: ofql imports this module)
+    import ofql  # the torch references (call-time imports: ofql imports this module)
+    from eval import time_calls
 
     torch.set_num_threads(threads)
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -556,15 +524,15 @@ def benchmark(batches: tuple[int, ...] = (1, 256), obs_dim: int = 17, act_dim: i
             "time embedding": (lambda: actor.emb_t(t), lambda: time_embedding_triton(actor.emb_t, t)),
         }
         for name, (reference, fused) in ops.items():
-            row = {"op": name, "batch": batch, "device": str(device), "eager_us": time_call(reference, device, min_time) * 1e6}
+            row = {"op": name, "batch": batch, "device": str(device), "eager_us": time_calls(reference, min_time, 5, device) * 1e6}
             row["compile_us"] = None
             if compile:
                 try:
                     compiled = torch.compile(reference, dynamic=False)
-                    row["compile_us"] = time_call(compiled, device, min_time) * 1e6
+                    row["compile_us"] = time_calls(compiled, min_time, 5, device) * 1e6
                 except Exception as err:  # no C++ compiler, unsupported platform...
                     row["compile_skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
-            row["triton_us"] = None if skip else time_call(fused, device, min_time) * 1e6
+            row["triton_us"] = None if skip else time_calls(fused, min_time, 5, device) * 1e6
             rows.append(row)
             print(f"{name}, batch {batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
                                                          if k.endswith("_us") and v is not None), flush=True)
