@@ -368,10 +368,10 @@ def plot_frequency(rows: list[dict], path: str):
     fig, ax = plt.subplots(figsize=(6, 4))
     batch = min(r["batch"] for r in rows)
     part = [r for r in rows if r["batch"] == batch]
-    for prefix, marker in (("ofql", "*"), ("flow-euler", "o"), ("ddpm", "s")):
+    for prefix, marker in (("ofql", "*"), ("flow-euler", "o"), ("ddpm", "s"), ("ddim", "D")):
         sel = [r for r in part if r["policy"].startswith(prefix)]
-        ax.plot([r["network_calls"] for r in sel], [r["decisions_per_s"] for r in sel], marker, ls="" if prefix == "ofql" else "-",
-                label=prefix, ms=10 if prefix == "ofql" else 6)
+        ax.plot([r["network_calls"] for r in sel], [r["decisions_per_s"] for r in sel], marker,
+                ls="-" if len(sel) > 1 and prefix != "ofql" else "", label=prefix, ms=10 if prefix == "ofql" else 6)
     for r in part:  # name each one-step variant
         if r["policy"].startswith("ofql"):
             ax.annotate(r["policy"].removeprefix("ofql-1 "), (1, r["decisions_per_s"]), xytext=(8, -3),
