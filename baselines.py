@@ -161,12 +161,13 @@ def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
     return 2 * d(x, y) - d(x, x) - d(y, y)
 
 
-def train_toy_bc(policy: str, steps: int, hidden: int = 256, seed: int = 0, lr: float = 1e-3) -> nn.Module:
-    """BC only (no critic) on the eight-mode actions of `bandit-8modes`, with the --policy's own loss."""
+def train_toy_bc(policy: str, steps: int, hidden: int = 256, seed: int = 0, lr: float = 1e-3, **overrides) -> nn.Module:
+    """BC only (no critic) on the eight-mode actions of `bandit-8modes`, with the --policy's own loss;
+    `overrides` are further Args fields (e.g. flow_ratio=1.0: MeanFlow trained as plain flow matching)."""
     from ofql import make_actor
 
     torch.manual_seed(seed)
-    args = resolve_args(Args(env="bandit-8modes", policy=policy, hidden_dim=hidden))
+    args = resolve_args(Args(env="bandit-8modes", policy=policy, hidden_dim=hidden, **overrides))
     actions = torch.as_tensor(make_bandit_data(background=0.0, seed=seed)["action"], dtype=torch.float32)
     actor = make_actor(1, 2, args)
     opt = torch.optim.Adam(actor.parameters(), lr=lr)

@@ -131,24 +131,11 @@ def test_logit_normal_statistics_match_closed_form():
 # ------------------------------------------------------------------------------------------------
 # Learning on the 2-D bandit
 # ------------------------------------------------------------------------------------------------
-def train_bc(flow_ratio: float, steps: int, seed: int = 0) -> ofql.MeanFlowActor:
-    torch.manual_seed(seed)
-    args = small_args(flow_ratio=flow_ratio)
-    actions = torch.as_tensor(ofql.make_bandit_data(background=0.0)["action"], dtype=torch.float32)
-    actor = ofql.MeanFlowActor(1, 2, hidden=128)
-    opt = torch.optim.Adam(actor.parameters(), lr=1e-3)
-    obs = torch.zeros(256, 1)
-    for _ in range(steps):
-        loss = ofql.meanflow_bc_loss(actor, obs, actions[torch.randint(0, len(actions), (256,))], args)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return actor
-
-
 @pytest.fixture(scope="module")
 def bc_actors():
-    return {"meanflow": train_bc(0.5, 3000), "flow_matching": train_bc(1.0, 3000)}
+    """One-step MeanFlow BC, and the same network trained with flow ratio 1 (plain flow matching)."""
+    return {"meanflow": baselines.train_toy_bc("meanflow", 3000, hidden=128),
+            "flow_matching": baselines.train_toy_bc("meanflow", 3000, hidden=128, flow_ratio=1.0)}
 
 
 def test_one_step_meanflow_covers_every_mode(bc_actors):
