@@ -16,12 +16,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ofql  # noqa: E402
+from train_speed import HOPPER_SHAPES, random_hopper_buffer  # noqa: E402  (this folder is on sys.path)
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Config:
 def make_agent(policy: str, steps: int, batch_size: int) -> ofql.OFQL:
     args = ofql.resolve_args(ofql.Args(env="hopper-medium-v2", batch_size=batch_size, policy=policy,
                                        policy_steps=steps))
-    return ofql.OFQL(ofql.Task("bench", 11, 3, None, 0.0, 1.0, ""), args, torch.device("cpu"))
+    return ofql.OFQL(HOPPER_SHAPES, args, torch.device("cpu"))
 
 
 def seconds_per_step(agent: ofql.OFQL, buffer: ofql.ReplayBuffer, batch_size: int, min_time: float) -> float:
@@ -58,11 +58,7 @@ def seconds_per_step(agent: ofql.OFQL, buffer: ofql.ReplayBuffer, batch_size: in
 def main(cfg: Config) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    n = 100_000
-    data = {"obs": rng.normal(size=(n, 11)), "action": rng.uniform(-1, 1, (n, 3)), "reward": rng.normal(size=n),
-            "next_obs": rng.normal(size=(n, 11)), "mask": np.ones(n)}
-    buffer = ofql.ReplayBuffer(data, torch.device("cpu"), torch.Generator().manual_seed(0))
+    buffer = random_hopper_buffer()
     agents = {}
     for name in cfg.variants:
         policy, _, steps = name.rpartition("-")

@@ -41,6 +41,17 @@ class Config:
     """write the results to this JSON file"""
 
 
+HOPPER_SHAPES = ofql.Task("bench", 11, 3, None, 0.0, 1.0, "")  # obs 11, action 3
+
+
+def random_hopper_buffer(n: int = 100_000) -> ofql.ReplayBuffer:
+    """Random transitions of hopper's shapes: timing needs the shapes, not the data."""
+    rng = np.random.default_rng(0)
+    data = {"obs": rng.normal(size=(n, 11)), "action": rng.uniform(-1, 1, (n, 3)), "reward": rng.normal(size=n),
+            "next_obs": rng.normal(size=(n, 11)), "mask": np.ones(n)}
+    return ofql.ReplayBuffer(data, torch.device("cpu"), torch.Generator().manual_seed(0))
+
+
 def func_jvp_velocity_and_dudt(actor):
     def velocity_and_dudt(z, r, t, obs, v):
         return torch.func.jvp(lambda z_, r_, t_: actor(z_, r_, t_, obs), (z, r, t),
@@ -66,13 +77,8 @@ def main(cfg: Config) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
     args = ofql.resolve_args(ofql.Args(env="hopper-medium-v2", batch_size=cfg.batch_size))
-    task = ofql.Task("bench", 11, 3, None, 0.0, 1.0, "")
-    rng = np.random.default_rng(0)
-    n = 100_000
-    data = {"obs": rng.normal(size=(n, 11)), "action": rng.uniform(-1, 1, (n, 3)), "reward": rng.normal(size=n),
-            "next_obs": rng.normal(size=(n, 11)), "mask": np.ones(n)}
-    buffer = ofql.ReplayBuffer(data, torch.device("cpu"), torch.Generator().manual_seed(0))
-    agent = ofql.OFQL(task, args, torch.device("cpu"))
+    agent = ofql.OFQL(HOPPER_SHAPES, args, torch.device("cpu"))
+    buffer = random_hopper_buffer()
     names = ["ofql", "func.jvp", "func.jvp+aten"]
     times = {name: [] for name in names}
     for round_ in range(cfg.rounds + 1):  # round 0 warms up
