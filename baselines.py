@@ -11,8 +11,8 @@ checkpoints) is ofql.py's: an actor here only provides `bc_loss(obs, action, arg
 a `policy(obs, noise) -> action` callable for evaluation and benchmarks.
 
 Both baselines use DQL's network: cat[x, emb(time), s] -> 3 x hidden Mish MLP -> action dim, with
-ofql.py's TimeEmbedding (one time input, where OFQL's actor has two). Their BC losses are summed over
-action dimensions and averaged over the batch, like OFQL's, so --eta means the same for every --policy.
+ofql.py's TimeEmbedding (one time input, where OFQL's actor has two). Their BC losses are averaged over
+action dimensions and the batch, like OFQL's and DQL's, so --eta means the same for every --policy.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import tyro
 
-from ofql import Args, MeanFlowActor, TimeEmbedding, draw_times, make_bandit_data, mlp, resolve_args
+from ofql import BANDIT_STD, Args, MeanFlowActor, TimeEmbedding, bandit_modes, draw_times, make_bandit_data, mlp, resolve_args
 
 
 class TimeConditionedMLP(nn.Module):
@@ -56,7 +56,7 @@ class FlowActor(TimeConditionedMLP):
         noise = torch.randn(action.shape, device=action.device, generator=generator)
         t = draw_times((len(action),), args, action.device, generator)
         z = (1 - t[:, None]) * action + t[:, None] * noise
-        return (self(z, t, obs) - (noise - action)).pow(2).sum(-1).mean()
+        return (self(z, t, obs) - (noise - action)).pow(2).mean()
 
     def act(self, obs, noise=None, steps: int | None = None):
         steps = steps or self.steps
@@ -112,7 +112,7 @@ class DiffusionActor(TimeConditionedMLP):
     def bc_loss(self, obs, action, args: Args, generator=None) -> torch.Tensor:
         noise = torch.randn(action.shape, device=action.device, generator=generator)
         k = torch.randint(0, self.steps, (len(action),), device=action.device, generator=generator)
-        return (self(self.q_sample(action, k, noise), k.float(), obs) - noise).pow(2).sum(-1).mean()
+        return (self(self.q_sample(action, k, noise), k.float(), obs) - noise).pow(2).mean()
 
     def act(self, obs, noise=None):
         x = self.initial_noise(obs, noise)
@@ -161,22 +161,37 @@ def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
     return 2 * d(x, y) - d(x, x) - d(y, y)
 
 
+def mode_coverage(samples: np.ndarray) -> dict[str, float]:
+    """Figure 3's measure: the fraction of samples within 2 std (0.1) of a mode centre, and the smallest and
+    largest share of those samples that one mode holds (the data: ~86%, every mode ~12.5%; uniform noise ~6%)."""
+    centres, _ = bandit_modes()
+    dist = np.linalg.norm(samples[:, None] - centres[None], axis=-1)
+    near = dist.min(1) < 2 * BANDIT_STD
+    share = np.bincount(dist.argmin(1)[near], minlength=len(centres)) / max(int(near.sum()), 1)
+    return {"near_mode": float(near.mean()), "min_mode_share": float(share.min()), "max_mode_share": float(share.max())}
+
+
 def train_toy_bc(policy: str, steps: int, hidden: int = 256, seed: int = 0, lr: float = 1e-3, **overrides) -> nn.Module:
-    """BC only (no critic) on the eight-mode actions of `bandit-8modes`, with the --policy's own loss;
-    `overrides` are further Args fields (e.g. flow_ratio=1.0: MeanFlow trained as plain flow matching)."""
+    """BC only (no critic) on the eight-mode actions of `bandit-8modes` with the --policy's own loss, Adam with
+    the lr cosine-decayed to 0 over `steps` (ofql.py's --lr-decay); `overrides` are further Args fields (e.g.
+    flow_ratio=1.0: MeanFlow trained as plain flow matching)."""
     from ofql import make_actor
 
     torch.manual_seed(seed)
-    args = resolve_args(Args(env="bandit-8modes", policy=policy, hidden_dim=hidden, **overrides))
+    args = resolve_args(Args(env="bandit-8modes", policy=policy, hidden_dim=hidden, total_steps=steps,
+                             **{"lr_decay": True} | overrides))
     actions = torch.as_tensor(make_bandit_data(background=0.0, seed=seed)["action"], dtype=torch.float32)
     actor = make_actor(1, 2, args)
     opt = torch.optim.Adam(actor.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     obs = torch.zeros(args.batch_size, 1)
     for _ in range(steps):
         loss = actor.bc_loss(obs, actions[torch.randint(0, len(actions), (args.batch_size,))], args)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if args.lr_decay:
+            sched.step()
     return actor
 
 
@@ -192,11 +207,11 @@ def toy_samples(flow: FlowActor, meanflow: MeanFlowActor, n: int, seed: int = 0)
 
 @dataclass
 class ToyConfig:
-    steps: int = 5000
-    """BC gradient steps of each model (batch 256, Adam lr 1e-3)"""
+    steps: int = 20_000
+    """BC gradient steps of each model (batch 256, Adam lr 1e-3 cosine-decayed to 0)"""
     hidden: int = 256
     """MLP width of both models"""
-    samples: int = 2000
+    samples: int = 4000
     """samples per panel, and held-out data points the energy distance compares them with"""
     seed: int = 0
     threads: int = 1
@@ -204,12 +219,12 @@ class ToyConfig:
     png: str = "toy_figure.png"
     """where the figure is written"""
     json: str | None = None
-    """write the distances (and the config) to this JSON file"""
+    """write the measures (and the config) to this JSON file"""
 
 
 def toy_figure(cfg: ToyConfig) -> dict:
     """Train flow matching and OFQL on the 2-D eight-mode data, plot their samples beside the data and
-    print the energy distance of each panel to held-out data."""
+    print each panel's mode coverage and energy distance to held-out data."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -218,21 +233,27 @@ def toy_figure(cfg: ToyConfig) -> dict:
     start = time.time()
     flow = train_toy_bc("flow", cfg.steps, cfg.hidden, cfg.seed)
     meanflow = train_toy_bc("meanflow", cfg.steps, cfg.hidden, cfg.seed)
-    panels = toy_samples(flow, meanflow, cfg.samples, cfg.seed)
     data = make_bandit_data(cfg.samples, seed=cfg.seed + 1, background=0.0)["action"]
-    distances = {name: energy_distance(x, data) for name, x in panels.items()}
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3 * (len(panels) + 1), 3.2), sharex=True, sharey=True)
-    for ax, (name, x) in zip(axes, {"data": data, **panels}.items()):
+    uniform = np.random.default_rng(cfg.seed).uniform(-1, 1, (cfg.samples, 2))
+    panels = {"data": data, **toy_samples(flow, meanflow, cfg.samples, cfg.seed)}
+    measures = {name: mode_coverage(x) | {"energy_distance": energy_distance(x, data)}
+                for name, x in {**panels, "uniform": uniform}.items()}
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4), sharex=True, sharey=True)
+    for ax, (name, x) in zip(axes, panels.items()):
+        m = measures[name]
         ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4)
-        ax.set_title(name if name == "data" else f"{name}  (ED {distances[name]:.3f})")
+        ax.set_title(f"{name}\n{100 * m['near_mode']:.0f}% on a mode, {100 * m['min_mode_share']:.0f}-"
+                     f"{100 * m['max_mode_share']:.0f}% per mode", fontsize=9)
         ax.set_xlim(-1.05, 1.05), ax.set_ylim(-1.05, 1.05), ax.set_aspect("equal")
     fig.savefig(cfg.png, dpi=100, bbox_inches="tight")
     plt.close(fig)
-    print(f"\nenergy distance to {cfg.samples} held-out data points (0 = same distribution), "
-          f"{cfg.steps} BC steps each, {time.time() - start:.0f} s")
-    print("| panel | " + " | ".join(distances) + " |\n" + "|---" * (len(distances) + 1) + "|")
-    print("| energy distance | " + " | ".join(f"{v:.4f}" for v in distances.values()) + " |")
-    result = {"config": dataclasses.asdict(cfg), "energy_distance": distances}
+    print(f"\n{cfg.steps} BC steps per model, {cfg.samples} samples per panel, {time.time() - start:.0f} s; "
+          "'on a mode' = within 2 std (0.1) of a mode centre; shares are of those samples")
+    print("| panel | on a mode | smallest / largest mode share | energy distance to held-out data |\n|---|---|---|---|")
+    for name, m in measures.items():
+        print(f"| {name} | {100 * m['near_mode']:.1f}% | {100 * m['min_mode_share']:.1f}% / "
+              f"{100 * m['max_mode_share']:.1f}% | {m['energy_distance']:.4f} |")
+    result = {"config": dataclasses.asdict(cfg), "measures": measures}
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(result, indent=2))
     return result

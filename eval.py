@@ -9,7 +9,9 @@ per-seed means. The benchmark times, on the current device and with random weigh
   - OFQL one step: eager (time embeddings computed per call), folded (r = 0, t = 1 in the first bias),
     torch.compile of the folded net (where it compiles), numba (CPU: normalisation folded too, one
     compiled call), Triton's fused kernel and a CUDA-graph replay (CUDA);
-  - flow matching with K Euler steps (K network calls) and DDPM as in DQL with K steps (K network calls).
+  - flow matching with K Euler steps (K network calls) and DDPM as in DQL with K steps (K network calls);
+  - candidate selection, the paper's inference (DQL's `sample_action`): 50 one-step candidates and one critic
+    call (2 calls), and DQL's own shape, 50 DDPM-5 candidates and one critic call (6 calls).
 It reports the policy call alone and the full act step a robot pays (numpy observation in ->
 normalisation -> policy -> numpy action out). Medians over repetitions after a warm-up.
 """
@@ -21,6 +23,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import numpy as np
@@ -40,8 +43,15 @@ class EvalArgs:
     """episodes per seed"""
     seeds: list[int] = field(default_factory=lambda: [0])
     """evaluation seeds (environment resets and policy noise)"""
+    eval_protocol: Literal["paper", "one"] | None = None
+    """action selection (see ofql.py --eval-protocol); given, it replaces the checkpoint's selection, samples and
+    temperature (None: the checkpoint's)"""
+    eval_select: Literal["one", "softmax", "argmax"] | None = None
+    """replaces the checkpoint's --eval-select"""
     eval_samples: int | None = None
-    """actions per decision (None: the checkpoint's --eval-samples)"""
+    """candidates per decision for softmax/argmax (replaces the checkpoint's)"""
+    eval_temperature: float | None = None
+    """softmax temperature (replaces the checkpoint's)"""
     eval_policy_steps: int | None = None
     """network calls per action for a --policy flow/diffusion checkpoint: Euler steps, or DDIM steps
     (None: the checkpoint's --eval-policy-steps)"""
@@ -91,6 +101,18 @@ def load_agent(path: str, device: torch.device, kernels: str = "auto", eval_poli
     return agent, task, ofql.Normalizer(state["obs_mean"], state["obs_std"]), args
 
 
+def with_eval_selection(args: ofql.Args, cfg: EvalArgs) -> ofql.Args:
+    """The checkpoint's args with the action selection asked for on eval.py's command line."""
+    fields = ("eval_select", "eval_samples", "eval_temperature")
+    given = {name: getattr(cfg, name) for name in fields if getattr(cfg, name) is not None}
+    if cfg.eval_protocol is not None:  # a protocol replaces the whole selection, then explicit fields refine it
+        return ofql.resolve_args(dataclasses.replace(args, eval_protocol=cfg.eval_protocol,
+                                                     **{name: None for name in fields} | given))
+    if "eval_select" in given and "eval_samples" not in given:
+        given["eval_samples"] = None
+    return ofql.resolve_args(dataclasses.replace(args, **given)) if given else args
+
+
 def write_gif(path: Path, frames: list[np.ndarray], fps: int):
     from PIL import Image
 
@@ -102,8 +124,7 @@ def write_gif(path: Path, frames: list[np.ndarray], fps: int):
 def evaluate_checkpoint(cfg: EvalArgs) -> dict:
     agent, task, normalizer, args = load_agent(cfg.checkpoint, torch.device(cfg.device), cfg.kernels,
                                                cfg.eval_policy_steps)
-    if cfg.eval_samples is not None:
-        args = dataclasses.replace(args, eval_samples=cfg.eval_samples)
+    args = with_eval_selection(args, cfg)
     per_seed = []
     for seed in tqdm(cfg.seeds, desc="seeds", unit="seed"):
         torch.manual_seed(seed)
@@ -125,7 +146,8 @@ def evaluate_checkpoint(cfg: EvalArgs) -> dict:
     seed_means = np.array([r["score_mean"] for r in per_seed])
     summary = {
         "checkpoint": cfg.checkpoint, "env": args.env, "episodes_per_seed": cfg.episodes, "seeds": cfg.seeds,
-        "eval_samples": args.eval_samples, "policy": args.policy, "eval_policy_steps": args.eval_policy_steps,
+        "eval_protocol": args.eval_protocol, "eval_select": args.eval_select, "eval_samples": args.eval_samples,
+        "eval_temperature": args.eval_temperature, "policy": args.policy, "eval_policy_steps": args.eval_policy_steps,
         "score_mean": float(scores.mean()), "score_std_episodes": float(scores.std()),
         "score_std_seeds": float(seed_means.std()), "return_mean": float(np.mean([r["return_mean"] for r in per_seed])),
         "ref_source": task.ref_source, "per_seed": per_seed,
@@ -272,6 +294,17 @@ def cuda_graph_policy(policy, batch: int, obs_dim: int, act_dim: int, device: to
     return replay
 
 
+PAPER_CANDIDATES = ofql.EVAL_PROTOCOLS["paper"][1]
+
+
+def candidate_policy(sampler, critic: torch.nn.Module, n: int):
+    """policy(obs, noise) that draws `n` candidates per observation from `sampler` (its own noise; the given
+    noise is unused) and picks one by softmax over the min of the two critics: ofql.sample_actions's path."""
+    agent = SimpleNamespace(evaluation_act=sampler, critic_target=critic)
+    args = ofql.Args(eval_select="softmax", eval_samples=n, eval_temperature=1.0)
+    return lambda obs, noise=None: ofql.sample_actions(agent, obs, args)
+
+
 def benchmark(cfg: EvalArgs) -> dict:
     """Decisions per second of each policy at each batch size: the policy call alone and the full act step."""
     torch.set_num_threads(cfg.threads)
@@ -313,6 +346,12 @@ def benchmark(cfg: EvalArgs) -> dict:
     for k in (5, 50):
         policies[f"ddpm-{k}"] = (k, baselines.DiffusionActor(obs_dim, act_dim, hidden, steps=k).to(device).eval().sampler(), "torch")
     policies["ddim-1"] = (1, baselines.DiffusionActor(obs_dim, act_dim, hidden, steps=5).to(device).eval().sampler(1), "torch")
+    # candidate selection: N one-step (or DDPM-5) samples per observation, one critic call over all of them, softmax
+    critic = agent.critic_target if cfg.checkpoint else ofql.TwinCritic(obs_dim, act_dim, hidden).to(device).eval()
+    ddpm5 = baselines.DiffusionActor(obs_dim, act_dim, hidden, steps=5).to(device).eval().sampler()
+    for name, calls, sampler in ((f"ofql-1 paper ({PAPER_CANDIDATES} cand. + critic)", 2, actor.act),
+                                 (f"dql sample_action (ddpm-5 x {PAPER_CANDIDATES} + critic)", 6, ddpm5)):
+        policies[name] = (calls, candidate_policy(sampler, critic, PAPER_CANDIDATES), "torch")
 
     rows = []
     with torch.no_grad():
@@ -368,13 +407,14 @@ def plot_frequency(rows: list[dict], path: str):
     fig, ax = plt.subplots(figsize=(6, 4))
     batch = min(r["batch"] for r in rows)
     part = [r for r in rows if r["batch"] == batch]
-    for prefix, marker in (("ofql", "*"), ("flow-euler", "o"), ("ddpm", "s"), ("ddim", "D")):
-        sel = [r for r in part if r["policy"].startswith(prefix)]
+    for prefix, marker in (("ofql", "*"), ("ofql-1 paper", "X"), ("flow-euler", "o"), ("ddpm", "s"), ("ddim", "D"),
+                           ("dql", "P")):
+        sel = [r for r in part if r["policy"].startswith(prefix) and (prefix != "ofql" or r["network_calls"] == 1)]
         ax.plot([r["network_calls"] for r in sel], [r["decisions_per_s"] for r in sel], marker,
                 ls="-" if len(sel) > 1 and prefix != "ofql" else "", label=prefix, ms=10 if prefix == "ofql" else 6)
     for r in part:  # name each one-step variant
         if r["policy"].startswith("ofql"):
-            ax.annotate(r["policy"].removeprefix("ofql-1 "), (1, r["decisions_per_s"]), xytext=(8, -3),
+            ax.annotate(r["policy"].removeprefix("ofql-1 "), (r["network_calls"], r["decisions_per_s"]), xytext=(8, -3),
                         textcoords="offset points", fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -82,10 +82,12 @@ class Args:
     """transitions per gradient step"""
     lr: float | None = None
     """actor learning rate (None: task preset, DQL: 3e-4)"""
-    critic_lr: float = 3e-4
-    """critic learning rate (DQL keeps it at 3e-4 for every task)"""
-    lr_decay: bool = False
-    """cosine-decay the actor lr over the run, stepped every gradient step"""
+    critic_lr: float | None = None
+    """critic learning rate (None: task preset; DQL keeps 3e-4 for every task)"""
+    lr_decay: bool | None = None
+    """cosine-decay the actor and critic lr to 0 over --total-steps, stepped every gradient step (None: task
+    preset, on except the bandit; the authors' later MeanFlow-Q code decays both; the one-step toy needs it:
+    32% -> 74% of samples on a mode, README)"""
     gamma: float = 0.99
     """discount"""
     tau: float = 0.005
@@ -137,8 +139,9 @@ class Args:
     """std of the logit-normal time draw"""
     time_emb_scale: float = 1.0
     """t and r are multiplied by this before the sinusoidal embedding (DQL fed integer steps)"""
-    adaptive_weight: float = 0.0
-    """MeanFlow's adaptive loss weight power p (loss / sg(loss + 1e-3)^p); 0 = plain squared error"""
+    adaptive_weight: float = 0.5
+    """MeanFlow's adaptive loss weight power p (per-sample loss / sg(loss + 1e-3)^p); 0 = plain squared error.
+    0.5 measured best for one-step mode coverage on the toy (README, Figure 3); MeanFlow's image default is 1"""
     hidden_dim: int | None = None
     """width of actor and critic MLPs (None: task preset; DQL and the paper: 256)"""
 
@@ -147,8 +150,17 @@ class Args:
     """gradient steps between evaluations (None: task preset)"""
     eval_episodes: int = 10
     """episodes per evaluation (paper: 150 per task at the end)"""
-    eval_samples: int = 1
-    """actions per decision: 1 = one sample (OFQL default); N > 1 = best of N by min target-Q (DQL)"""
+    eval_protocol: Literal["paper", "one"] | None = None
+    """action selection at evaluation, filling the three fields below where unset: `paper` = DQL's
+    `sample_action`, which the paper inherits (50 one-step candidates, one drawn with probability
+    softmax(min target-Q)); `one` = a single one-step sample, no critic (fastest). None: task preset"""
+    eval_select: Literal["one", "softmax", "argmax"] | None = None
+    """`one` sample; or `eval_samples` candidates and the one drawn by softmax(Q x temperature) or the argmax
+    of Q, Q = min of the two target critics"""
+    eval_samples: int | None = None
+    """candidate actions per decision for softmax/argmax (paper: 50)"""
+    eval_temperature: float | None = None
+    """softmax temperature multiplying Q (DQL: 1; the authors' later code: 100-300 on normalised rewards)"""
     log_every: int = 1000
     """gradient steps between TensorBoard scalars (the only host syncs of the loop)"""
     save_every: int | None = None
@@ -165,6 +177,8 @@ class Preset:
 
     eta: float = 0.01  # the best OFQL-grid value measured on the hopper stand-in (README, Results)
     lr: float = 3e-4
+    critic_lr: float = 3e-4
+    lr_decay: bool = True
     grad_norm: float = 9.0
     max_q_backup: bool = False
     reward_scale: float = 1.0
@@ -172,6 +186,7 @@ class Preset:
     total_steps: int = 1_000_000
     eval_every: int = 10_000
     hidden_dim: int = 256
+    eval_protocol: str = "paper"
 
 
 def _mujoco(grad_norm: float) -> Preset:
@@ -193,9 +208,13 @@ PRESETS: dict[str, Preset] = {
     "kitchen-complete-v0": Preset(eta=0.005, grad_norm=9), "kitchen-partial-v0": Preset(eta=0.005, grad_norm=10),
     "kitchen-mixed-v0": Preset(eta=0.005, grad_norm=10),
     # built-in tasks (no download)
-    "bandit-8modes": Preset(eta=0.3, lr=1e-3, grad_norm=0.0, total_steps=1500, eval_every=500, hidden_dim=128),
+    # the bandit's critic must resolve 0.15-wide reward windows: a decayed critic lr leaves it too smooth
+    "bandit-8modes": Preset(eta=0.3, lr=1e-3, critic_lr=1e-3, lr_decay=False, grad_norm=0.0, total_steps=2000,
+                            eval_every=500, hidden_dim=128, eval_protocol="one"),
     "pendulum-swingup": Preset(eta=3.0, grad_norm=9.0, total_steps=6000, eval_every=1000),
 }
+# --eval-protocol -> (eval_select, eval_samples, eval_temperature)
+EVAL_PROTOCOLS = {"paper": ("softmax", 50, 1.0), "one": ("one", 1, 1.0)}
 D4RL_MUJOCO = {f"{env}-{level}-v2": (env, level) for env in ("halfcheetah", "hopper", "walker2d")
                for level in ("medium", "medium-replay", "medium-expert")}
 D4RL_REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
@@ -240,6 +259,11 @@ def resolve_args(args: Args) -> Args:
         args = dataclasses.replace(args, ema_actor=args.policy == "diffusion")
     if args.save_every is None:
         args = dataclasses.replace(args, save_every=args.eval_every)
+    select, samples, temperature = EVAL_PROTOCOLS[args.eval_protocol]
+    if args.eval_select is not None and args.eval_select != select:
+        select, samples = args.eval_select, 50  # candidates default to the paper's 50 when the selection is changed
+    args = dataclasses.replace(args, eval_select=select, eval_samples=1 if select == "one" else args.eval_samples or samples,
+                               eval_temperature=temperature if args.eval_temperature is None else args.eval_temperature)
     problems = []
     if not 0.0 <= args.flow_ratio <= 1.0:
         problems.append(f"--flow-ratio {args.flow_ratio} must be in [0, 1]")
@@ -247,6 +271,8 @@ def resolve_args(args: Args) -> Args:
         problems.append(f"--eta {args.eta} must be >= 0")
     if args.batch_size < 1 or args.total_steps < 1 or args.eval_samples < 1:
         problems.append("--batch-size, --total-steps and --eval-samples must be >= 1")
+    if args.eval_temperature <= 0:
+        problems.append(f"--eval-temperature {args.eval_temperature} must be > 0")
     if args.policy == "meanflow" and {args.policy_steps, args.eval_policy_steps} - {1, None}:
         problems.append("--policy meanflow acts in one step: drop --policy-steps/--eval-policy-steps or pick "
                         "--policy flow/diffusion")
@@ -805,7 +831,7 @@ def meanflow_bc_loss(actor: MeanFlowActor, obs, action, args: Args, generator=No
     v = noise - action
     u, dudt = actor.velocity_and_dudt(z, r, t, obs, v)
     target = v - (t - r)[:, None] * dudt
-    err = (u - target.detach()).pow(2).sum(-1)
+    err = (u - target.detach()).pow(2).mean(-1)  # mean over action dims as DQL/MeanFlow: eta is the paper's scale
     if args.adaptive_weight > 0:  # MeanFlow's robust weighting: err / sg(err + c)^p
         err = err / (err.detach() + 1e-3) ** args.adaptive_weight
     return err.mean()
@@ -855,55 +881,60 @@ class OFQL:
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.lr, fused=True)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True)
-        self.actor_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.actor_opt, args.total_steps, eta_min=0.0)
+        self.actor_sched, self.critic_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.total_steps)
+                                               for opt in (self.actor_opt, self.critic_opt))
         self.step = 0
 
-    def update(self, batch: dict[str, torch.Tensor], swap_heads: bool) -> dict[str, torch.Tensor]:
-        """One gradient step of critic then actor (DQL order); returns detached metrics (no host sync)."""
-        args = self.args
-        # critic
-        target = td_target(self.actor_target, self.critic_target, batch, args)
+    def critic_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """TD error of both heads against r + gamma * mask * min_i Q'_i(s', a')."""
+        target = td_target(self.actor_target, self.critic_target, batch, self.args)
         q = self.critic(batch["obs"], batch["action"])
-        critic_loss = (q - target).pow(2).mean(1).sum()
-        self.critic_opt.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        if args.grad_norm > 0:
-            nn.utils.clip_grad_norm_(self.critic.parameters(), args.grad_norm)
-        self.critic_opt.step()
+        loss = (q - target).pow(2).mean(1).sum()
+        return loss, {"losses/critic_loss": loss.detach(), "charts/q_mean": q.detach().mean(),
+                      "charts/target_q_mean": target.mean()}
 
-        # actor: MeanFlow BC + normalised Q term (critic frozen so its grads are not computed)
-        bc_loss = self.actor.bc_loss(batch["obs"], batch["action"], args)
-        if args.eta > 0:
-            self.critic.requires_grad_(False)
+    def actor_loss(self, batch: dict[str, torch.Tensor], swap_heads: bool) -> tuple[torch.Tensor, dict]:
+        """L_BC - eta Q_i(s, a_pi) / sg(E|Q_j(s, a_pi)|), heads (i, j) = (1, 0) if swap_heads else (0, 1) (DQL)."""
+        bc_loss = self.actor.bc_loss(batch["obs"], batch["action"], self.args)
+        q_loss = torch.zeros((), device=bc_loss.device)
+        if self.args.eta > 0:
+            self.critic.requires_grad_(False)  # frozen: only the actor gets the Q gradient
             q_pi = self.critic(batch["obs"], self.actor.act(batch["obs"]))
             self.critic.requires_grad_(True)
             q_main, q_norm = (q_pi[1], q_pi[0]) if swap_heads else (q_pi[0], q_pi[1])
             q_loss = -q_main.mean() / q_norm.abs().mean().detach()
-        else:
-            q_loss = torch.zeros((), device=bc_loss.device)
-        actor_loss = bc_loss + args.eta * q_loss
-        self.actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        if args.grad_norm > 0:
-            nn.utils.clip_grad_norm_(self.actor.parameters(), args.grad_norm)
-        self.actor_opt.step()
-        if args.lr_decay:
-            self.actor_sched.step()
+        loss = bc_loss + self.args.eta * q_loss
+        return loss, {"losses/bc_loss": bc_loss.detach(), "losses/q_loss": q_loss.detach(),
+                      "losses/actor_loss": loss.detach()}
 
-        # targets
+    def optimise(self, loss: torch.Tensor, net: nn.Module, opt: torch.optim.Optimizer, sched):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.args.grad_norm > 0:
+            nn.utils.clip_grad_norm_(net.parameters(), self.args.grad_norm)
+        opt.step()
+        if self.args.lr_decay:
+            sched.step()
+
+    def update(self, batch: dict[str, torch.Tensor], swap_heads: bool) -> dict[str, torch.Tensor]:
+        """One gradient step of critic then actor (DQL order), then the targets; returns detached metrics
+        (no host sync)."""
+        critic_loss, critic_metrics = self.critic_loss(batch)
+        self.optimise(critic_loss, self.critic, self.critic_opt, self.critic_sched)
+        actor_loss, actor_metrics = self.actor_loss(batch, swap_heads)
+        self.optimise(actor_loss, self.actor, self.actor_opt, self.actor_sched)
         self.step += 1
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), args.tau)
-            if args.ema_actor and self.step % args.ema_every == 0:
-                decay = args.ema_decay if self.step >= args.ema_start else 0.0
+            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), self.args.tau)
+            if self.args.ema_actor and self.step % self.args.ema_every == 0:
+                decay = self.args.ema_decay if self.step >= self.args.ema_start else 0.0
                 torch._foreach_lerp_(list(self.actor_target.parameters()), list(self.actor.parameters()), 1 - decay)
-        return {"losses/critic_loss": critic_loss.detach(), "losses/bc_loss": bc_loss.detach(),
-                "losses/q_loss": q_loss.detach(), "losses/actor_loss": actor_loss.detach(),
-                "charts/q_mean": q.detach().mean(), "charts/target_q_mean": target.mean()}
+        return critic_metrics | actor_metrics
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k).state_dict() for k in
-                ("actor", "actor_target", "critic", "critic_target", "actor_opt", "critic_opt", "actor_sched")} \
+                ("actor", "actor_target", "critic", "critic_target", "actor_opt", "critic_opt", "actor_sched",
+                 "critic_sched")} \
             | {"step": self.step}
 
     def load_state_dict(self, state: dict):
@@ -938,16 +969,21 @@ class Normalizer:
 
 
 @torch.no_grad()
-def sample_actions(agent: OFQL, obs: torch.Tensor, n_samples: int = 1) -> torch.Tensor:
-    """Actions for normalised observations: one sample of the evaluation policy, or the best of `n_samples` by the
-    min over target critics (DQL's selection, argmax instead of softmax sampling)."""
-    if n_samples == 1:
+def sample_actions(agent: OFQL, obs: torch.Tensor, args: Args) -> torch.Tensor:
+    """Actions for normalised observations by --eval-select: one sample of the evaluation policy, or
+    `eval_samples` candidates per observation scored by the min of the target critics, then one drawn with
+    probability softmax(Q x temperature) (DQL's sample_action) or the argmax."""
+    if args.eval_select == "one":
         return agent.evaluation_act(obs)
-    repeated = obs.repeat_interleave(n_samples, 0)
+    n = args.eval_samples
+    repeated = obs.repeat_interleave(n, 0)
     actions = agent.evaluation_act(repeated)
-    q = agent.critic_target(repeated, actions).min(0).values.view(-1, n_samples)
-    best = q.argmax(1) + torch.arange(len(obs), device=obs.device) * n_samples
-    return actions[best]
+    q = agent.critic_target(repeated, actions).min(0).values.view(-1, n)
+    if args.eval_select == "softmax":
+        choice = torch.multinomial(torch.softmax(q * args.eval_temperature, 1), 1)[:, 0]
+    else:
+        choice = q.argmax(1)
+    return actions[choice + torch.arange(len(obs), device=obs.device) * n]
 
 
 def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episodes: int, seed: int,
@@ -958,7 +994,7 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
     agent.actor.eval()
     if task.make_env is None:  # bandit: score = mean reward of one-step samples
         obs = torch.zeros(1000, task.obs_dim, device=device)
-        actions = sample_actions(agent, obs, args.eval_samples).cpu().numpy()
+        actions = sample_actions(agent, obs, args).cpu().numpy()
         rewards = bandit_reward(actions)
         returns = rewards
     else:
@@ -969,7 +1005,7 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
         while alive.any():
             idx = np.flatnonzero(alive)
             obs_t = torch.as_tensor(normalizer(obs[idx]), dtype=torch.float32, device=device)
-            actions = sample_actions(agent, obs_t, args.eval_samples).cpu().numpy()
+            actions = sample_actions(agent, obs_t, args).cpu().numpy()
             for i, action in zip(idx, actions):
                 obs[i], reward, term, trunc, _ = envs[i].step(action)
                 returns[i] += reward
