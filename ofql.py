@@ -171,11 +171,15 @@ class Args:
     """only log and checkpoint a divergence, do not stop"""
 
 
+MUJOCO_ETA = 0.1  # OFQL's eta on MuJoCo tasks (mean-reduced BC loss), from the stand-in calibration (docs/results.md)
+
+
 @dataclass(frozen=True)
 class Preset:
-    """Per-task defaults (DQL's main.py table; eta of raw-reward MuJoCo tasks measured, see README)."""
+    """Per-task defaults: DQL's main.py table, except OFQL's MuJoCo eta, measured here (docs/results.md)."""
 
-    eta: float = 0.01  # the best OFQL-grid value measured on the hopper stand-in (README, Results)
+    eta: float = MUJOCO_ETA  # OFQL's Q weight (--policy meanflow)
+    dql_eta: float = 1.0  # DQL's value for the task: the --policy flow/diffusion comparison rows use it
     lr: float = 3e-4
     critic_lr: float = 3e-4
     lr_decay: bool = True
@@ -194,7 +198,14 @@ def _mujoco(grad_norm: float) -> Preset:
 
 
 def _antmaze(eta: float, grad_norm: float, max_q: bool, lr: float = 3e-4) -> Preset:
-    return Preset(eta=eta, lr=lr, grad_norm=grad_norm, max_q_backup=max_q, reward_scale=4.0, reward_bias=-0.5)
+    """DQL's eta on DQL's (= our) mean-reduced loss, for OFQL too: unmeasured here. DQL trains AntMaze 1M steps."""
+    return Preset(eta=eta, dql_eta=eta, lr=lr, grad_norm=grad_norm, max_q_backup=max_q, reward_scale=4.0,
+                  reward_bias=-0.5)
+
+
+def _kitchen(grad_norm: float, total_steps: int = 1_000_000) -> Preset:
+    """DQL's eta (0.005) for OFQL too, unmeasured here; DQL stops kitchen-complete at 250 epochs x 1000 steps."""
+    return Preset(eta=0.005, dql_eta=0.005, grad_norm=grad_norm, total_steps=total_steps)
 
 
 PRESETS: dict[str, Preset] = {
@@ -205,13 +216,12 @@ PRESETS: dict[str, Preset] = {
     "antmaze-umaze-v0": _antmaze(0.5, 2, False), "antmaze-umaze-diverse-v0": _antmaze(2.0, 3, True),
     "antmaze-medium-play-v0": _antmaze(2.0, 2, True, lr=1e-3), "antmaze-medium-diverse-v0": _antmaze(3.0, 1, True),
     "antmaze-large-play-v0": _antmaze(4.5, 10, True), "antmaze-large-diverse-v0": _antmaze(3.5, 7, True),
-    "kitchen-complete-v0": Preset(eta=0.005, grad_norm=9), "kitchen-partial-v0": Preset(eta=0.005, grad_norm=10),
-    "kitchen-mixed-v0": Preset(eta=0.005, grad_norm=10),
+    "kitchen-complete-v0": _kitchen(9, 250_000), "kitchen-partial-v0": _kitchen(10), "kitchen-mixed-v0": _kitchen(10),
     # built-in tasks (no download)
     # the bandit's critic must resolve 0.15-wide reward windows: a decayed critic lr leaves it too smooth
-    "bandit-8modes": Preset(eta=0.3, lr=1e-3, critic_lr=1e-3, lr_decay=False, grad_norm=0.0, total_steps=2000,
+    "bandit-8modes": Preset(eta=0.3, dql_eta=0.3, lr=1e-3, critic_lr=1e-3, lr_decay=False, grad_norm=0.0, total_steps=2000,
                             eval_every=500, hidden_dim=128, eval_protocol="one"),
-    "pendulum-swingup": Preset(eta=3.0, grad_norm=9.0, total_steps=6000, eval_every=1000),
+    "pendulum-swingup": Preset(eta=3.0, dql_eta=3.0, grad_norm=9.0, total_steps=6000, eval_every=1000),
 }
 # --eval-protocol -> (eval_select, eval_samples, eval_temperature)
 EVAL_PROTOCOLS = {"paper": ("softmax", 50, 1.0), "one": ("one", 1, 1.0)}
@@ -251,7 +261,10 @@ CONVENTIONS = {
 def resolve_args(args: Args) -> Args:
     """Fill every None field from the task preset and check values; returns a new Args."""
     preset = PRESETS.get(args.env, Preset())
-    filled = {f.name: getattr(preset, f.name) for f in dataclasses.fields(Preset) if getattr(args, f.name) is None}
+    if args.policy != "meanflow" and args.eta is None:  # the comparison rows as the paper ran them: DQL's eta
+        args = dataclasses.replace(args, eta=preset.dql_eta)
+    filled = {f.name: getattr(preset, f.name) for f in dataclasses.fields(Preset)
+              if f.name != "dql_eta" and getattr(args, f.name) is None}
     args = dataclasses.replace(args, **filled)
     if args.policy_steps is None:
         args = dataclasses.replace(args, policy_steps=1 if args.policy == "meanflow" else 5)

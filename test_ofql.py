@@ -183,6 +183,47 @@ def test_q_guidance_picks_the_best_mode_and_earns_its_reward(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Critic: TD target, targets, actor loss, and value propagation against an exact Q
 # ------------------------------------------------------------------------------------------------
+def test_candidate_selection_draws_by_softmax_of_min_target_q_or_takes_the_argmax():
+    """DQL's sample_action: candidates scored by min(Q1', Q2'), one drawn with probability softmax(Q x T)."""
+    candidates = torch.tensor([[-0.5], [0.0], [0.5]])
+    heads = torch.tensor([[1.0, 2.0, 3.0], [1.5, 1.0, 2.5]])  # min: 1.0, 1.0, 2.5
+
+    class Critic(torch.nn.Module):
+        def forward(self, obs, action):
+            return heads[:, ((action[:, 0] + 0.5) * 2).round().long()]
+
+    agent = SimpleNamespace(evaluation_act=lambda obs: candidates.repeat(len(obs) // 3, 1), critic_target=Critic())
+    obs = torch.zeros(20_000, 1)
+    torch.manual_seed(0)
+    for temperature in (1.0, 2.0):
+        args = small_args(eval_select="softmax", eval_samples=3, eval_temperature=temperature)
+        picked = ofql.sample_actions(agent, obs, args)[:, 0]
+        freq = torch.stack([(picked == c).float().mean() for c in candidates[:, 0]])
+        expected = torch.softmax(temperature * torch.tensor([1.0, 1.0, 2.5]), 0)
+        print(f"T={temperature}: drawn {freq.numpy().round(3)}, softmax {expected.numpy().round(3)}")
+        torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
+    best = ofql.sample_actions(agent, obs[:6], small_args(eval_select="argmax", eval_samples=3))
+    assert (best == 0.5).all()
+
+
+def test_eval_protocol_fills_selection_and_eval_py_replaces_it(tmp_path):
+    import eval as ofql_eval
+
+    paper = ofql.resolve_args(ofql.Args(env="hopper-medium-v2"))
+    assert (paper.eval_select, paper.eval_samples, paper.eval_temperature) == ("softmax", 50, 1.0)
+    assert ofql.resolve_args(ofql.Args(env="hopper-medium-v2", eval_protocol="one")).eval_samples == 1
+    assert ofql.resolve_args(ofql.Args(env="hopper-medium-v2", eval_select="argmax", eval_samples=10)).eval_samples == 10
+    with pytest.raises(ValueError, match="eval-temperature"):
+        ofql.resolve_args(ofql.Args(env="hopper-medium-v2", eval_temperature=0.0))
+    cfg = ofql_eval.EvalArgs(checkpoint="unused", eval_protocol="paper")
+    bandit = ofql.resolve_args(ofql.Args(env="bandit-8modes"))
+    assert bandit.eval_select == "one"
+    replaced = ofql_eval.with_eval_selection(bandit, cfg)
+    assert (replaced.eval_select, replaced.eval_samples) == ("softmax", 50)
+    refined = ofql_eval.with_eval_selection(paper, ofql_eval.EvalArgs(checkpoint="unused", eval_select="argmax"))
+    assert (refined.eval_select, refined.eval_samples) == ("argmax", 50)
+
+
 class FixedHeads(torch.nn.Module):
     """A target critic whose two heads return given values per next observation (obs[:, 0] indexes them)."""
 
@@ -1352,6 +1393,18 @@ def test_policy_flags_are_checked_and_defaulted():
         small_args(policy="diffusion", policy_steps=5, eval_policy_steps=10)
     with pytest.raises(ValueError, match="must be >= 1"):
         small_args(policy="flow", policy_steps=0)
+
+
+def test_comparison_rows_take_dqls_settings_as_the_paper_ran_them():
+    """--policy diffusion/flow: DQL's eta for the task (1.0 on MuJoCo, on the same mean-reduced loss), DQL's EMA
+    actor for diffusion, DQL's inference (50 candidates, softmax); OFQL keeps its own measured eta."""
+    for policy in ("diffusion", "flow"):
+        args = ofql.resolve_args(ofql.Args(env="hopper-medium-expert-v2", policy=policy))
+        assert args.eta == 1.0 and (args.eval_select, args.eval_samples) == ("softmax", 50)
+    assert ofql.resolve_args(ofql.Args(env="hopper-medium-expert-v2", policy="diffusion")).ema_actor
+    assert ofql.resolve_args(ofql.Args(env="antmaze-large-play-v0", policy="diffusion")).eta == 4.5
+    assert ofql.resolve_args(ofql.Args(env="hopper-medium-expert-v2")).eta == ofql.MUJOCO_ETA
+    assert ofql.resolve_args(ofql.Args(env="hopper-medium-expert-v2", policy="flow", eta=0.2)).eta == 0.2
 
 
 def test_baseline_without_baselines_py_is_a_clear_error(monkeypatch):
