@@ -98,7 +98,7 @@ def load_agent(path: str, device: torch.device, kernels: str = "auto", eval_poli
                          f"{task.obs_dim}")
     agent = ofql.OFQL(task, args, device)
     agent.load_state_dict(state["agent"])
-    return agent, task, ofql.Normalizer(state["obs_mean"], state["obs_std"]), args
+    return agent, task, ofql.Normalizer(state["obs_mean"].numpy(), state["obs_std"].numpy()), args
 
 
 def with_eval_selection(args: ofql.Args, cfg: EvalArgs) -> ofql.Args:

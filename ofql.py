@@ -1043,15 +1043,41 @@ def plot_bandit(agent: OFQL, path: Path, n: int = 2000):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = "ofql-checkpoint-v2"  # v1 pickled numpy/python objects; v2 holds tensors and plain values only
+# what unpickling a v1 checkpoint imports (its numpy arrays), to tell an old file from a hostile one
+V1_GLOBALS = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """Every RNG's state as tensors and plain values (numpy: (name, keys, pos, has_gauss, cached_gaussian))."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "sampler": generator.get_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian],
+            "python": [version, list(internal), gauss_next],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(rng: dict, generator: torch.Generator):
+    """Restore what `rng_state` returned."""
+    name, keys, pos, has_gauss, cached_gaussian = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    version, internal, gauss_next = rng["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    torch.set_rng_state(rng["torch"])
+    generator.set_state(rng["sampler"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def save_checkpoint(path: Path, agent: OFQL, args: Args, normalizer: Normalizer, generator: torch.Generator,
                     history: list[dict]):
-    """One file with everything a resume needs, written to a temp file then renamed (atomic)."""
+    """One file with everything a resume needs, written to a temp file then renamed (atomic). It holds
+    tensors and plain Python values only, so `load_checkpoint` can read it without running pickled code."""
     state = {
-        "format": "ofql-checkpoint-v1", "args": dataclasses.asdict(args), "agent": agent.state_dict(),
-        "obs_mean": normalizer.mean, "obs_std": normalizer.std, "history": history,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "sampler": generator.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "format": CHECKPOINT_FORMAT, "args": dataclasses.asdict(args), "agent": agent.state_dict(),
+        "obs_mean": torch.from_numpy(normalizer.mean), "obs_std": torch.from_numpy(normalizer.std),
+        "history": history, "rng": rng_state(generator),
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as file:
@@ -1062,15 +1088,28 @@ def save_checkpoint(path: Path, agent: OFQL, args: Args, normalizer: Normalizer,
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint written by `save_checkpoint`, with a clear error for anything else."""
+    """Read a checkpoint written by `save_checkpoint` with torch.load(weights_only=True): a shared file
+    cannot run code when opened. Clear errors for old (v1), hostile, corrupt or foreign files."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as err:
+        try:  # the functions/classes the pickle would import, read without unpickling it
+            needs = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # not a torch.save zip file
+            needs = set()
+        if needs and needs <= V1_GLOBALS:
+            raise ValueError(f"{path} was written by an older ofql.py (ofql-checkpoint-v1) that stored pickled numpy "
+                             f"objects; this version opens only {CHECKPOINT_FORMAT} files (tensors and plain values, "
+                             "no code can run). Fix: retrain with this version, or use the ofql.py that wrote it") from err
+        if needs:
+            raise ValueError(f"{path} is not a safe OFQL checkpoint: it holds pickled objects ({', '.join(sorted(needs))}) "
+                             "whose loading could run arbitrary code, so it was not opened. Use a checkpoint written "
+                             "by ofql.py save_checkpoint") from err
         raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(err).__name__}); "
                          "use another checkpoint of the run") from err
-    if not isinstance(state, dict) or state.get("format") != "ofql-checkpoint-v1":
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an OFQL checkpoint (written by ofql.py save_checkpoint)")
     return state
 
@@ -1144,7 +1183,7 @@ def train(args: Args) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the dataset ({len(data['obs'])} transitions)")
     normalizer = Normalizer.fit(data["obs"], args.normalize_obs)
     if resumed is not None:
-        normalizer = Normalizer(resumed["obs_mean"], resumed["obs_std"])
+        normalizer = Normalizer(resumed["obs_mean"].numpy(), resumed["obs_std"].numpy())
     data["obs"], data["next_obs"] = normalizer(data["obs"]), normalizer(data["next_obs"])
     data["reward"] = (data["reward"] + args.reward_bias) * args.reward_scale
     buffer = ReplayBuffer(data, device, generator)
@@ -1155,13 +1194,7 @@ def train(args: Args) -> dict:
         run_dir = Path(args.resume).parent
         agent.load_state_dict(resumed["agent"])
         history = resumed["history"]
-        rng = resumed["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        generator.set_state(rng["sampler"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        set_rng_state(resumed["rng"], generator)
         print(f"resumed {args.resume} at step {agent.step}")
     else:
         run_dir = make_run_dir(args)

@@ -6,6 +6,7 @@ are built in temporary folders with `minari.create_dataset_from_buffers`.
 import dataclasses
 import json
 import math
+import random
 from types import SimpleNamespace
 
 import gymnasium as gym
@@ -419,6 +420,48 @@ def test_corrupt_or_truncated_checkpoint_is_refused(tmp_path):
         ofql.load_checkpoint(bad)
 
 
+class CreatesAFile:
+    """A pickled object whose unpickling runs code: open(marker, "w") creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker, hostile = tmp_path / "code_ran", tmp_path / "checkpoint.pt"
+    torch.save({"format": ofql.CHECKPOINT_FORMAT, "args": {}, "payload": CreatesAFile(marker)}, hostile)
+    with pytest.raises(ValueError, match=f"{hostile} is not a safe OFQL checkpoint.*io.open"):
+        ofql.load_checkpoint(hostile)
+    assert not marker.exists()
+    torch.load(hostile, weights_only=False)  # the payload is real: an unsafe load runs it
+    assert marker.exists()
+
+
+def test_v1_checkpoint_says_it_is_from_an_older_version(tmp_path):
+    old = tmp_path / "checkpoint.pt"
+    torch.save({"format": "ofql-checkpoint-v1", "obs_mean": np.zeros(3, np.float32),
+                "rng": {"numpy": np.random.get_state()}}, old)  # v1 pickled numpy arrays
+    with pytest.raises(ValueError, match="written by an older ofql.py \\(ofql-checkpoint-v1\\)"):
+        ofql.load_checkpoint(old)
+
+
+def test_checkpoint_holds_only_tensors_and_plain_values(tmp_path):
+    summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=3, eval_every=3,
+                                   hidden_dim=32))
+    state = ofql.load_checkpoint(summary["checkpoint"])  # weights_only=True
+    assert state["format"] == "ofql-checkpoint-v2" and isinstance(state["obs_mean"], torch.Tensor)
+    # the RNG states round-trip: restoring them gives the same next draws
+    generator = torch.Generator().manual_seed(5)
+    saved = ofql.rng_state(generator)
+    before = (np.random.rand(3), random.random(), np.random.randn(), torch.rand(2), torch.rand(2, generator=generator))
+    ofql.set_rng_state(saved, generator)
+    after = (np.random.rand(3), random.random(), np.random.randn(), torch.rand(2), torch.rand(2, generator=generator))
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(before, after))
+
+
 def test_pendulum_builtin_dataset_builds_offline():
     task, data = ofql.load_task("pendulum-swingup")
     assert task.obs_dim == 3 and task.act_dim == 1
@@ -532,7 +575,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
                       torch.device("cpu"))
     with pytest.raises(KeyboardInterrupt):
         ofql.save_checkpoint(ofql.Path(summary["checkpoint"]), agent, ofql.Args(**state["args"]),
-                             ofql.Normalizer(state["obs_mean"], state["obs_std"]), torch.Generator(), [])
+                             ofql.Normalizer(state["obs_mean"].numpy(), state["obs_std"].numpy()), torch.Generator(), [])
     assert open(summary["checkpoint"], "rb").read() == before
 
 
