@@ -399,9 +399,11 @@ def build_pendulum_dataset(dataset_id: str, episodes: int = 100, seed: int = 0):
 
 
 def d4rl_hdf5_to_minari(hdf5_path: str | Path, dataset_id: str, eval_env: str, ref_min: float, ref_max: float):
-    """Convert a D4RL v2 HDF5 file (observations, actions, rewards, terminals, timeouts,
+    """Convert a D4RL v2 HDF5 file (observations, actions, rewards, terminals, timeouts, optionally
     next_observations) into a local Minari dataset: one episode per terminal/timeout boundary, terminals
-    as terminations, timeouts (and the unfinished tail) as truncations."""
+    as terminations, timeouts (and the unfinished tail) as truncations. Without next_observations the
+    last step of a timeout or of the tail has no next observation (observations[i + 1] starts the next
+    episode) and is dropped, as d4rl.qlearning_dataset does."""
     import h5py
     import minari
     from minari.data_collector import EpisodeBuffer
@@ -414,13 +416,21 @@ def d4rl_hdf5_to_minari(hdf5_path: str | Path, dataset_id: str, eval_env: str, r
     if len(ends) == 0 or ends[-1] != len(rewards) - 1:
         ends = np.append(ends, len(rewards) - 1)
     buffers, start = [], 0
-    for i, end in enumerate(ends):
-        last_obs = next_obs[end] if next_obs is not None else obs[min(end + 1, len(obs) - 1)]
-        truncations = np.zeros(end + 1 - start, bool)
-        truncations[-1] = not terminals[end]
-        buffers.append(EpisodeBuffer(
-            id=i, observations=np.concatenate([obs[start:end + 1], last_obs[None]]), actions=actions[start:end + 1],
-            rewards=rewards[start:end + 1], terminations=terminals[start:end + 1], truncations=truncations))
+    for end in ends:
+        stop = end + 1  # this episode's transitions are start .. stop - 1
+        if next_obs is not None:
+            last_obs = next_obs[end]
+        elif terminals[end]:  # never bootstrapped (mask 0): its own observation stands in for the unknown next one
+            last_obs = obs[end]
+        else:  # timeout or tail: obs[end + 1] is the next episode's first observation, so step `end` is dropped
+            stop, last_obs = end, obs[end]
+        if stop > start:  # a one-step timeout episode has nothing left
+            truncations = np.zeros(stop - start, bool)
+            truncations[-1] = not terminals[stop - 1]
+            buffers.append(EpisodeBuffer(
+                id=len(buffers), observations=np.concatenate([obs[start:stop], last_obs[None]]),
+                actions=actions[start:stop], rewards=rewards[start:stop], terminations=terminals[start:stop],
+                truncations=truncations))
         start = end + 1
     return minari.create_dataset_from_buffers(
         dataset_id, buffers, env=eval_env, ref_min_score=ref_min, ref_max_score=ref_max,

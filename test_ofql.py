@@ -476,7 +476,7 @@ def test_pendulum_builtin_dataset_builds_offline():
 # ------------------------------------------------------------------------------------------------
 # D4RL v2 HDF5 -> Minari
 # ------------------------------------------------------------------------------------------------
-def write_d4rl_hdf5(path, n: int = 25):
+def write_d4rl_hdf5(path, n: int = 25, next_observations: bool = True):
     """A synthetic file in D4RL's layout: a terminal at 6, a timeout at 14, an unfinished tail."""
     import h5py
 
@@ -485,7 +485,9 @@ def write_d4rl_hdf5(path, n: int = 25):
     terminals, timeouts = np.zeros(n, bool), np.zeros(n, bool)
     terminals[6], timeouts[14] = True, True
     with h5py.File(path, "w") as f:
-        f["observations"], f["next_observations"] = obs, obs + 100.0
+        f["observations"] = obs
+        if next_observations:
+            f["next_observations"] = obs + 100.0
         f["actions"] = rng.uniform(-1, 1, size=(n, 3)).astype(np.float32)
         f["rewards"], f["terminals"], f["timeouts"] = np.arange(n, dtype=np.float64), terminals, timeouts
     return obs
@@ -510,6 +512,25 @@ def test_d4rl_hdf5_converts_to_episodes_with_terminal_and_timeout_boundaries(tmp
     assert (task.ref_min, task.ref_max) == (-20.272305, 3234.3) and "d4rl/hopper/medium-v2" in task.ref_source
     env = task.make_env()
     assert env.spec.id == "Hopper-v4"
+
+
+def test_d4rl_hdf5_without_next_observations_never_links_two_episodes(tmp_path):
+    """Like d4rl.qlearning_dataset: the last step of a timeout (and of the file's unfinished tail) has no
+    next observation, since observations[i + 1] starts the next episode, so it is dropped; the terminal
+    step is kept with mask 0 and a timeout is never a terminal."""
+    hdf5 = tmp_path / "no_next.hdf5"
+    obs = write_d4rl_hdf5(hdf5, next_observations=False)
+    dataset = ofql.d4rl_hdf5_to_minari(hdf5, "test/d4rl/no-next-v0", "Hopper-v4", 0.0, 1.0)
+    data = ofql.episodes_to_transitions(dataset.iterate_episodes())
+    kept = [i for i in range(25) if i not in (14, 24)]  # 14: timeout, 24: last step of the tail
+    np.testing.assert_array_equal(data["reward"], kept)  # rewards are the step indices
+    np.testing.assert_array_equal(data["obs"], obs[kept])
+    within = [j for j, i in enumerate(kept) if i != 6]  # every bootstrapped transition goes from step i to i + 1
+    np.testing.assert_array_equal(data["next_obs"][within], obs[np.array(kept)[within] + 1])
+    bootstrapped = data["next_obs"][data["mask"] == 1]  # never the first observation of another episode
+    assert not any(np.array_equal(x, obs[first]) for x in bootstrapped for first in (7, 15))
+    np.testing.assert_array_equal(data["mask"], [0.0 if i == 6 else 1.0 for i in kept])
+    assert [len(ep.actions) for ep in dataset.iterate_episodes()] == [7, 7, 9]
 
 
 def test_d4rl_offline_without_file_says_where_to_put_it(monkeypatch):
