@@ -220,6 +220,8 @@ D4RL_MUJOCO = {f"{env}-{level}-v2": (env, level) for env in ("halfcheetah", "hop
 D4RL_REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
 D4RL_EVAL_ENV = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": "Walker2d-v4"}
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{env}_{level}-v2.hdf5"
+# Minari's D4RL/antmaze and D4RL/kitchen are regenerated data on the newer gymnasium-robotics envs
+# (AntMaze_*-v4, FrankaKitchen-v1), like --mujoco-data minari: scores on them are not comparable with the paper's.
 MINARI_SOURCE = {
     **{f"antmaze-{m}-v0": f"D4RL/antmaze/{m}-v1" for m in
        ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")},
@@ -241,10 +243,10 @@ class Convention:
 
 CONVENTIONS = {
     "antmaze": Convention(("achieved_goal", "observation"), True, (("continuing_task", False),), (0.0, 1.0),
-                          "D4RL antmaze: 100 x success rate"),
+                          "D4RL antmaze: 100 x success rate (Minari regeneration, not the paper's data)"),
     "kitchen": Convention(("observation",), False, (("remove_task_when_completed", True),
                                                     ("terminate_on_tasks_completed", True), ("max_episode_steps", 280)),
-                          (0.0, 4.0), "D4RL kitchen: 100 x return / 4"),
+                          (0.0, 4.0), "D4RL kitchen: 100 x return / 4 (Minari regeneration, not the paper's data)"),
 }
 
 
