@@ -2,6 +2,7 @@
 
     python eval.py --checkpoint runs/<run>/checkpoint.pt --episodes 50 --seeds 0 1 2 --json result.json
     python eval.py --benchmark --threads 1 --json bench.json --plot bench.png
+    python eval.py --checkpoint runs/<run>/checkpoint.pt --export-onnx policy.onnx
 
 Evaluation prints raw return and normalized score (x 100), mean +- std over all episodes and over the
 per-seed means. The benchmark times, on the current device and with random weights of identical width
@@ -82,6 +83,9 @@ class EvalArgs:
     """include torch.compile of the folded policy"""
     plot: str | None = None
     """PNG of decisions/s against network calls per decision (the paper's Figure 4, right)"""
+    export_onnx: str | None = None
+    """with --checkpoint: write its one-step policy (observation normalisation included) to this ONNX file
+    instead of evaluating (inputs obs [B, obs_dim] raw and noise [B, act_dim] ~ N(0, I); output action)"""
 
 
 def load_agent(path: str, device: torch.device, kernels: str = "auto", eval_policy_steps: int | None = None):
@@ -237,6 +241,76 @@ class NumbaPolicy:
             noise = np.asarray(noise, np.float32).reshape(len(obs), self.act_dim)
         action = self.forward(obs, noise, self.weights, self.biases)
         return action[0] if single else action
+
+
+# ------------------------------------------------------------------------------------------------
+# Deployment path without Python: the one-step policy as an ONNX file (onnxruntime, C++, C#, mobile)
+# ------------------------------------------------------------------------------------------------
+class ExportablePolicy(torch.nn.Module):
+    """A FoldedActor on raw observations, written with ops that export to ONNX: (s - mean) / std, the MLP
+    with F.mish (ONNX's Mish op; ofql.mish picks its kernel by tensor size, which export cannot trace
+    for a dynamic batch) and the clip. Same function as folded(normalizer(obs), noise)."""
+
+    def __init__(self, folded: ofql.FoldedActor, normalizer: ofql.Normalizer):
+        super().__init__()
+        self.linears = torch.nn.ModuleList(folded.linears)
+        self.register_buffer("mean", torch.as_tensor(normalizer.mean))
+        self.register_buffer("std", torch.as_tensor(normalizer.std))
+
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([noise, (obs - self.mean) / self.std], -1)
+        *hidden, last = self.linears
+        for layer in hidden:
+            x = torch.nn.functional.mish(layer(x))
+        return (noise - last(x)).clamp(-1.0, 1.0)
+
+
+def export_onnx(folded: ofql.FoldedActor, normalizer: ofql.Normalizer, path: str | Path):
+    """Write the policy to `path`: inputs `obs` [batch, obs_dim] and `noise` [batch, act_dim] (float32),
+    output `action` [batch, act_dim] in [-1, 1]; the batch axis is dynamic. Needs onnx and onnxscript."""
+    policy = ExportablePolicy(folded, normalizer).cpu().eval()
+    obs_dim, act_dim = len(normalizer.mean), folded.act_dim
+    batch = torch.export.Dim("batch")
+    example = (torch.zeros(2, obs_dim), torch.zeros(2, act_dim))  # batch 2: torch.export specialises a batch of 1
+    torch.onnx.export(policy, example, str(path), input_names=["obs", "noise"], output_names=["action"],
+                      dynamic_shapes={"obs": {0: batch}, "noise": {0: batch}}, dynamo=True, verbose=False)
+
+
+class OnnxPolicy:
+    """An exported policy run by onnxruntime on the CPU: numpy raw observation in, numpy action out.
+
+        policy = OnnxPolicy("policy.onnx")
+        action = policy(raw_obs)            # obs [obs_dim] or [batch, obs_dim]"""
+
+    def __init__(self, path: str | Path, threads: int = 1, seed: int = 0):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.obs_dim, self.act_dim = (self.session.get_inputs()[i].shape[1] for i in (0, 1))
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, obs: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        obs = np.asarray(obs, np.float32)
+        single = obs.ndim == 1
+        obs = obs.reshape(-1, self.obs_dim)
+        if noise is None:
+            noise = self.rng.standard_normal((len(obs), self.act_dim), dtype=np.float32)
+        action = self.session.run(None, {"obs": obs, "noise": np.asarray(noise, np.float32)})[0]
+        return action[0] if single else action
+
+
+def export_checkpoint(path: str, out: str) -> dict:
+    """eval.py --checkpoint PATH --export-onnx OUT."""
+    agent, task, normalizer, args = load_agent(path, torch.device("cpu"), "torch")
+    if args.policy != "meanflow":
+        raise ValueError(f"--export-onnx exports OFQL's one-step policy (--policy meanflow); {path} is --policy "
+                         f"{args.policy}")
+    export_onnx(agent.actor.folded(), normalizer, out)
+    print(f"wrote {out}: obs [batch, {task.obs_dim}] (raw observations) and noise [batch, {task.act_dim}] "
+          f"(standard normal) -> action [batch, {task.act_dim}] in [-1, 1]")
+    return {"checkpoint": path, "onnx": out, "obs_dim": task.obs_dim, "act_dim": task.act_dim}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,11 +503,14 @@ def plot_frequency(rows: list[dict], path: str):
 def main(cfg: EvalArgs) -> dict:
     if cfg.benchmark:
         result = benchmark(cfg)
+    elif cfg.checkpoint and cfg.export_onnx:
+        result = export_checkpoint(cfg.checkpoint, cfg.export_onnx)
     elif cfg.checkpoint:
         torch.set_num_threads(cfg.threads)
         result = evaluate_checkpoint(cfg)
     else:
-        raise ValueError("pass --checkpoint PATH to evaluate, or --benchmark")
+        raise ValueError("pass --checkpoint PATH to evaluate (with --export-onnx FILE: to export its policy), "
+                         "or --benchmark")
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(result, indent=2))
     return result

@@ -755,6 +755,52 @@ def test_numba_policy_matches_the_torch_policy_with_normalisation(batch, obs_dim
     assert np.array_equal(first, again) and np.abs(first).max() <= 1.0 and not np.array_equal(first, out)
 
 
+@pytest.mark.parametrize("obs_dim, act_dim, hidden", [(11, 3, 64), (17, 6, 37)])
+def test_onnx_export_matches_the_torch_policy_with_normalisation(tmp_path, obs_dim, act_dim, hidden):
+    """One exported file (dynamic batch axis) run by onnxruntime at batch 1, 7 and 257 gives the actions of
+    the torch one-step policy on normalised observations (fp32: max error < 1e-5)."""
+    import eval as ofql_eval
+
+    torch.manual_seed(obs_dim)
+    rng = np.random.default_rng(obs_dim)
+    actor = ofql.MeanFlowActor(obs_dim, act_dim, hidden, time_scale=3.0)
+    for layer in actor.net[::2]:  # wide pre-activations: Mish's tails, and 35-65% of the actions clipped
+        layer.weight.data *= 1.5
+    normalizer = ofql.Normalizer(rng.normal(size=obs_dim) * 5, rng.uniform(0.1, 3.0, size=obs_dim))
+    ofql_eval.export_onnx(actor.folded(), normalizer, tmp_path / "policy.onnx")
+    policy = ofql_eval.OnnxPolicy(tmp_path / "policy.onnx")
+    for batch in (1, 7, 257):
+        obs = (rng.normal(size=(batch, obs_dim)) * 5).astype(np.float32)
+        noise = rng.normal(size=(batch, act_dim)).astype(np.float32)
+        with torch.no_grad():
+            ref = actor.act(torch.as_tensor(normalizer(obs)), torch.as_tensor(noise)).numpy()
+        out = policy(obs, noise)
+        err = np.abs(out - ref).max()
+        print(f"batch {batch}, obs {obs_dim}, act {act_dim}: max |onnxruntime - torch| = {err:.2e}, "
+              f"clipped {(np.abs(ref) == 1.0).mean():.2f}")
+        assert out.shape == (batch, act_dim) and out.dtype == np.float32 and err < 1e-5
+    assert 0 < (np.abs(ref) == 1.0).mean() < 1  # the clip is exercised
+    assert policy(obs[0]).shape == (act_dim,) and np.abs(policy(obs)).max() <= 1.0  # own noise draw
+
+
+def test_eval_exports_a_checkpoint_to_onnx(tmp_path):
+    """`eval.py --checkpoint ... --export-onnx FILE`: the file acts like the checkpoint's policy on raw observations."""
+    import eval as ofql_eval
+
+    summary = ofql.train(ofql.Args(env="bandit-8modes", total_steps=3, eval_every=3, out_dir=str(tmp_path)))
+    out = tmp_path / "policy.onnx"
+    result = ofql_eval.main(ofql_eval.EvalArgs(checkpoint=summary["checkpoint"], export_onnx=str(out)))
+    assert (result["obs_dim"], result["act_dim"]) == (1, 2)
+    agent, _, normalizer, _ = ofql_eval.load_agent(summary["checkpoint"], torch.device("cpu"))
+    obs = np.random.default_rng(0).normal(size=(5, 1)).astype(np.float32) * 1e-3  # bandit obs are 0: std 1e-3
+    noise = np.random.default_rng(1).normal(size=(5, 2)).astype(np.float32)
+    with torch.no_grad():
+        ref = agent.actor.act(torch.as_tensor(normalizer(obs)), torch.as_tensor(noise)).numpy()
+    err = np.abs(ofql_eval.OnnxPolicy(out)(obs, noise) - ref).max()
+    print(f"bandit checkpoint: max |onnxruntime - torch| = {err:.2e}")
+    assert err < 1e-5
+
+
 def test_eval_runs_a_policy_trained_with_triton_kernels_on_torch(tmp_path):
     """The checkpoint's --kernels is replaced by eval.py's (auto: torch without CUDA)."""
     import eval as ofql_eval
