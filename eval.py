@@ -9,7 +9,8 @@ per-seed means. The benchmark times, on the current device and with random weigh
 (or a checkpoint's), one decision of:
   - OFQL one step: eager (time embeddings computed per call), folded (r = 0, t = 1 in the first bias),
     torch.compile of the folded net (where it compiles), numba (CPU: normalisation folded too, one
-    compiled call), Triton's fused kernel and a CUDA-graph replay (CUDA);
+    compiled call), onnxruntime running the exported ONNX file (CPU), Triton's fused kernel and a
+    CUDA-graph replay (CUDA);
   - flow matching with K Euler steps (K network calls) and DDPM as in DQL with K steps (K network calls);
   - candidate selection, the paper's inference (DQL's `sample_action`): 50 one-step candidates and one critic
     call (2 calls), and DQL's own shape, 50 DDPM-5 candidates and one critic call (6 calls).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,6 +415,12 @@ def benchmark(cfg: EvalArgs) -> dict:
             policies["ofql-1 numba"] = (1, NumbaPolicy(folded, normalizer), "numpy")
         except ImportError:
             print("numba is not installed; the numba row is skipped (pip install numba)")
+        try:
+            with tempfile.TemporaryDirectory() as folder:  # the session holds the model once it is built
+                export_onnx(folded, normalizer, f"{folder}/policy.onnx")
+                policies["ofql-1 onnxruntime"] = (1, OnnxPolicy(f"{folder}/policy.onnx", cfg.threads), "numpy")
+        except ImportError as err:
+            print(f"{err.name} is not installed; the onnxruntime row is skipped (pip install onnx onnxscript onnxruntime)")
     # the baselines' own samplers (baselines.py), random weights of the same width
     flow = baselines.FlowActor(obs_dim, act_dim, hidden).to(device).eval()
     for k in (1, 5, 10, 50):
@@ -437,7 +445,7 @@ def benchmark(cfg: EvalArgs) -> dict:
             noise_np = np.random.default_rng(1).normal(size=(batch, act_dim)).astype(np.float32)
             obs, noise = torch.as_tensor(obs_np, device=device), torch.as_tensor(noise_np, device=device)
             for name, (calls, policy, inputs) in tqdm(per_batch.items(), desc=f"batch {batch}", leave=False):
-                if inputs == "numpy":  # normalisation is folded into its weights: the act step is one call
+                if inputs == "numpy":  # normalisation is inside the policy: the act step is one call
                     def policy_call():
                         return policy(obs_np, noise_np)
 

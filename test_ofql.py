@@ -719,7 +719,8 @@ def test_eval_benchmark_quick_mode_writes_json_and_png(tmp_path):
                                                compile=False, json=str(tmp_path / "b.json"),
                                                plot=str(tmp_path / "b.png")))
     names = {r["policy"] for r in result["rows"]}
-    assert {"ofql-1 eager", "ofql-1 folded", "ofql-1 numba", "flow-euler-50", "ddpm-5", "ddpm-50", "ddim-1"} <= names
+    assert {"ofql-1 eager", "ofql-1 folded", "ofql-1 numba", "ofql-1 onnxruntime", "flow-euler-50", "ddpm-5", "ddpm-50",
+            "ddim-1"} <= names
     assert all(r["decisions_per_s"] > 0 for r in result["rows"]) and len(result["rows"]) == 2 * len(names)
     assert (tmp_path / "b.png").stat().st_size > 1000 and json.loads((tmp_path / "b.json").read_text())["rows"]
 
