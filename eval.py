@@ -19,6 +19,7 @@ normalisation -> policy -> numpy action out). Medians over repetitions after a w
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import statistics
@@ -255,9 +256,9 @@ class ExportablePolicy(torch.nn.Module):
 
     def __init__(self, folded: ofql.FoldedActor, normalizer: ofql.Normalizer):
         super().__init__()
-        self.linears = torch.nn.ModuleList(folded.linears)
-        self.register_buffer("mean", torch.as_tensor(normalizer.mean))
-        self.register_buffer("std", torch.as_tensor(normalizer.std))
+        self.linears = torch.nn.ModuleList(copy.deepcopy(folded.linears))  # a copy: export moves it to the CPU
+        self.register_buffer("mean", torch.tensor(normalizer.mean))
+        self.register_buffer("std", torch.tensor(normalizer.std))
 
     def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         x = torch.cat([noise, (obs - self.mean) / self.std], -1)
