@@ -2,13 +2,15 @@
 
     python eval.py --checkpoint runs/<run>/checkpoint.pt --episodes 50 --seeds 0 1 2 --json result.json
     python eval.py --benchmark --threads 1 --json bench.json --plot bench.png
+    python eval.py --checkpoint runs/<run>/checkpoint.pt --export-onnx policy.onnx
 
 Evaluation prints raw return and normalized score (x 100), mean +- std over all episodes and over the
 per-seed means. The benchmark times, on the current device and with random weights of identical width
 (or a checkpoint's), one decision of:
   - OFQL one step: eager (time embeddings computed per call), folded (r = 0, t = 1 in the first bias),
     torch.compile of the folded net (where it compiles), numba (CPU: normalisation folded too, one
-    compiled call), Triton's fused kernel and a CUDA-graph replay (CUDA);
+    compiled call), onnxruntime running the exported ONNX file (CPU), Triton's fused kernel and a
+    CUDA-graph replay (CUDA);
   - flow matching with K Euler steps (K network calls) and DDPM as in DQL with K steps (K network calls);
   - candidate selection, the paper's inference (DQL's `sample_action`): 50 one-step candidates and one critic
     call (2 calls), and DQL's own shape, 50 DDPM-5 candidates and one critic call (6 calls).
@@ -17,9 +19,11 @@ normalisation -> policy -> numpy action out). Medians over repetitions after a w
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +86,9 @@ class EvalArgs:
     """include torch.compile of the folded policy"""
     plot: str | None = None
     """PNG of decisions/s against network calls per decision (the paper's Figure 4, right)"""
+    export_onnx: str | None = None
+    """with --checkpoint: write its one-step policy (observation normalisation included) to this ONNX file
+    instead of evaluating (inputs obs [B, obs_dim] raw and noise [B, act_dim] ~ N(0, I); output action)"""
 
 
 def load_agent(path: str, device: torch.device, kernels: str = "auto", eval_policy_steps: int | None = None):
@@ -98,7 +105,7 @@ def load_agent(path: str, device: torch.device, kernels: str = "auto", eval_poli
                          f"{task.obs_dim}")
     agent = ofql.OFQL(task, args, device)
     agent.load_state_dict(state["agent"])
-    return agent, task, ofql.Normalizer(state["obs_mean"], state["obs_std"]), args
+    return agent, task, ofql.Normalizer(state["obs_mean"].numpy(), state["obs_std"].numpy()), args
 
 
 def with_eval_selection(args: ofql.Args, cfg: EvalArgs) -> ofql.Args:
@@ -240,6 +247,76 @@ class NumbaPolicy:
 
 
 # ------------------------------------------------------------------------------------------------
+# Deployment path without Python: the one-step policy as an ONNX file (onnxruntime, C++, C#, mobile)
+# ------------------------------------------------------------------------------------------------
+class ExportablePolicy(torch.nn.Module):
+    """A FoldedActor on raw observations, written with ops that export to ONNX: (s - mean) / std, the MLP
+    with F.mish (ONNX's Mish op; ofql.mish picks its kernel by tensor size, which export cannot trace
+    for a dynamic batch) and the clip. Same function as folded(normalizer(obs), noise)."""
+
+    def __init__(self, folded: ofql.FoldedActor, normalizer: ofql.Normalizer):
+        super().__init__()
+        self.linears = torch.nn.ModuleList(copy.deepcopy(folded.linears))  # a copy: export moves it to the CPU
+        self.register_buffer("mean", torch.tensor(normalizer.mean))
+        self.register_buffer("std", torch.tensor(normalizer.std))
+
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([noise, (obs - self.mean) / self.std], -1)
+        *hidden, last = self.linears
+        for layer in hidden:
+            x = torch.nn.functional.mish(layer(x))
+        return (noise - last(x)).clamp(-1.0, 1.0)
+
+
+def export_onnx(folded: ofql.FoldedActor, normalizer: ofql.Normalizer, path: str | Path):
+    """Write the policy to `path`: inputs `obs` [batch, obs_dim] and `noise` [batch, act_dim] (float32),
+    output `action` [batch, act_dim] in [-1, 1]; the batch axis is dynamic. Needs onnx and onnxscript."""
+    policy = ExportablePolicy(folded, normalizer).cpu().eval()
+    obs_dim, act_dim = len(normalizer.mean), folded.act_dim
+    batch = torch.export.Dim("batch")
+    example = (torch.zeros(2, obs_dim), torch.zeros(2, act_dim))  # batch 2: torch.export specialises a batch of 1
+    torch.onnx.export(policy, example, str(path), input_names=["obs", "noise"], output_names=["action"],
+                      dynamic_shapes={"obs": {0: batch}, "noise": {0: batch}}, dynamo=True, verbose=False)
+
+
+class OnnxPolicy:
+    """An exported policy run by onnxruntime on the CPU: numpy raw observation in, numpy action out.
+
+        policy = OnnxPolicy("policy.onnx")
+        action = policy(raw_obs)            # obs [obs_dim] or [batch, obs_dim]"""
+
+    def __init__(self, path: str | Path, threads: int = 1, seed: int = 0):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.obs_dim, self.act_dim = (self.session.get_inputs()[i].shape[1] for i in (0, 1))
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, obs: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        obs = np.asarray(obs, np.float32)
+        single = obs.ndim == 1
+        obs = obs.reshape(-1, self.obs_dim)
+        if noise is None:
+            noise = self.rng.standard_normal((len(obs), self.act_dim), dtype=np.float32)
+        action = self.session.run(None, {"obs": obs, "noise": np.asarray(noise, np.float32)})[0]
+        return action[0] if single else action
+
+
+def export_checkpoint(path: str, out: str) -> dict:
+    """eval.py --checkpoint PATH --export-onnx OUT."""
+    agent, task, normalizer, args = load_agent(path, torch.device("cpu"), "torch")
+    if args.policy != "meanflow":
+        raise ValueError(f"--export-onnx exports OFQL's one-step policy (--policy meanflow); {path} is --policy "
+                         f"{args.policy}")
+    export_onnx(agent.actor.folded(), normalizer, out)
+    print(f"wrote {out}: obs [batch, {task.obs_dim}] (raw observations) and noise [batch, {task.act_dim}] "
+          f"(standard normal) -> action [batch, {task.act_dim}] in [-1, 1]")
+    return {"checkpoint": path, "onnx": out, "obs_dim": task.obs_dim, "act_dim": task.act_dim}
+
+
+# ------------------------------------------------------------------------------------------------
 # Decision-frequency benchmark
 # ------------------------------------------------------------------------------------------------
 def time_calls(fn, min_time: float, repeats: int, device: torch.device) -> float:
@@ -339,6 +416,12 @@ def benchmark(cfg: EvalArgs) -> dict:
             policies["ofql-1 numba"] = (1, NumbaPolicy(folded, normalizer), "numpy")
         except ImportError:
             print("numba is not installed; the numba row is skipped (pip install numba)")
+        try:
+            with tempfile.TemporaryDirectory() as folder:  # the session holds the model once it is built
+                export_onnx(folded, normalizer, f"{folder}/policy.onnx")
+                policies["ofql-1 onnxruntime"] = (1, OnnxPolicy(f"{folder}/policy.onnx", cfg.threads), "numpy")
+        except ImportError as err:
+            print(f"{err.name} is not installed; the onnxruntime row is skipped (pip install onnx onnxscript onnxruntime)")
     # the baselines' own samplers (baselines.py), random weights of the same width
     flow = baselines.FlowActor(obs_dim, act_dim, hidden).to(device).eval()
     for k in (1, 5, 10, 50):
@@ -363,7 +446,7 @@ def benchmark(cfg: EvalArgs) -> dict:
             noise_np = np.random.default_rng(1).normal(size=(batch, act_dim)).astype(np.float32)
             obs, noise = torch.as_tensor(obs_np, device=device), torch.as_tensor(noise_np, device=device)
             for name, (calls, policy, inputs) in tqdm(per_batch.items(), desc=f"batch {batch}", leave=False):
-                if inputs == "numpy":  # normalisation is folded into its weights: the act step is one call
+                if inputs == "numpy":  # normalisation is inside the policy: the act step is one call
                     def policy_call():
                         return policy(obs_np, noise_np)
 
@@ -429,11 +512,14 @@ def plot_frequency(rows: list[dict], path: str):
 def main(cfg: EvalArgs) -> dict:
     if cfg.benchmark:
         result = benchmark(cfg)
+    elif cfg.checkpoint and cfg.export_onnx:
+        result = export_checkpoint(cfg.checkpoint, cfg.export_onnx)
     elif cfg.checkpoint:
         torch.set_num_threads(cfg.threads)
         result = evaluate_checkpoint(cfg)
     else:
-        raise ValueError("pass --checkpoint PATH to evaluate, or --benchmark")
+        raise ValueError("pass --checkpoint PATH to evaluate (with --export-onnx FILE: to export its policy), "
+                         "or --benchmark")
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(result, indent=2))
     return result

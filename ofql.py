@@ -230,6 +230,8 @@ D4RL_MUJOCO = {f"{env}-{level}-v2": (env, level) for env in ("halfcheetah", "hop
 D4RL_REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
 D4RL_EVAL_ENV = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": "Walker2d-v4"}
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{env}_{level}-v2.hdf5"
+# Minari's D4RL/antmaze and D4RL/kitchen are regenerated data on the newer gymnasium-robotics envs
+# (AntMaze_*-v4, FrankaKitchen-v1), like --mujoco-data minari: scores on them are not comparable with the paper's.
 MINARI_SOURCE = {
     **{f"antmaze-{m}-v0": f"D4RL/antmaze/{m}-v1" for m in
        ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")},
@@ -251,10 +253,10 @@ class Convention:
 
 CONVENTIONS = {
     "antmaze": Convention(("achieved_goal", "observation"), True, (("continuing_task", False),), (0.0, 1.0),
-                          "D4RL antmaze: 100 x success rate"),
+                          "D4RL antmaze: 100 x success rate (Minari regeneration, not the paper's data)"),
     "kitchen": Convention(("observation",), False, (("remove_task_when_completed", True),
                                                     ("terminate_on_tasks_completed", True), ("max_episode_steps", 280)),
-                          (0.0, 4.0), "D4RL kitchen: 100 x return / 4"),
+                          (0.0, 4.0), "D4RL kitchen: 100 x return / 4 (Minari regeneration, not the paper's data)"),
 }
 
 
@@ -412,9 +414,11 @@ def build_pendulum_dataset(dataset_id: str, episodes: int = 100, seed: int = 0):
 
 
 def d4rl_hdf5_to_minari(hdf5_path: str | Path, dataset_id: str, eval_env: str, ref_min: float, ref_max: float):
-    """Convert a D4RL v2 HDF5 file (observations, actions, rewards, terminals, timeouts,
+    """Convert a D4RL v2 HDF5 file (observations, actions, rewards, terminals, timeouts, optionally
     next_observations) into a local Minari dataset: one episode per terminal/timeout boundary, terminals
-    as terminations, timeouts (and the unfinished tail) as truncations."""
+    as terminations, timeouts (and the unfinished tail) as truncations. Without next_observations the
+    last step of a timeout or of the tail has no next observation (observations[i + 1] starts the next
+    episode) and is dropped, as d4rl.qlearning_dataset does."""
     import h5py
     import minari
     from minari.data_collector import EpisodeBuffer
@@ -427,13 +431,21 @@ def d4rl_hdf5_to_minari(hdf5_path: str | Path, dataset_id: str, eval_env: str, r
     if len(ends) == 0 or ends[-1] != len(rewards) - 1:
         ends = np.append(ends, len(rewards) - 1)
     buffers, start = [], 0
-    for i, end in enumerate(ends):
-        last_obs = next_obs[end] if next_obs is not None else obs[min(end + 1, len(obs) - 1)]
-        truncations = np.zeros(end + 1 - start, bool)
-        truncations[-1] = not terminals[end]
-        buffers.append(EpisodeBuffer(
-            id=i, observations=np.concatenate([obs[start:end + 1], last_obs[None]]), actions=actions[start:end + 1],
-            rewards=rewards[start:end + 1], terminations=terminals[start:end + 1], truncations=truncations))
+    for end in ends:
+        stop = end + 1  # this episode's transitions are start .. stop - 1
+        if next_obs is not None:
+            last_obs = next_obs[end]
+        elif terminals[end]:  # never bootstrapped (mask 0): its own observation stands in for the unknown next one
+            last_obs = obs[end]
+        else:  # timeout or tail: obs[end + 1] is the next episode's first observation, so step `end` is dropped
+            stop, last_obs = end, obs[end]
+        if stop > start:  # a one-step timeout episode has nothing left
+            truncations = np.zeros(stop - start, bool)
+            truncations[-1] = not terminals[stop - 1]
+            buffers.append(EpisodeBuffer(
+                id=len(buffers), observations=np.concatenate([obs[start:stop], last_obs[None]]),
+                actions=actions[start:stop], rewards=rewards[start:stop], terminations=terminals[start:stop],
+                truncations=truncations))
         start = end + 1
     return minari.create_dataset_from_buffers(
         dataset_id, buffers, env=eval_env, ref_min_score=ref_min, ref_max_score=ref_max,
@@ -1056,15 +1068,41 @@ def plot_bandit(agent: OFQL, path: Path, n: int = 2000):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = "ofql-checkpoint-v2"  # v1 pickled numpy/python objects; v2 holds tensors and plain values only
+# what unpickling a v1 checkpoint imports (its numpy arrays), to tell an old file from a hostile one
+V1_GLOBALS = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """Every RNG's state as tensors and plain values (numpy: (name, keys, pos, has_gauss, cached_gaussian))."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "sampler": generator.get_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian],
+            "python": [version, list(internal), gauss_next],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(rng: dict, generator: torch.Generator):
+    """Restore what `rng_state` returned."""
+    name, keys, pos, has_gauss, cached_gaussian = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    version, internal, gauss_next = rng["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    torch.set_rng_state(rng["torch"])
+    generator.set_state(rng["sampler"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def save_checkpoint(path: Path, agent: OFQL, args: Args, normalizer: Normalizer, generator: torch.Generator,
                     history: list[dict]):
-    """One file with everything a resume needs, written to a temp file then renamed (atomic)."""
+    """One file with everything a resume needs, written to a temp file then renamed (atomic). It holds
+    tensors and plain Python values only, so `load_checkpoint` can read it without running pickled code."""
     state = {
-        "format": "ofql-checkpoint-v1", "args": dataclasses.asdict(args), "agent": agent.state_dict(),
-        "obs_mean": normalizer.mean, "obs_std": normalizer.std, "history": history,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "sampler": generator.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "format": CHECKPOINT_FORMAT, "args": dataclasses.asdict(args), "agent": agent.state_dict(),
+        "obs_mean": torch.from_numpy(normalizer.mean), "obs_std": torch.from_numpy(normalizer.std),
+        "history": history, "rng": rng_state(generator),
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as file:
@@ -1075,15 +1113,28 @@ def save_checkpoint(path: Path, agent: OFQL, args: Args, normalizer: Normalizer,
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint written by `save_checkpoint`, with a clear error for anything else."""
+    """Read a checkpoint written by `save_checkpoint` with torch.load(weights_only=True): a shared file
+    cannot run code when opened. Clear errors for old (v1), hostile, corrupt or foreign files."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as err:
+        try:  # the functions/classes the pickle would import, read without unpickling it
+            needs = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # not a torch.save zip file
+            needs = set()
+        if needs and needs <= V1_GLOBALS:
+            raise ValueError(f"{path} was written by an older ofql.py (ofql-checkpoint-v1) that stored pickled numpy "
+                             f"objects; this version opens only {CHECKPOINT_FORMAT} files (tensors and plain values, "
+                             "no code can run). Fix: retrain with this version, or use the ofql.py that wrote it") from err
+        if needs:
+            raise ValueError(f"{path} is not a safe OFQL checkpoint: it holds pickled objects ({', '.join(sorted(needs))}) "
+                             "whose loading could run arbitrary code, so it was not opened. Use a checkpoint written "
+                             "by ofql.py save_checkpoint") from err
         raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(err).__name__}); "
                          "use another checkpoint of the run") from err
-    if not isinstance(state, dict) or state.get("format") != "ofql-checkpoint-v1":
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an OFQL checkpoint (written by ofql.py save_checkpoint)")
     return state
 
@@ -1157,7 +1208,7 @@ def train(args: Args) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the dataset ({len(data['obs'])} transitions)")
     normalizer = Normalizer.fit(data["obs"], args.normalize_obs)
     if resumed is not None:
-        normalizer = Normalizer(resumed["obs_mean"], resumed["obs_std"])
+        normalizer = Normalizer(resumed["obs_mean"].numpy(), resumed["obs_std"].numpy())
     data["obs"], data["next_obs"] = normalizer(data["obs"]), normalizer(data["next_obs"])
     data["reward"] = (data["reward"] + args.reward_bias) * args.reward_scale
     buffer = ReplayBuffer(data, device, generator)
@@ -1168,13 +1219,7 @@ def train(args: Args) -> dict:
         run_dir = Path(args.resume).parent
         agent.load_state_dict(resumed["agent"])
         history = resumed["history"]
-        rng = resumed["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        generator.set_state(rng["sampler"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        set_rng_state(resumed["rng"], generator)
         print(f"resumed {args.resume} at step {agent.step}")
     else:
         run_dir = make_run_dir(args)

@@ -6,6 +6,7 @@ are built in temporary folders with `minari.create_dataset_from_buffers`.
 import dataclasses
 import json
 import math
+import random
 from types import SimpleNamespace
 
 import gymnasium as gym
@@ -386,9 +387,10 @@ def test_train_on_tiny_minari_dataset_checkpoints_and_resumes(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    """20 steps + resume for 20 ends with the same parameters as 40 uninterrupted steps."""
+    """20 steps + resume for 20 ends with the same parameters as 40 uninterrupted steps (constant lr: a
+    cosine decay over --total-steps differs between a 20- and a 40-step run from the first step)."""
     make_hopper_dataset("test/hopper/tiny-v0")
-    base = ofql.Args(env="test/hopper/tiny-v0", out_dir=str(tmp_path), eval_every=20, eval_episodes=1,
+    base = ofql.Args(env="test/hopper/tiny-v0", out_dir=str(tmp_path), eval_every=20, eval_episodes=1, lr_decay=False,
                      batch_size=16, hidden_dim=32, eta=0.1, grad_norm=5.0, ema_actor=True, ema_start=5, ema_every=2)
     straight = ofql.train(dataclasses.replace(base, total_steps=40, exp_name="straight"))
     half = ofql.train(dataclasses.replace(base, total_steps=20, exp_name="half"))
@@ -459,6 +461,48 @@ def test_corrupt_or_truncated_checkpoint_is_refused(tmp_path):
         ofql.load_checkpoint(bad)
 
 
+class CreatesAFile:
+    """A pickled object whose unpickling runs code: open(marker, "w") creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker, hostile = tmp_path / "code_ran", tmp_path / "checkpoint.pt"
+    torch.save({"format": ofql.CHECKPOINT_FORMAT, "args": {}, "payload": CreatesAFile(marker)}, hostile)
+    with pytest.raises(ValueError, match=f"{hostile} is not a safe OFQL checkpoint.*io.open"):
+        ofql.load_checkpoint(hostile)
+    assert not marker.exists()
+    torch.load(hostile, weights_only=False)  # the payload is real: an unsafe load runs it
+    assert marker.exists()
+
+
+def test_v1_checkpoint_says_it_is_from_an_older_version(tmp_path):
+    old = tmp_path / "checkpoint.pt"
+    torch.save({"format": "ofql-checkpoint-v1", "obs_mean": np.zeros(3, np.float32),
+                "rng": {"numpy": np.random.get_state()}}, old)  # v1 pickled numpy arrays
+    with pytest.raises(ValueError, match="written by an older ofql.py \\(ofql-checkpoint-v1\\)"):
+        ofql.load_checkpoint(old)
+
+
+def test_checkpoint_holds_only_tensors_and_plain_values(tmp_path):
+    summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=3, eval_every=3,
+                                   hidden_dim=32))
+    state = ofql.load_checkpoint(summary["checkpoint"])  # weights_only=True
+    assert state["format"] == "ofql-checkpoint-v2" and isinstance(state["obs_mean"], torch.Tensor)
+    # the RNG states round-trip: restoring them gives the same next draws
+    generator = torch.Generator().manual_seed(5)
+    saved = ofql.rng_state(generator)
+    before = (np.random.rand(3), random.random(), np.random.randn(), torch.rand(2), torch.rand(2, generator=generator))
+    ofql.set_rng_state(saved, generator)
+    after = (np.random.rand(3), random.random(), np.random.randn(), torch.rand(2), torch.rand(2, generator=generator))
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(before, after))
+
+
 def test_pendulum_builtin_dataset_builds_offline():
     task, data = ofql.load_task("pendulum-swingup")
     assert task.obs_dim == 3 and task.act_dim == 1
@@ -473,7 +517,7 @@ def test_pendulum_builtin_dataset_builds_offline():
 # ------------------------------------------------------------------------------------------------
 # D4RL v2 HDF5 -> Minari
 # ------------------------------------------------------------------------------------------------
-def write_d4rl_hdf5(path, n: int = 25):
+def write_d4rl_hdf5(path, n: int = 25, next_observations: bool = True):
     """A synthetic file in D4RL's layout: a terminal at 6, a timeout at 14, an unfinished tail."""
     import h5py
 
@@ -482,7 +526,9 @@ def write_d4rl_hdf5(path, n: int = 25):
     terminals, timeouts = np.zeros(n, bool), np.zeros(n, bool)
     terminals[6], timeouts[14] = True, True
     with h5py.File(path, "w") as f:
-        f["observations"], f["next_observations"] = obs, obs + 100.0
+        f["observations"] = obs
+        if next_observations:
+            f["next_observations"] = obs + 100.0
         f["actions"] = rng.uniform(-1, 1, size=(n, 3)).astype(np.float32)
         f["rewards"], f["terminals"], f["timeouts"] = np.arange(n, dtype=np.float64), terminals, timeouts
     return obs
@@ -507,6 +553,25 @@ def test_d4rl_hdf5_converts_to_episodes_with_terminal_and_timeout_boundaries(tmp
     assert (task.ref_min, task.ref_max) == (-20.272305, 3234.3) and "d4rl/hopper/medium-v2" in task.ref_source
     env = task.make_env()
     assert env.spec.id == "Hopper-v4"
+
+
+def test_d4rl_hdf5_without_next_observations_never_links_two_episodes(tmp_path):
+    """Like d4rl.qlearning_dataset: the last step of a timeout (and of the file's unfinished tail) has no
+    next observation, since observations[i + 1] starts the next episode, so it is dropped; the terminal
+    step is kept with mask 0 and a timeout is never a terminal."""
+    hdf5 = tmp_path / "no_next.hdf5"
+    obs = write_d4rl_hdf5(hdf5, next_observations=False)
+    dataset = ofql.d4rl_hdf5_to_minari(hdf5, "test/d4rl/no-next-v0", "Hopper-v4", 0.0, 1.0)
+    data = ofql.episodes_to_transitions(dataset.iterate_episodes())
+    kept = [i for i in range(25) if i not in (14, 24)]  # 14: timeout, 24: last step of the tail
+    np.testing.assert_array_equal(data["reward"], kept)  # rewards are the step indices
+    np.testing.assert_array_equal(data["obs"], obs[kept])
+    within = [j for j, i in enumerate(kept) if i != 6]  # every bootstrapped transition goes from step i to i + 1
+    np.testing.assert_array_equal(data["next_obs"][within], obs[np.array(kept)[within] + 1])
+    bootstrapped = data["next_obs"][data["mask"] == 1]  # never the first observation of another episode
+    assert not any(np.array_equal(x, obs[first]) for x in bootstrapped for first in (7, 15))
+    np.testing.assert_array_equal(data["mask"], [0.0 if i == 6 else 1.0 for i in kept])
+    assert [len(ep.actions) for ep in dataset.iterate_episodes()] == [7, 7, 9]
 
 
 def test_d4rl_offline_without_file_says_where_to_put_it(monkeypatch):
@@ -572,7 +637,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
                       torch.device("cpu"))
     with pytest.raises(KeyboardInterrupt):
         ofql.save_checkpoint(ofql.Path(summary["checkpoint"]), agent, ofql.Args(**state["args"]),
-                             ofql.Normalizer(state["obs_mean"], state["obs_std"]), torch.Generator(), [])
+                             ofql.Normalizer(state["obs_mean"].numpy(), state["obs_std"].numpy()), torch.Generator(), [])
     assert open(summary["checkpoint"], "rb").read() == before
 
 
@@ -695,7 +760,8 @@ def test_eval_benchmark_quick_mode_writes_json_and_png(tmp_path):
                                                compile=False, json=str(tmp_path / "b.json"),
                                                plot=str(tmp_path / "b.png")))
     names = {r["policy"] for r in result["rows"]}
-    assert {"ofql-1 eager", "ofql-1 folded", "ofql-1 numba", "flow-euler-50", "ddpm-5", "ddpm-50", "ddim-1"} <= names
+    assert {"ofql-1 eager", "ofql-1 folded", "ofql-1 numba", "ofql-1 onnxruntime", "flow-euler-50", "ddpm-5", "ddpm-50",
+            "ddim-1"} <= names
     assert all(r["decisions_per_s"] > 0 for r in result["rows"]) and len(result["rows"]) == 2 * len(names)
     assert (tmp_path / "b.png").stat().st_size > 1000 and json.loads((tmp_path / "b.json").read_text())["rows"]
 
@@ -729,6 +795,52 @@ def test_numba_policy_matches_the_torch_policy_with_normalisation(batch, obs_dim
     first = ofql_eval.NumbaPolicy(actor.folded(), normalizer, seed=3)(obs)
     again = ofql_eval.NumbaPolicy(actor.folded(), normalizer, seed=3)(obs)
     assert np.array_equal(first, again) and np.abs(first).max() <= 1.0 and not np.array_equal(first, out)
+
+
+@pytest.mark.parametrize("obs_dim, act_dim, hidden", [(11, 3, 64), (17, 6, 37)])
+def test_onnx_export_matches_the_torch_policy_with_normalisation(tmp_path, obs_dim, act_dim, hidden):
+    """One exported file (dynamic batch axis) run by onnxruntime at batch 1, 7 and 257 gives the actions of
+    the torch one-step policy on normalised observations (fp32: max error < 1e-5)."""
+    import eval as ofql_eval
+
+    torch.manual_seed(obs_dim)
+    rng = np.random.default_rng(obs_dim)
+    actor = ofql.MeanFlowActor(obs_dim, act_dim, hidden, time_scale=3.0)
+    for layer in actor.net[::2]:  # wide pre-activations: Mish's tails, and 35-65% of the actions clipped
+        layer.weight.data *= 1.5
+    normalizer = ofql.Normalizer(rng.normal(size=obs_dim) * 5, rng.uniform(0.1, 3.0, size=obs_dim))
+    ofql_eval.export_onnx(actor.folded(), normalizer, tmp_path / "policy.onnx")
+    policy = ofql_eval.OnnxPolicy(tmp_path / "policy.onnx")
+    for batch in (1, 7, 257):
+        obs = (rng.normal(size=(batch, obs_dim)) * 5).astype(np.float32)
+        noise = rng.normal(size=(batch, act_dim)).astype(np.float32)
+        with torch.no_grad():
+            ref = actor.act(torch.as_tensor(normalizer(obs)), torch.as_tensor(noise)).numpy()
+        out = policy(obs, noise)
+        err = np.abs(out - ref).max()
+        print(f"batch {batch}, obs {obs_dim}, act {act_dim}: max |onnxruntime - torch| = {err:.2e}, "
+              f"clipped {(np.abs(ref) == 1.0).mean():.2f}")
+        assert out.shape == (batch, act_dim) and out.dtype == np.float32 and err < 1e-5
+    assert 0 < (np.abs(ref) == 1.0).mean() < 1  # the clip is exercised
+    assert policy(obs[0]).shape == (act_dim,) and np.abs(policy(obs)).max() <= 1.0  # own noise draw
+
+
+def test_eval_exports_a_checkpoint_to_onnx(tmp_path):
+    """`eval.py --checkpoint ... --export-onnx FILE`: the file acts like the checkpoint's policy on raw observations."""
+    import eval as ofql_eval
+
+    summary = ofql.train(ofql.Args(env="bandit-8modes", total_steps=3, eval_every=3, out_dir=str(tmp_path)))
+    out = tmp_path / "policy.onnx"
+    result = ofql_eval.main(ofql_eval.EvalArgs(checkpoint=summary["checkpoint"], export_onnx=str(out)))
+    assert (result["obs_dim"], result["act_dim"]) == (1, 2)
+    agent, _, normalizer, _ = ofql_eval.load_agent(summary["checkpoint"], torch.device("cpu"))
+    obs = np.random.default_rng(0).normal(size=(5, 1)).astype(np.float32) * 1e-3  # bandit obs are 0: std 1e-3
+    noise = np.random.default_rng(1).normal(size=(5, 2)).astype(np.float32)
+    with torch.no_grad():
+        ref = agent.actor.act(torch.as_tensor(normalizer(obs)), torch.as_tensor(noise)).numpy()
+    err = np.abs(ofql_eval.OnnxPolicy(out)(obs, noise) - ref).max()
+    print(f"bandit checkpoint: max |onnxruntime - torch| = {err:.2e}")
+    assert err < 1e-5
 
 
 def test_eval_runs_a_policy_trained_with_triton_kernels_on_torch(tmp_path):
