@@ -116,11 +116,11 @@ class Args:
     reward_bias: float | None = None
     """see reward_scale (None: task preset)"""
 
-    # --- policy class (the baselines live in baselines.py, imported only when asked for)
+    # --- policy class (flow and diffusion are baselines.py's: `python baselines.py train --policy flow ...`)
     policy: Literal["meanflow", "flow", "diffusion"] = "meanflow"
-    """`meanflow` = OFQL's one-step average-velocity policy; `flow` = flow-matching BC with K Euler steps,
-    back-propagated through in the Q term (FQL row); `diffusion` = DQL's DDPM (vp schedule, epsilon
-    prediction, K steps, EMA target actor)"""
+    """`meanflow` = OFQL's one-step average-velocity policy. Comparison baselines, trained by `python baselines.py
+    train`: `flow` = flow-matching BC with K Euler steps, back-propagated through in the Q term (FQL row);
+    `diffusion` = DQL's DDPM (vp schedule, epsilon prediction, K steps, EMA target actor)"""
     policy_steps: int | None = None
     """K, network calls per action in training (None: 1 for meanflow, 5 for flow and diffusion)"""
     eval_policy_steps: int | None = None
@@ -878,25 +878,27 @@ def td_target(actor, critic_target, batch, args: Args) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Agent: networks, optimisers and one gradient step
 # ---------------------------------------------------------------------------------------------
-def make_actor(obs_dim: int, act_dim: int, args: Args) -> nn.Module:
-    """The actor of --policy: OFQL's MeanFlowActor, or a baseline of baselines.py (imported only then, so
-    this file copied alone still runs OFQL)."""
-    if args.policy == "meanflow":
-        return MeanFlowActor(obs_dim, act_dim, args.hidden_dim, time_scale=args.time_emb_scale)
-    try:
-        import baselines
-    except ModuleNotFoundError as err:
-        if err.name != "baselines":
-            raise
-        raise NotImplementedError(f"--policy {args.policy} needs baselines.py (from the OFQL repository) next to "
-                                  "ofql.py or on PYTHONPATH; --policy meanflow needs nothing else") from err
-    return baselines.make_actor(obs_dim, act_dim, args)
+ActorFactory = Callable[[int, int, Args], nn.Module]  # (obs_dim, act_dim, args) -> the actor of args.policy
+# --policy -> actor. This file trains OFQL's only: baselines.py passes `train` and `OFQL` this table plus its
+# comparison actors, so imports run one way (baselines.py imports ofql.py, never the reverse)
+ACTORS: dict[str, ActorFactory] = {
+    "meanflow": lambda obs_dim, act_dim, args: MeanFlowActor(obs_dim, act_dim, args.hidden_dim,
+                                                             time_scale=args.time_emb_scale),
+}
+
+
+def check_policy(args: Args, actors: dict[str, ActorFactory]):
+    """--policy must have an actor in `actors`; the baselines' are given by baselines.py."""
+    if args.policy not in actors:
+        raise ValueError(f"--policy {args.policy} is a comparison baseline that ofql.py does not train; run "
+                         f"`python baselines.py train --policy {args.policy} --env {args.env}` with your other flags")
 
 
 class OFQL:
-    def __init__(self, task: Task, args: Args, device: torch.device):
+    def __init__(self, task: Task, args: Args, device: torch.device, actors: dict[str, ActorFactory] = ACTORS):
+        check_policy(args, actors)
         self.args = args
-        self.actor = make_actor(task.obs_dim, task.act_dim, args).to(device)
+        self.actor = actors[args.policy](task.obs_dim, task.act_dim, args).to(device)
         if isinstance(self.actor, MeanFlowActor):  # the fused kernels serve OFQL's actor (set before the EMA copy)
             self.actor.backend = resolve_kernels(args.kernels, device)
         # evaluation's sampler: the one-step policy, or a baseline's with --eval-policy-steps
@@ -1183,8 +1185,9 @@ def check_divergence(values: dict[str, float], q_bound: float) -> str | None:
     return None
 
 
-def train(args: Args) -> dict:
-    """Train OFQL on args.env; returns the summary also written to <run_dir>/summary.json."""
+def train(args: Args, actors: dict[str, ActorFactory] = ACTORS) -> dict:
+    """Train the actor of --policy (from `actors`: OFQL's, or baselines.py's table) on args.env; returns the
+    summary also written to <run_dir>/summary.json."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
@@ -1192,6 +1195,7 @@ def train(args: Args) -> dict:
     if resumed is not None:
         args = dataclasses.replace(Args(**resumed["args"]), resume=args.resume)
     args = resolve_args(args)
+    check_policy(args, actors)  # before any data is read or downloaded
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if args.threads:
@@ -1212,7 +1216,7 @@ def train(args: Args) -> dict:
     data["obs"], data["next_obs"] = normalizer(data["obs"]), normalizer(data["next_obs"])
     data["reward"] = (data["reward"] + args.reward_bias) * args.reward_scale
     buffer = ReplayBuffer(data, device, generator)
-    agent = OFQL(task, args, device)
+    agent = OFQL(task, args, device, actors)
     history: list[dict] = []
 
     if resumed is not None:
@@ -1283,5 +1287,5 @@ def train(args: Args) -> dict:
 if __name__ == "__main__":
     try:
         train(tyro.cli(Args))
-    except (ValueError, FileNotFoundError, NotImplementedError, DivergenceError) as error:
+    except (ValueError, FileNotFoundError, DivergenceError) as error:
         raise SystemExit(f"error: {error}")

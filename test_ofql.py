@@ -1150,6 +1150,15 @@ def test_sweep_report_puts_paper_numbers_and_domain_averages_beside_d4rl_tasks(t
     assert result["tasks"]["walker2d-medium-v2"]["preset"]["paper"] == 87.4
 
 
+def test_sweep_run_trains_a_baseline_policy(tmp_path):
+    """sweep.py hands ofql.train baselines.py's actors: a --policy flow run finishes as a flow run."""
+    import sweep
+
+    args = ofql.Args(env="bandit-8modes", policy="flow", total_steps=2, eval_every=2, hidden_dim=8)
+    assert sweep.run_one(str(tmp_path / "run"), args)["status"] == "done"
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["args"]["policy"] == "flow"
+
+
 def test_run_dir_is_used_exactly_and_an_existing_run_is_not_overwritten(tmp_path):
     run_dir = tmp_path / "exact" / "run"
     summary = ofql.train(ofql.Args(env="bandit-8modes", run_dir=str(run_dir), total_steps=2, eval_every=2,
@@ -1385,13 +1394,14 @@ def test_each_policy_class_learns_checkpoints_and_acts_in_bounds(tmp_path, polic
     args = small_args(policy=policy, eval_policy_steps=eval_steps, hidden_dim=64, total_steps=150, eval_every=150)
     task, data = ofql.load_task("bandit-8modes")
     buffer = ofql.ReplayBuffer(data, torch.device("cpu"), torch.Generator().manual_seed(0))
-    agent = ofql.OFQL(task, args, torch.device("cpu"))
+    agent = ofql.OFQL(task, args, torch.device("cpu"), baselines.ACTORS)
     bc = [agent.update(buffer.sample(256), swap_heads=i % 2 == 0)["losses/bc_loss"].item() for i in range(150)]
     print(f"{policy}: BC loss {np.mean(bc[:20]):.3f} -> {np.mean(bc[-20:]):.3f}")
     assert agent.step == 150 and np.mean(bc[-20:]) < 0.9 * np.mean(bc[:20])
     assert (agent.actor_target is not agent.actor) == (policy == "diffusion")  # DQL's EMA actor by default
 
-    summary = ofql.train(dataclasses.replace(args, out_dir=str(tmp_path), total_steps=3, eval_every=3))
+    summary = ofql.train(dataclasses.replace(args, out_dir=str(tmp_path), total_steps=3, eval_every=3),
+                         baselines.ACTORS)
     loaded, *_ = ofql_eval.load_agent(summary["checkpoint"], torch.device("cpu"))
     assert loaded.args.policy == policy and type(loaded.actor) is type(agent.actor)
     torch.manual_seed(1)
@@ -1519,15 +1529,19 @@ def test_comparison_rows_take_dqls_settings_as_the_paper_ran_them():
     assert ofql.resolve_args(ofql.Args(env="hopper-medium-expert-v2", policy="flow", eta=0.2)).eta == 0.2
 
 
-def test_baseline_without_baselines_py_is_a_clear_error(monkeypatch):
-    """ofql.py copied alone: the default runs, --policy flow says which file is missing."""
-    import sys
-
-    monkeypatch.setitem(sys.modules, "baselines", None)  # `import baselines` now fails as if the file were absent
+def test_ofql_py_names_the_baselines_command_for_a_baseline_policy(monkeypatch):
+    """ofql.py trains OFQL only: --policy flow is one clear error naming baselines.py's command, raised before
+    any data is read; with baselines.py's ACTORS the same OFQL builds the baseline's actor."""
     task = ofql.Task("bandit", 1, 2, None, 0.0, 1.0, "")
     ofql.OFQL(task, small_args(hidden_dim=8), torch.device("cpu"))
-    with pytest.raises(NotImplementedError, match="--policy flow needs baselines.py"):
+    command = "python baselines.py train --policy flow --env bandit-8modes"
+    with pytest.raises(ValueError, match=command):
         ofql.OFQL(task, small_args(policy="flow", hidden_dim=8), torch.device("cpu"))
+    monkeypatch.setattr(ofql, "load_task", lambda *_, **__: pytest.fail("data read before the --policy check"))
+    with pytest.raises(ValueError, match=command):
+        ofql.train(ofql.Args(env="bandit-8modes", policy="flow"))
+    agent = ofql.OFQL(task, small_args(policy="flow", hidden_dim=8), torch.device("cpu"), baselines.ACTORS)
+    assert type(agent.actor) is baselines.FlowActor
 
 
 def test_toy_figure_writes_its_png_and_json_with_mode_coverage(tmp_path):
