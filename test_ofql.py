@@ -3,10 +3,12 @@
 Run: `pytest -q test_ofql.py` (a few minutes on 2 CPU cores). Nothing here downloads: Minari datasets
 are built in temporary folders with `minari.create_dataset_from_buffers`.
 """
+import ast
 import dataclasses
 import json
 import math
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import gymnasium as gym
@@ -1552,3 +1554,58 @@ def test_toy_figure_writes_its_png_and_json_with_mode_coverage(tmp_path):
     saved = json.loads((tmp_path / "toy.json").read_text())["measures"]
     assert saved == result["measures"] and set(saved) == {"data", "FM-1", "FM-2", "FM-5", "FM-10", "OFQL-1", "uniform"}
     assert saved["data"]["near_mode"] > 0.75 and saved["uniform"]["near_mode"] < 0.15
+
+
+# ------------------------------------------------------------------------------------------------
+# Architecture: imports run one way, kernels.py <- ofql.py <- baselines.py <- eval.py, sweep.py, benchmarks/
+# ------------------------------------------------------------------------------------------------
+IMPORT_RANKS = {"kernels": 0, "ofql": 1, "baselines": 2, "eval": 3, "sweep": 3}  # benchmarks/*: 3, tests: 4
+
+
+def import_violations(root: Path) -> list[str]:
+    """Every import, at module level or inside a function, of a project module ranked above the importing
+    file, and every import cycle among the project files of `root` (its *.py and benchmarks/*.py)."""
+    files = sorted(root.glob("*.py")) + sorted(root.glob("benchmarks/*.py"))
+    rank = {f.stem: IMPORT_RANKS.get(f.stem, 3 if f.parent.name == "benchmarks" else 4) for f in files}
+    graph, problems = {f.stem: set() for f in files}, []
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in {n.split(".")[0] for n in names} & (rank.keys() - {file.stem}):
+                graph[file.stem].add(name)
+                if rank[name] > rank[file.stem]:
+                    problems.append(f"{file.relative_to(root)}:{node.lineno} imports {name} (rank {rank[name]}), "
+                                    f"above itself (rank {rank[file.stem]})")
+
+    def cycle(path: list[str]) -> list[str] | None:
+        for name in sorted(graph[path[-1]]):
+            if name == path[0]:
+                return path + [name]
+            if name not in path and (found := cycle(path + [name])):
+                return found
+        return None
+
+    cycles = {}  # one entry per set of files: the cycle as first found
+    for stem in graph:
+        if found := cycle([stem]):
+            cycles.setdefault(frozenset(found), found)
+    return problems + [f"import cycle {' -> '.join(c)}" for c in cycles.values()]
+
+
+def test_imports_run_one_way_with_no_cycle(tmp_path):
+    """No project file imports one above it (not even lazily in a function), and no two import each other."""
+    problems = import_violations(Path(__file__).parent)
+    assert not problems, "\n".join(problems)
+    # the check itself: a lazy upward import and a cycle between two callers are both named with their line
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "kernels.py").write_text("import os\n\n\ndef bench():\n    from eval import time_calls\n")
+    (tmp_path / "eval.py").write_text("import sweep\n")
+    (tmp_path / "sweep.py").write_text("import eval\n")
+    (tmp_path / "ofql.py").write_text("try:\n    import kernels\nexcept ImportError:\n    kernels = None\n")
+    assert sorted(import_violations(tmp_path)) == ["import cycle eval -> sweep -> eval",
+                                                   "kernels.py:5 imports eval (rank 3), above itself (rank 0)"]
