@@ -406,7 +406,8 @@ def build_pendulum_dataset(dataset_id: str, episodes: int = 100, seed: int = 0):
     ref_min = np.mean([sum(rollout(lambda o: rng.uniform(-2, 2, size=1), 2 * 10**6 + i)["rewards"])
                        for i in range(ref_episodes)])
     return minari.create_dataset_from_buffers(
-        dataset_id, buffers, env="Pendulum-v1", algorithm_name="noisy energy swing-up (ofql.py)",
+        dataset_id, buffers, env="Pendulum-v1", eval_env="Pendulum-v1",
+        algorithm_name="noisy energy swing-up (ofql.py)",
         ref_min_score=float(ref_min), ref_max_score=float(ref_max), num_episodes_average_score=ref_episodes,
         description="Built-in OFQL task: Pendulum-v1 with a noisy scripted swing-up controller.",
         author="ofql", author_email="none", code_permalink="ofql.py",
@@ -448,7 +449,7 @@ def d4rl_hdf5_to_minari(hdf5_path: str | Path, dataset_id: str, eval_env: str, r
                 truncations=truncations))
         start = end + 1
     return minari.create_dataset_from_buffers(
-        dataset_id, buffers, env=eval_env, ref_min_score=ref_min, ref_max_score=ref_max,
+        dataset_id, buffers, env=eval_env, eval_env=eval_env, ref_min_score=ref_min, ref_max_score=ref_max,
         algorithm_name="D4RL v2 (converted by ofql.py)", author="D4RL", author_email="none",
         code_permalink="https://github.com/Farama-Foundation/D4RL",
         description=f"D4RL v2 data converted from {Path(hdf5_path).name}; refs are D4RL's constants.")
@@ -605,7 +606,8 @@ def load_task(env_name: str, mujoco_data: str = "d4rl", with_data: bool = True
         if family.obs_keys:
             box = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64)
             env = gym.wrappers.TransformObservation(env, lambda o: flatten_obs(o, family.obs_keys), box)
-        return gym.wrappers.RescaleAction(env, -1.0, 1.0) if np.any(low != -1) or np.any(high != 1) else env
+        one = env.action_space.dtype.type(1)  # bounds in the space's dtype: float64 ones on float32 make gymnasium warn
+        return gym.wrappers.RescaleAction(env, -one, one) if np.any(low != -1) or np.any(high != 1) else env
 
     task = Task(env_name, obs_dim, space.shape[0], make_env, ref_min, ref_max, ref_source)
     if not with_data:
@@ -1227,6 +1229,7 @@ def train(args: Args, actors: dict[str, ActorFactory] = ACTORS) -> dict:
         print(f"resumed {args.resume} at step {agent.step}")
     else:
         run_dir = make_run_dir(args)
+    print(f"--policy {args.policy} on {args.env}, {args.total_steps} steps; run folder: {run_dir}", flush=True)
     writer = SummaryWriter(str(run_dir))
     if args.track:
         import wandb
@@ -1281,6 +1284,10 @@ def train(args: Args, actors: dict[str, ActorFactory] = ACTORS) -> dict:
     writer.close()
     if args.track:
         wandb.finish()
+    score = lambda value: "none" if value is None else f"{value:.1f}"
+    print(f"done: final normalized score {score(summary['final_score'])}, best {score(summary['best_score'])}; "
+          f"{summary['steps_per_second']:.1f} steps/s, {wall:.1f} s; summary {run_dir / 'summary.json'}, checkpoint "
+          f"{ckpt_path}, TensorBoard {run_dir}; evaluate: python eval.py --checkpoint {ckpt_path}")
     return summary
 
 

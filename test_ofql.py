@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import random
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -415,6 +416,30 @@ def test_dataset_folder_path_is_accepted(tmp_path):
     assert task.obs_dim == 11 and len(data["obs"]) == dataset.total_steps
 
 
+def test_train_prints_its_run_folder_first_and_where_everything_is_last(tmp_path, capsys):
+    """A first run informs: the run folder before training; at the end the scores, speed, wall time, the paths
+    of summary.json, checkpoint and TensorBoard events, and an eval.py command that parses."""
+    import tyro
+
+    import eval as ofql_eval
+
+    summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=3, eval_every=3,
+                                   hidden_dim=32))
+    lines = capsys.readouterr().out.strip().splitlines()
+    run_dir, ckpt = Path(summary["run_dir"]), summary["checkpoint"]
+    print("\n".join(lines))
+    assert lines[0] == f"--policy meanflow on bandit-8modes, 3 steps; run folder: {run_dir}"
+    last = lines[-1]
+    assert last.startswith(f"done: final normalized score {summary['final_score']:.1f}, "
+                           f"best {summary['best_score']:.1f}; {summary['steps_per_second']:.1f} steps/s, "
+                           f"{summary['wall_time_s']:.1f} s; ")
+    assert f"summary {run_dir / 'summary.json'}, checkpoint {ckpt}, TensorBoard {run_dir}; " in last
+    assert (run_dir / "summary.json").exists() and Path(ckpt).exists() and list(run_dir.glob("events.out.tfevents.*"))
+    command = last.split("evaluate: ")[1].split()
+    assert command[:2] == ["python", "eval.py"]
+    assert tyro.cli(ofql_eval.EvalArgs, args=command[2:]).checkpoint == ckpt
+
+
 # ------------------------------------------------------------------------------------------------
 # Errors a user can run into
 # ------------------------------------------------------------------------------------------------
@@ -505,15 +530,18 @@ def test_checkpoint_holds_only_tensors_and_plain_values(tmp_path):
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(before, after))
 
 
-def test_pendulum_builtin_dataset_builds_offline():
-    task, data = ofql.load_task("pendulum-swingup")
+def test_pendulum_builtin_dataset_builds_offline_without_warnings():
+    with warnings.catch_warnings(record=True) as caught:  # the quickstart task: no third-party notice either
+        warnings.simplefilter("always")
+        task, data = ofql.load_task("pendulum-swingup")
+        env = task.make_env()
+    assert not [f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
     assert task.obs_dim == 3 and task.act_dim == 1
     assert np.all(np.abs(data["action"]) <= 1.0) and len(data["obs"]) == 100 * 200
     assert data["mask"].min() == 1.0  # Pendulum never terminates: time limits are not terminals
     behaviour = 100 * (data["reward"].sum() / 100 - task.ref_min) / (task.ref_max - task.ref_min)
     assert 25 < behaviour < 65, behaviour
-    env = task.make_env()
-    assert env.action_space.low[0] == -1.0
+    assert env.action_space.low[0] == -1.0 and env.action_space.dtype == np.float32
 
 
 # ------------------------------------------------------------------------------------------------
