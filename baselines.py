@@ -1,14 +1,15 @@
-"""Baseline policy classes for the paper's comparisons, behind `ofql.py --policy`, and the toy figure.
+"""Baseline policy classes for the paper's comparisons, trained by ofql.py's loop, and the toy figure.
 
-    python ofql.py --env hopper-medium-v2 --policy flow --policy-steps 5 --eval-policy-steps 1   # FQL row
-    python ofql.py --env hopper-medium-v2 --policy diffusion --policy-steps 5                    # DQL row
-    python ofql.py --env hopper-medium-v2 --policy diffusion --eval-policy-steps 1               # DQL + DDIM
-    python baselines.py --png toy.png --json toy.json   # Figure 3: FM with 1/2/5/10 steps vs OFQL with 1
+    python baselines.py train --env hopper-medium-v2 --policy flow --policy-steps 5 --eval-policy-steps 1  # FQL row
+    python baselines.py train --env hopper-medium-v2 --policy diffusion --policy-steps 5                   # DQL row
+    python baselines.py train --env hopper-medium-v2 --policy diffusion --eval-policy-steps 1              # DQL + DDIM
+    python baselines.py toy --png toy.png --json toy.json   # Figure 3: FM with 1/2/5/10 steps vs OFQL with 1
 
-Everything else (data, critic, TD target, actor loss L_BC - eta Q / E|Q|, loop, logging, evaluation,
-checkpoints) is ofql.py's: an actor here only provides `bc_loss(obs, action, args)`, a differentiable
-`act(obs, noise=None)` (the K-step sampler used by the Q term and the TD target) and `sampler(steps)`,
-a `policy(obs, noise) -> action` callable for evaluation and benchmarks.
+`train` takes every ofql.py flag and runs `ofql.train` with this file's ACTORS (ofql.py's table plus the
+baselines'); ofql.py never imports this file. Everything else (data, critic, TD target, actor loss
+L_BC - eta Q / E|Q|, loop, logging, evaluation, checkpoints) is ofql.py's: an actor here only provides
+`bc_loss(obs, action, args)`, a differentiable `act(obs, noise=None)` (the K-step sampler used by the Q term
+and the TD target) and `sampler(steps)`, a `policy(obs, noise) -> action` callable for evaluation and benchmarks.
 
 Both baselines use DQL's network: cat[x, emb(time), s] -> 3 x hidden Mish MLP -> action dim, with
 ofql.py's TimeEmbedding (one time input, where OFQL's actor has two). Their BC losses are averaged over
@@ -27,6 +28,7 @@ import torch
 import torch.nn as nn
 import tyro
 
+import ofql
 from ofql import BANDIT_STD, Args, MeanFlowActor, TimeEmbedding, bandit_modes, draw_times, make_bandit_data, mlp, resolve_args
 
 
@@ -142,13 +144,13 @@ class DiffusionActor(TimeConditionedMLP):
         return lambda obs, noise=None: self.ddim(obs, noise, steps)
 
 
-def make_actor(obs_dim: int, act_dim: int, args: Args) -> nn.Module:
-    """The baseline actor of --policy (called by ofql.make_actor)."""
-    if args.policy == "flow":
-        return FlowActor(obs_dim, act_dim, args.hidden_dim, args.policy_steps, time_scale=args.time_emb_scale)
-    if args.policy == "diffusion":
-        return DiffusionActor(obs_dim, act_dim, args.hidden_dim, args.policy_steps)
-    raise ValueError(f"baselines.py has no policy '{args.policy}' (flow, diffusion)")
+# --policy -> actor: what ofql.train and ofql.OFQL build from (eval.py and sweep.py pass it too)
+ACTORS: dict[str, ofql.ActorFactory] = {
+    **ofql.ACTORS,
+    "flow": lambda obs_dim, act_dim, args: FlowActor(obs_dim, act_dim, args.hidden_dim, args.policy_steps,
+                                                     time_scale=args.time_emb_scale),
+    "diffusion": lambda obs_dim, act_dim, args: DiffusionActor(obs_dim, act_dim, args.hidden_dim, args.policy_steps),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,13 +177,11 @@ def train_toy_bc(policy: str, steps: int, hidden: int = 256, seed: int = 0, lr: 
     """BC only (no critic) on the eight-mode actions of `bandit-8modes` with the --policy's own loss, Adam with
     the lr cosine-decayed to 0 over `steps` (ofql.py's --lr-decay); `overrides` are further Args fields (e.g.
     flow_ratio=1.0: MeanFlow trained as plain flow matching)."""
-    from ofql import make_actor
-
     torch.manual_seed(seed)
     args = resolve_args(Args(env="bandit-8modes", policy=policy, hidden_dim=hidden, total_steps=steps,
                              **{"lr_decay": True} | overrides))
     actions = torch.as_tensor(make_bandit_data(background=0.0, seed=seed)["action"], dtype=torch.float32)
-    actor = make_actor(1, 2, args)
+    actor = ACTORS[policy](1, 2, args)
     opt = torch.optim.Adam(actor.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     obs = torch.zeros(args.batch_size, 1)
@@ -207,6 +207,8 @@ def toy_samples(flow: FlowActor, meanflow: MeanFlowActor, n: int, seed: int = 0)
 
 @dataclass
 class ToyConfig:
+    """Figure 3: BC only on the 2-D eight-mode data, flow matching with 1/2/5/10 Euler steps vs OFQL with 1."""
+
     steps: int = 20_000
     """BC gradient steps of each model (batch 256, Adam lr 1e-3 cosine-decayed to 0)"""
     hidden: int = 256
@@ -260,4 +262,12 @@ def toy_figure(cfg: ToyConfig) -> dict:
 
 
 if __name__ == "__main__":
-    toy_figure(tyro.cli(ToyConfig))
+    description = "Train a --policy through ofql.py's loop (every ofql.py flag), or draw the toy figure."
+    config = tyro.extras.subcommand_cli_from_dict({"train": Args, "toy": ToyConfig}, description=description)
+    if isinstance(config, ToyConfig):
+        toy_figure(config)
+    else:
+        try:
+            ofql.train(config, ACTORS)
+        except (ValueError, FileNotFoundError, ofql.DivergenceError) as error:
+            raise SystemExit(f"error: {error}")

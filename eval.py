@@ -103,7 +103,7 @@ def load_agent(path: str, device: torch.device, kernels: str = "auto", eval_poli
     if state["obs_mean"].shape != (task.obs_dim,):
         raise ValueError(f"{path}: its observations have {state['obs_mean'].shape[0]} dims, task {args.env} has "
                          f"{task.obs_dim}")
-    agent = ofql.OFQL(task, args, device)
+    agent = ofql.OFQL(task, args, device, baselines.ACTORS)  # every --policy a checkpoint may hold
     agent.load_state_dict(state["agent"])
     return agent, task, ofql.Normalizer(state["obs_mean"].numpy(), state["obs_std"].numpy()), args
 
@@ -528,5 +528,5 @@ def main(cfg: EvalArgs) -> dict:
 if __name__ == "__main__":
     try:
         main(tyro.cli(EvalArgs))
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+    except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}")

@@ -29,12 +29,13 @@ Triton when CUDA and Triton are usable, else torch. On a CPU, Triton kernels run
 interpreter (TRITON_INTERPRET=1 set before this module is imported), which is how the tests check them.
 
 `compile_for_gpu()` builds every kernel for an NVIDIA GPU without one (Triton's bundled ptxas).
-`python kernels.py` times torch eager vs torch.compile vs Triton on the device it runs on.
+`python benchmarks/kernels_speed.py` times torch eager (ofql.py's references) vs torch.compile vs Triton on
+the device it runs on. This file imports no project file (ofql.py imports it): the launchers take ofql.py's
+modules as arguments.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -493,89 +494,3 @@ def compile_for_gpu(capability: int = 90, obs_dim: int = 17, act_dim: int = 6, h
         source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
         shared[name] = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=LAUNCH).metadata.shared
     return shared
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark: python kernels.py [--batches 1 256] [--json out.json]
-# ---------------------------------------------------------------------------------------------
-@torch.no_grad()  # all three ops are inference or stop-gradient computations
-def benchmark(batches: tuple[int, ...] = (1, 256), obs_dim: int = 17, act_dim: int = 6, hidden: int = 256,
-              device: str = "auto", threads: int = 1, compile: bool = True, min_time: float = 0.2) -> dict:
-    """Seconds per call of each fused op: torch eager vs torch.compile vs Triton."""
-    import ofql  # the torch references (call-time imports: ofql imports this module)
-    from eval import time_calls
-
-    torch.set_num_threads(threads)
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)
-    torch.manual_seed(0)
-    actor = ofql.MeanFlowActor(obs_dim, act_dim, hidden).to(device).requires_grad_(False)
-    folded = actor.folded()
-    skip = triton_unusable_reason(device) if not INTERPRETED else "the CPU interpreter is not timed"
-    rows = []
-    for batch in batches:
-        obs, noise = torch.randn(batch, obs_dim, device=device), torch.randn(batch, act_dim, device=device)
-        t = torch.rand(batch, device=device)
-        r = t * torch.rand(batch, device=device)
-        ops = {  # name: (torch reference, Triton launcher)
-            "folded actor (inference)": (lambda: folded(obs, noise), lambda: folded_actor_triton(folded, obs, noise)),
-            "u and du/dt (JVP target)": (lambda: actor.velocity_and_dudt(noise, r, t, obs, noise),
-                                         lambda: fused_velocity(actor, noise, r, t, obs, noise)),
-            "time embedding": (lambda: actor.emb_t(t), lambda: time_embedding_triton(actor.emb_t, t)),
-        }
-        for name, (reference, fused) in ops.items():
-            row = {"op": name, "batch": batch, "device": str(device), "eager_us": time_calls(reference, min_time, 5, device) * 1e6}
-            row["compile_us"] = None
-            if compile:
-                try:
-                    compiled = torch.compile(reference, dynamic=False)
-                    row["compile_us"] = time_calls(compiled, min_time, 5, device) * 1e6
-                except Exception as err:  # no C++ compiler, unsupported platform...
-                    row["compile_skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
-            row["triton_us"] = None if skip else time_calls(fused, min_time, 5, device) * 1e6
-            rows.append(row)
-            print(f"{name}, batch {batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
-                                                         if k.endswith("_us") and v is not None), flush=True)
-    print(f"\n{device}, {threads} thread(s), torch {torch.__version__}, triton {triton.__version__}; "
-          f"obs {obs_dim}, act {act_dim}, hidden {hidden}; microseconds per call (median)")
-    print("| op | batch | torch eager | torch.compile | Triton |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        cells = [f"{row[k]:.1f}" if row[k] is not None else "—" for k in ("eager_us", "compile_us", "triton_us")]
-        print(f"| {row['op']} | {row['batch']} | " + " | ".join(cells) + " |")
-    if skip:
-        print(f"Triton skipped: {skip}")
-    return {"device": str(device), "threads": threads, "torch": torch.__version__, "triton": triton.__version__,
-            "obs_dim": obs_dim, "act_dim": act_dim, "hidden": hidden, "triton_skipped": skip, "rows": rows}
-
-
-@dataclass
-class BenchArgs:
-    batches: tuple[int, ...] = (1, 256)
-    """batch sizes to time"""
-    obs_dim: int = 17
-    act_dim: int = 6
-    hidden: int = 256
-    device: str = "auto"
-    """`auto` (CUDA if available, else CPU), `cpu` or `cuda`"""
-    threads: int = 1
-    """torch CPU threads"""
-    compile: bool = True
-    """include the torch.compile column"""
-    min_time: float = 0.2
-    """seconds per timed run"""
-    json: str | None = None
-    """also write the results to this file"""
-
-
-if __name__ == "__main__":
-    import json
-
-    import tyro
-
-    cfg = tyro.cli(BenchArgs)
-    result = benchmark(cfg.batches, cfg.obs_dim, cfg.act_dim, cfg.hidden, cfg.device, cfg.threads, cfg.compile,
-                       cfg.min_time)
-    if cfg.json:
-        with open(cfg.json, "w") as f:
-            json.dump(result, f, indent=2)

@@ -116,11 +116,11 @@ class Args:
     reward_bias: float | None = None
     """see reward_scale (None: task preset)"""
 
-    # --- policy class (the baselines live in baselines.py, imported only when asked for)
+    # --- policy class (flow and diffusion are baselines.py's: `python baselines.py train --policy flow ...`)
     policy: Literal["meanflow", "flow", "diffusion"] = "meanflow"
-    """`meanflow` = OFQL's one-step average-velocity policy; `flow` = flow-matching BC with K Euler steps,
-    back-propagated through in the Q term (FQL row); `diffusion` = DQL's DDPM (vp schedule, epsilon
-    prediction, K steps, EMA target actor)"""
+    """`meanflow` = OFQL's one-step average-velocity policy. Comparison baselines, trained by `python baselines.py
+    train`: `flow` = flow-matching BC with K Euler steps, back-propagated through in the Q term (FQL row);
+    `diffusion` = DQL's DDPM (vp schedule, epsilon prediction, K steps, EMA target actor)"""
     policy_steps: int | None = None
     """K, network calls per action in training (None: 1 for meanflow, 5 for flow and diffusion)"""
     eval_policy_steps: int | None = None
@@ -406,7 +406,8 @@ def build_pendulum_dataset(dataset_id: str, episodes: int = 100, seed: int = 0):
     ref_min = np.mean([sum(rollout(lambda o: rng.uniform(-2, 2, size=1), 2 * 10**6 + i)["rewards"])
                        for i in range(ref_episodes)])
     return minari.create_dataset_from_buffers(
-        dataset_id, buffers, env="Pendulum-v1", algorithm_name="noisy energy swing-up (ofql.py)",
+        dataset_id, buffers, env="Pendulum-v1", eval_env="Pendulum-v1",
+        algorithm_name="noisy energy swing-up (ofql.py)",
         ref_min_score=float(ref_min), ref_max_score=float(ref_max), num_episodes_average_score=ref_episodes,
         description="Built-in OFQL task: Pendulum-v1 with a noisy scripted swing-up controller.",
         author="ofql", author_email="none", code_permalink="ofql.py",
@@ -448,7 +449,7 @@ def d4rl_hdf5_to_minari(hdf5_path: str | Path, dataset_id: str, eval_env: str, r
                 truncations=truncations))
         start = end + 1
     return minari.create_dataset_from_buffers(
-        dataset_id, buffers, env=eval_env, ref_min_score=ref_min, ref_max_score=ref_max,
+        dataset_id, buffers, env=eval_env, eval_env=eval_env, ref_min_score=ref_min, ref_max_score=ref_max,
         algorithm_name="D4RL v2 (converted by ofql.py)", author="D4RL", author_email="none",
         code_permalink="https://github.com/Farama-Foundation/D4RL",
         description=f"D4RL v2 data converted from {Path(hdf5_path).name}; refs are D4RL's constants.")
@@ -605,7 +606,8 @@ def load_task(env_name: str, mujoco_data: str = "d4rl", with_data: bool = True
         if family.obs_keys:
             box = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64)
             env = gym.wrappers.TransformObservation(env, lambda o: flatten_obs(o, family.obs_keys), box)
-        return gym.wrappers.RescaleAction(env, -1.0, 1.0) if np.any(low != -1) or np.any(high != 1) else env
+        one = env.action_space.dtype.type(1)  # bounds in the space's dtype: float64 ones on float32 make gymnasium warn
+        return gym.wrappers.RescaleAction(env, -one, one) if np.any(low != -1) or np.any(high != 1) else env
 
     task = Task(env_name, obs_dim, space.shape[0], make_env, ref_min, ref_max, ref_source)
     if not with_data:
@@ -878,25 +880,27 @@ def td_target(actor, critic_target, batch, args: Args) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Agent: networks, optimisers and one gradient step
 # ---------------------------------------------------------------------------------------------
-def make_actor(obs_dim: int, act_dim: int, args: Args) -> nn.Module:
-    """The actor of --policy: OFQL's MeanFlowActor, or a baseline of baselines.py (imported only then, so
-    this file copied alone still runs OFQL)."""
-    if args.policy == "meanflow":
-        return MeanFlowActor(obs_dim, act_dim, args.hidden_dim, time_scale=args.time_emb_scale)
-    try:
-        import baselines
-    except ModuleNotFoundError as err:
-        if err.name != "baselines":
-            raise
-        raise NotImplementedError(f"--policy {args.policy} needs baselines.py (from the OFQL repository) next to "
-                                  "ofql.py or on PYTHONPATH; --policy meanflow needs nothing else") from err
-    return baselines.make_actor(obs_dim, act_dim, args)
+ActorFactory = Callable[[int, int, Args], nn.Module]  # (obs_dim, act_dim, args) -> the actor of args.policy
+# --policy -> actor. This file trains OFQL's only: baselines.py passes `train` and `OFQL` this table plus its
+# comparison actors, so imports run one way (baselines.py imports ofql.py, never the reverse)
+ACTORS: dict[str, ActorFactory] = {
+    "meanflow": lambda obs_dim, act_dim, args: MeanFlowActor(obs_dim, act_dim, args.hidden_dim,
+                                                             time_scale=args.time_emb_scale),
+}
+
+
+def check_policy(args: Args, actors: dict[str, ActorFactory]):
+    """--policy must have an actor in `actors`; the baselines' are given by baselines.py."""
+    if args.policy not in actors:
+        raise ValueError(f"--policy {args.policy} is a comparison baseline that ofql.py does not train; run "
+                         f"`python baselines.py train --policy {args.policy} --env {args.env}` with your other flags")
 
 
 class OFQL:
-    def __init__(self, task: Task, args: Args, device: torch.device):
+    def __init__(self, task: Task, args: Args, device: torch.device, actors: dict[str, ActorFactory] = ACTORS):
+        check_policy(args, actors)
         self.args = args
-        self.actor = make_actor(task.obs_dim, task.act_dim, args).to(device)
+        self.actor = actors[args.policy](task.obs_dim, task.act_dim, args).to(device)
         if isinstance(self.actor, MeanFlowActor):  # the fused kernels serve OFQL's actor (set before the EMA copy)
             self.actor.backend = resolve_kernels(args.kernels, device)
         # evaluation's sampler: the one-step policy, or a baseline's with --eval-policy-steps
@@ -1183,8 +1187,9 @@ def check_divergence(values: dict[str, float], q_bound: float) -> str | None:
     return None
 
 
-def train(args: Args) -> dict:
-    """Train OFQL on args.env; returns the summary also written to <run_dir>/summary.json."""
+def train(args: Args, actors: dict[str, ActorFactory] = ACTORS) -> dict:
+    """Train the actor of --policy (from `actors`: OFQL's, or baselines.py's table) on args.env; returns the
+    summary also written to <run_dir>/summary.json."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
@@ -1192,6 +1197,7 @@ def train(args: Args) -> dict:
     if resumed is not None:
         args = dataclasses.replace(Args(**resumed["args"]), resume=args.resume)
     args = resolve_args(args)
+    check_policy(args, actors)  # before any data is read or downloaded
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if args.threads:
@@ -1212,7 +1218,7 @@ def train(args: Args) -> dict:
     data["obs"], data["next_obs"] = normalizer(data["obs"]), normalizer(data["next_obs"])
     data["reward"] = (data["reward"] + args.reward_bias) * args.reward_scale
     buffer = ReplayBuffer(data, device, generator)
-    agent = OFQL(task, args, device)
+    agent = OFQL(task, args, device, actors)
     history: list[dict] = []
 
     if resumed is not None:
@@ -1223,6 +1229,7 @@ def train(args: Args) -> dict:
         print(f"resumed {args.resume} at step {agent.step}")
     else:
         run_dir = make_run_dir(args)
+    print(f"--policy {args.policy} on {args.env}, {args.total_steps} steps; run folder: {run_dir}", flush=True)
     writer = SummaryWriter(str(run_dir))
     if args.track:
         import wandb
@@ -1277,11 +1284,15 @@ def train(args: Args) -> dict:
     writer.close()
     if args.track:
         wandb.finish()
+    score = lambda value: "none" if value is None else f"{value:.1f}"
+    print(f"done: final normalized score {score(summary['final_score'])}, best {score(summary['best_score'])}; "
+          f"{summary['steps_per_second']:.1f} steps/s, {wall:.1f} s; summary {run_dir / 'summary.json'}, checkpoint "
+          f"{ckpt_path}, TensorBoard {run_dir}; evaluate: python eval.py --checkpoint {ckpt_path}")
     return summary
 
 
 if __name__ == "__main__":
     try:
         train(tyro.cli(Args))
-    except (ValueError, FileNotFoundError, NotImplementedError, DivergenceError) as error:
+    except (ValueError, FileNotFoundError, DivergenceError) as error:
         raise SystemExit(f"error: {error}")

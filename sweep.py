@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import tyro
 
+import baselines
 import ofql
 
 # The OFQL paper's normalized scores (x 100; DESIGN.md section 5): per task where published, and the
@@ -178,9 +179,10 @@ def run_one(run_dir: str, args: ofql.Args, session: str = "", kill_marker: str |
                                   "pid": os.getpid(), "start_step": start_step}) + "\n")
         if kill_marker and not Path(kill_marker).exists():
             arm_kill_after_checkpoint(kill_marker)
+        run_args = ofql.Args(resume=str(ckpt)) if ckpt.exists() else dataclasses.replace(args, run_dir=str(run_dir))
         with open(run_dir / "train.log", "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            ofql.train(ofql.Args(resume=str(ckpt)) if ckpt.exists() else dataclasses.replace(args, run_dir=str(run_dir)))
-    except (ValueError, FileNotFoundError, NotImplementedError, ofql.DivergenceError) as err:
+            ofql.train(run_args, baselines.ACTORS)  # baselines.py's table: --policy flow|diffusion sweep too
+    except (ValueError, FileNotFoundError, ofql.DivergenceError) as err:
         message = f"{type(err).__name__}: {err}"
         (run_dir / "error.txt").write_text(message + "\n")
         return {"status": "failed", "run_dir": str(run_dir), "error": message}
@@ -484,7 +486,7 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+    except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     except KeyboardInterrupt:
         raise SystemExit("interrupted: run the same command again to resume the unfinished runs") from None

@@ -3,10 +3,13 @@
 Run: `pytest -q test_ofql.py` (a few minutes on 2 CPU cores). Nothing here downloads: Minari datasets
 are built in temporary folders with `minari.create_dataset_from_buffers`.
 """
+import ast
 import dataclasses
 import json
 import math
 import random
+import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import gymnasium as gym
@@ -413,6 +416,30 @@ def test_dataset_folder_path_is_accepted(tmp_path):
     assert task.obs_dim == 11 and len(data["obs"]) == dataset.total_steps
 
 
+def test_train_prints_its_run_folder_first_and_where_everything_is_last(tmp_path, capsys):
+    """A first run informs: the run folder before training; at the end the scores, speed, wall time, the paths
+    of summary.json, checkpoint and TensorBoard events, and an eval.py command that parses."""
+    import tyro
+
+    import eval as ofql_eval
+
+    summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=3, eval_every=3,
+                                   hidden_dim=32))
+    lines = capsys.readouterr().out.strip().splitlines()
+    run_dir, ckpt = Path(summary["run_dir"]), summary["checkpoint"]
+    print("\n".join(lines))
+    assert lines[0] == f"--policy meanflow on bandit-8modes, 3 steps; run folder: {run_dir}"
+    last = lines[-1]
+    assert last.startswith(f"done: final normalized score {summary['final_score']:.1f}, "
+                           f"best {summary['best_score']:.1f}; {summary['steps_per_second']:.1f} steps/s, "
+                           f"{summary['wall_time_s']:.1f} s; ")
+    assert f"summary {run_dir / 'summary.json'}, checkpoint {ckpt}, TensorBoard {run_dir}; " in last
+    assert (run_dir / "summary.json").exists() and Path(ckpt).exists() and list(run_dir.glob("events.out.tfevents.*"))
+    command = last.split("evaluate: ")[1].split()
+    assert command[:2] == ["python", "eval.py"]
+    assert tyro.cli(ofql_eval.EvalArgs, args=command[2:]).checkpoint == ckpt
+
+
 # ------------------------------------------------------------------------------------------------
 # Errors a user can run into
 # ------------------------------------------------------------------------------------------------
@@ -503,15 +530,18 @@ def test_checkpoint_holds_only_tensors_and_plain_values(tmp_path):
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(before, after))
 
 
-def test_pendulum_builtin_dataset_builds_offline():
-    task, data = ofql.load_task("pendulum-swingup")
+def test_pendulum_builtin_dataset_builds_offline_without_warnings():
+    with warnings.catch_warnings(record=True) as caught:  # the quickstart task: no third-party notice either
+        warnings.simplefilter("always")
+        task, data = ofql.load_task("pendulum-swingup")
+        env = task.make_env()
+    assert not [f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
     assert task.obs_dim == 3 and task.act_dim == 1
     assert np.all(np.abs(data["action"]) <= 1.0) and len(data["obs"]) == 100 * 200
     assert data["mask"].min() == 1.0  # Pendulum never terminates: time limits are not terminals
     behaviour = 100 * (data["reward"].sum() / 100 - task.ref_min) / (task.ref_max - task.ref_min)
     assert 25 < behaviour < 65, behaviour
-    env = task.make_env()
-    assert env.action_space.low[0] == -1.0
+    assert env.action_space.low[0] == -1.0 and env.action_space.dtype == np.float32
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1150,6 +1180,15 @@ def test_sweep_report_puts_paper_numbers_and_domain_averages_beside_d4rl_tasks(t
     assert result["tasks"]["walker2d-medium-v2"]["preset"]["paper"] == 87.4
 
 
+def test_sweep_run_trains_a_baseline_policy(tmp_path):
+    """sweep.py hands ofql.train baselines.py's actors: a --policy flow run finishes as a flow run."""
+    import sweep
+
+    args = ofql.Args(env="bandit-8modes", policy="flow", total_steps=2, eval_every=2, hidden_dim=8)
+    assert sweep.run_one(str(tmp_path / "run"), args)["status"] == "done"
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["args"]["policy"] == "flow"
+
+
 def test_run_dir_is_used_exactly_and_an_existing_run_is_not_overwritten(tmp_path):
     run_dir = tmp_path / "exact" / "run"
     summary = ofql.train(ofql.Args(env="bandit-8modes", run_dir=str(run_dir), total_steps=2, eval_every=2,
@@ -1385,13 +1424,14 @@ def test_each_policy_class_learns_checkpoints_and_acts_in_bounds(tmp_path, polic
     args = small_args(policy=policy, eval_policy_steps=eval_steps, hidden_dim=64, total_steps=150, eval_every=150)
     task, data = ofql.load_task("bandit-8modes")
     buffer = ofql.ReplayBuffer(data, torch.device("cpu"), torch.Generator().manual_seed(0))
-    agent = ofql.OFQL(task, args, torch.device("cpu"))
+    agent = ofql.OFQL(task, args, torch.device("cpu"), baselines.ACTORS)
     bc = [agent.update(buffer.sample(256), swap_heads=i % 2 == 0)["losses/bc_loss"].item() for i in range(150)]
     print(f"{policy}: BC loss {np.mean(bc[:20]):.3f} -> {np.mean(bc[-20:]):.3f}")
     assert agent.step == 150 and np.mean(bc[-20:]) < 0.9 * np.mean(bc[:20])
     assert (agent.actor_target is not agent.actor) == (policy == "diffusion")  # DQL's EMA actor by default
 
-    summary = ofql.train(dataclasses.replace(args, out_dir=str(tmp_path), total_steps=3, eval_every=3))
+    summary = ofql.train(dataclasses.replace(args, out_dir=str(tmp_path), total_steps=3, eval_every=3),
+                         baselines.ACTORS)
     loaded, *_ = ofql_eval.load_agent(summary["checkpoint"], torch.device("cpu"))
     assert loaded.args.policy == policy and type(loaded.actor) is type(agent.actor)
     torch.manual_seed(1)
@@ -1519,15 +1559,19 @@ def test_comparison_rows_take_dqls_settings_as_the_paper_ran_them():
     assert ofql.resolve_args(ofql.Args(env="hopper-medium-expert-v2", policy="flow", eta=0.2)).eta == 0.2
 
 
-def test_baseline_without_baselines_py_is_a_clear_error(monkeypatch):
-    """ofql.py copied alone: the default runs, --policy flow says which file is missing."""
-    import sys
-
-    monkeypatch.setitem(sys.modules, "baselines", None)  # `import baselines` now fails as if the file were absent
+def test_ofql_py_names_the_baselines_command_for_a_baseline_policy(monkeypatch):
+    """ofql.py trains OFQL only: --policy flow is one clear error naming baselines.py's command, raised before
+    any data is read; with baselines.py's ACTORS the same OFQL builds the baseline's actor."""
     task = ofql.Task("bandit", 1, 2, None, 0.0, 1.0, "")
     ofql.OFQL(task, small_args(hidden_dim=8), torch.device("cpu"))
-    with pytest.raises(NotImplementedError, match="--policy flow needs baselines.py"):
+    command = "python baselines.py train --policy flow --env bandit-8modes"
+    with pytest.raises(ValueError, match=command):
         ofql.OFQL(task, small_args(policy="flow", hidden_dim=8), torch.device("cpu"))
+    monkeypatch.setattr(ofql, "load_task", lambda *_, **__: pytest.fail("data read before the --policy check"))
+    with pytest.raises(ValueError, match=command):
+        ofql.train(ofql.Args(env="bandit-8modes", policy="flow"))
+    agent = ofql.OFQL(task, small_args(policy="flow", hidden_dim=8), torch.device("cpu"), baselines.ACTORS)
+    assert type(agent.actor) is baselines.FlowActor
 
 
 def test_toy_figure_writes_its_png_and_json_with_mode_coverage(tmp_path):
@@ -1538,3 +1582,58 @@ def test_toy_figure_writes_its_png_and_json_with_mode_coverage(tmp_path):
     saved = json.loads((tmp_path / "toy.json").read_text())["measures"]
     assert saved == result["measures"] and set(saved) == {"data", "FM-1", "FM-2", "FM-5", "FM-10", "OFQL-1", "uniform"}
     assert saved["data"]["near_mode"] > 0.75 and saved["uniform"]["near_mode"] < 0.15
+
+
+# ------------------------------------------------------------------------------------------------
+# Architecture: imports run one way, kernels.py <- ofql.py <- baselines.py <- eval.py, sweep.py, benchmarks/
+# ------------------------------------------------------------------------------------------------
+IMPORT_RANKS = {"kernels": 0, "ofql": 1, "baselines": 2, "eval": 3, "sweep": 3}  # benchmarks/*: 3, tests: 4
+
+
+def import_violations(root: Path) -> list[str]:
+    """Every import, at module level or inside a function, of a project module ranked above the importing
+    file, and every import cycle among the project files of `root` (its *.py and benchmarks/*.py)."""
+    files = sorted(root.glob("*.py")) + sorted(root.glob("benchmarks/*.py"))
+    rank = {f.stem: IMPORT_RANKS.get(f.stem, 3 if f.parent.name == "benchmarks" else 4) for f in files}
+    graph, problems = {f.stem: set() for f in files}, []
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in {n.split(".")[0] for n in names} & (rank.keys() - {file.stem}):
+                graph[file.stem].add(name)
+                if rank[name] > rank[file.stem]:
+                    problems.append(f"{file.relative_to(root)}:{node.lineno} imports {name} (rank {rank[name]}), "
+                                    f"above itself (rank {rank[file.stem]})")
+
+    def cycle(path: list[str]) -> list[str] | None:
+        for name in sorted(graph[path[-1]]):
+            if name == path[0]:
+                return path + [name]
+            if name not in path and (found := cycle(path + [name])):
+                return found
+        return None
+
+    cycles = {}  # one entry per set of files: the cycle as first found
+    for stem in graph:
+        if found := cycle([stem]):
+            cycles.setdefault(frozenset(found), found)
+    return problems + [f"import cycle {' -> '.join(c)}" for c in cycles.values()]
+
+
+def test_imports_run_one_way_with_no_cycle(tmp_path):
+    """No project file imports one above it (not even lazily in a function), and no two import each other."""
+    problems = import_violations(Path(__file__).parent)
+    assert not problems, "\n".join(problems)
+    # the check itself: a lazy upward import and a cycle between two callers are both named with their line
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "kernels.py").write_text("import os\n\n\ndef bench():\n    from eval import time_calls\n")
+    (tmp_path / "eval.py").write_text("import sweep\n")
+    (tmp_path / "sweep.py").write_text("import eval\n")
+    (tmp_path / "ofql.py").write_text("try:\n    import kernels\nexcept ImportError:\n    kernels = None\n")
+    assert sorted(import_violations(tmp_path)) == ["import cycle eval -> sweep -> eval",
+                                                   "kernels.py:5 imports eval (rank 3), above itself (rank 0)"]

@@ -20,6 +20,7 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import baselines  # noqa: E402
 import ofql  # noqa: E402
 from train_speed import HOPPER_SHAPES, random_hopper_buffer  # noqa: E402  (this folder is on sys.path)
 
@@ -44,7 +45,7 @@ class Config:
 def make_agent(policy: str, steps: int, batch_size: int) -> ofql.OFQL:
     args = ofql.resolve_args(ofql.Args(env="hopper-medium-v2", batch_size=batch_size, policy=policy,
                                        policy_steps=steps))
-    return ofql.OFQL(HOPPER_SHAPES, args, torch.device("cpu"))
+    return ofql.OFQL(HOPPER_SHAPES, args, torch.device("cpu"), baselines.ACTORS)
 
 
 def seconds_per_step(agent: ofql.OFQL, buffer: ofql.ReplayBuffer, batch_size: int, min_time: float) -> float:
