@@ -276,7 +276,7 @@ def resolve_args(args: Args) -> Args:
         args = dataclasses.replace(args, save_every=args.eval_every)
     select, samples, temperature = EVAL_PROTOCOLS[args.eval_protocol]
     if args.eval_select is not None and args.eval_select != select:
-        select, samples = args.eval_select, 50  # candidates default to the paper's 50 when the selection is changed
+        select, samples = args.eval_select, EVAL_PROTOCOLS["paper"][1]  # a changed selection: the paper's 50 candidates
     args = dataclasses.replace(args, eval_select=select, eval_samples=1 if select == "one" else args.eval_samples or samples,
                                eval_temperature=temperature if args.eval_temperature is None else args.eval_temperature)
     problems = []
