@@ -144,6 +144,8 @@ class Args:
     0.5 measured best for one-step mode coverage on the toy (README, Figure 3); MeanFlow's image default is 1"""
     hidden_dim: int | None = None
     """width of actor and critic MLPs (None: task preset; DQL and the paper: 256)"""
+    critic_layer_norm: bool = False
+    """LayerNorm after each hidden activation of the critic, as FQL's critic (the paper's DQL critic has none)"""
 
     # --- evaluation
     eval_every: int | None = None
@@ -814,16 +816,29 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-class TwinCritic(nn.Module):
-    """Two Q heads (3 x 256 Mish MLPs over [s, a]) evaluated together; returns [2, B]."""
+class EnsembleLayerNorm(nn.Module):
+    """LayerNorm over the last dim with a separate affine per ensemble member: x [n, B, d]."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+    def __init__(self, n: int, dim: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(n, 1, dim)), nn.Parameter(torch.zeros(n, 1, dim))
+
+    def forward(self, x):
+        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)
+
+
+class TwinCritic(nn.Module):
+    """Two Q heads (3 x 256 Mish MLPs over [s, a], optionally LayerNorm after each hidden activation)
+    evaluated together; returns [2, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, layer_norm: bool = False):
         super().__init__()
         dims = [obs_dim + act_dim, hidden, hidden, hidden, 1]
         layers = []
-        for i in range(4):
+        for i in range(3):
             layers += [EnsembleLinear(2, dims[i], dims[i + 1]), MishLayer()]
-        self.net = nn.Sequential(*layers[:-1])
+            layers += [EnsembleLayerNorm(2, dims[i + 1])] if layer_norm else []
+        self.net = nn.Sequential(*layers, EnsembleLinear(2, hidden, 1))
 
     def forward(self, obs, action):
         x = torch.cat([obs, action], -1)
@@ -906,7 +921,7 @@ class OFQL:
         # evaluation's sampler: the one-step policy, or a baseline's with --eval-policy-steps
         self.evaluation_act = self.actor.act if args.policy == "meanflow" else self.actor.sampler(args.eval_policy_steps)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False) if args.ema_actor else self.actor
-        self.critic = TwinCritic(task.obs_dim, task.act_dim, args.hidden_dim).to(device)
+        self.critic = TwinCritic(task.obs_dim, task.act_dim, args.hidden_dim, args.critic_layer_norm).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.lr, fused=True)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True)

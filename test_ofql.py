@@ -1637,3 +1637,30 @@ def test_imports_run_one_way_with_no_cycle(tmp_path):
     (tmp_path / "ofql.py").write_text("try:\n    import kernels\nexcept ImportError:\n    kernels = None\n")
     assert sorted(import_violations(tmp_path)) == ["import cycle eval -> sweep -> eval",
                                                    "kernels.py:5 imports eval (rank 3), above itself (rank 0)"]
+
+
+def test_twin_critic_heads_match_separate_mlps_with_and_without_layer_norm():
+    """Each head of the batched critic is its own Linear -> Mish (-> LayerNorm with its own affine) MLP,
+    checked in float64 against nn.Sequential built from that head's weights."""
+    torch.manual_seed(0)
+    obs, action = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    for layer_norm in (False, True):
+        critic = ofql.TwinCritic(5, 3, 13, layer_norm=layer_norm).double()
+        with torch.no_grad():  # distinct affine per head, so a shared LayerNorm would fail
+            for p in critic.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        q = critic(obs, action)
+        linears = [m for m in critic.net if isinstance(m, ofql.EnsembleLinear)]
+        norms = [m for m in critic.net if isinstance(m, ofql.EnsembleLayerNorm)]
+        assert len(norms) == (3 if layer_norm else 0)
+        for head in range(2):
+            x = torch.cat([obs, action], -1)
+            for i, lin in enumerate(linears):
+                x = x @ lin.weight[head] + lin.bias[head]
+                if i < 3:
+                    x = torch.nn.functional.mish(x)
+                    if layer_norm:
+                        x = torch.nn.functional.layer_norm(x, (13,), norms[i].weight[head, 0], norms[i].bias[head, 0])
+            err = (q[head] - x.squeeze(-1)).abs().max().item()
+            print(f"layer_norm={layer_norm} head {head}: max abs error {err:.2e}")
+            assert err < 1e-12
