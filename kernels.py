@@ -22,7 +22,7 @@ slice its own registers); it stays in L1/L2 on a GPU. Backward: `time_embedding`
 autograd.Function whose backward kernel saves nothing but the times and recomputes the forward; its
 weight gradients are summed per program, then over programs by torch (deterministic, no atomics).
 `fused_velocity` has no backward: it feeds a stop-gradient target and no-grad actions, while the primal
-u that carries gradients stays in torch (see README: "Triton kernels").
+u that carries gradients stays in torch (see docs/kernels.md).
 
 Backends: `resolve_backend("auto" | "triton" | "torch")` is the one place that decides. "auto" is
 Triton when CUDA and Triton are usable, else torch. On a CPU, Triton kernels run only under its

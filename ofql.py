@@ -87,7 +87,7 @@ class Args:
     lr_decay: bool | None = None
     """cosine-decay the actor and critic lr to 0 over --total-steps, stepped every gradient step (None: task
     preset, on except the bandit; the authors' later MeanFlow-Q code decays both; the one-step toy needs it:
-    32% -> 74% of samples on a mode, README)"""
+    32% -> 74% of samples on a mode, docs/baselines.md)"""
     gamma: float = 0.99
     """discount"""
     tau: float = 0.005
@@ -141,7 +141,7 @@ class Args:
     """t and r are multiplied by this before the sinusoidal embedding (DQL fed integer steps)"""
     adaptive_weight: float = 0.5
     """MeanFlow's adaptive loss weight power p (per-sample loss / sg(loss + 1e-3)^p); 0 = plain squared error.
-    0.5 measured best for one-step mode coverage on the toy (README, Figure 3); MeanFlow's image default is 1"""
+    0.5 measured best for one-step mode coverage on the toy (docs/baselines.md); MeanFlow's image default is 1"""
     hidden_dim: int | None = None
     """width of actor and critic MLPs (None: task preset; DQL and the paper: 256)"""
     critic_layer_norm: bool = False
