@@ -1061,19 +1061,26 @@ def test_ogbench_trains_briefly_and_scores_success_at_episode_end_not_return(tmp
     # 1000 steps at reward -1, never at the goal: success 0, not a score of the return (100 x -1000)
     assert (last["score_mean"], last["return_mean"]) == (0.0, -1000.0) and "success" in last["ref_source"]
     agent, task, normalizer, args = ofql_eval.load_agent(summary["checkpoint"], torch.device("cpu"))
+
+    class GoalEverywhereAtStep4(gym.Wrapper):  # success (computed before the step) at step 4, which then terminates
+        steps = 0
+
+        def step(self, action):
+            self.steps += 1
+            if self.steps == 4:
+                self.env.unwrapped._goal_tol = 1e3
+            return self.env.step(action)
+
     make_env, made = task.make_env, []
 
-    def second_episode_starts_on_the_goal(**kwargs):
-        env = make_env(**kwargs)
-        made.append(env)
-        if len(made) == 2:
-            env.unwrapped._goal_tol = 1e3  # success at its first step: the episode terminates, reward 0
-        return env
+    def second_episode_reaches_the_goal(**kwargs):
+        made.append(GoalEverywhereAtStep4(make_env(**kwargs)) if made else make_env(**kwargs))
+        return made[-1]
 
-    task = dataclasses.replace(task, make_env=second_episode_starts_on_the_goal)
+    task = dataclasses.replace(task, make_env=second_episode_reaches_the_goal)
     result = ofql.evaluate(agent, task, normalizer, args, episodes=2, seed=0)
     assert result["scores"] == [0.0, 100.0] and result["score_mean"] == 50.0
-    assert result["return_mean"] == -500.0  # (-1000 + 0) / 2
+    assert result["return_mean"] == -501.5  # (-1000 - 3) / 2
     assert ofql.resolve_args(ofql.Args(env="ogbench/humanoidmaze-medium-navigate-singletask-v0")).gamma == 0.995
 
 
