@@ -329,7 +329,7 @@ class Task:
     ref_min: float
     ref_max: float
     ref_source: str  # where the normalisation constants came from
-    score_key: str | None = None  # info entry whose value at an episode's end is its outcome (OGBench: success); None: return
+    score_key: str | None = None  # info entry scored at an episode's end (OGBench: success); None: the return
 
 
 class ReplayBuffer:
@@ -590,8 +590,8 @@ def load_ogbench(name: str, with_data: bool = True) -> tuple[Task, dict[str, np.
                          "requirements-ogbench.txt (Python <= 3.12: its dm_control needs labmaze wheels)") from err
     dataset, parts = name.removeprefix("ogbench/"), name.removeprefix("ogbench/").split("-")
     if "singletask" not in parts or parts[0] == "visual":
-        raise ValueError(f"'{name}' is not an OGBench state-based single-task dataset: names look like "
-                         "ogbench/<env>-<data>-singletask[-taskN]-v0, e.g. ogbench/cube-single-play-singletask-task1-v0")
+        raise ValueError(f"'{name}' is not an OGBench state-based single-task dataset: names look like ogbench/"
+                         "<env>-<data>-singletask[-taskN]-v0, e.g. ogbench/cube-single-play-singletask-task1-v0")
     make_env = lambda **kwargs: ogbench.make_env_and_datasets(dataset, env_only=True, **kwargs)  # noqa: E731
     try:
         env = make_env()
