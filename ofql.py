@@ -48,7 +48,8 @@ except ImportError as error:
 class Args:
     env: str = "pendulum-swingup"
     """task: a built-in task (`bandit-8modes`, `pendulum-swingup`), a D4RL name of the paper
-    (`hopper-medium-v2`, ...), a Minari dataset id (`mujoco/hopper/medium-v0`) or a Minari dataset folder"""
+    (`hopper-medium-v2`, ...), a Minari dataset id (`mujoco/hopper/medium-v0`) or a Minari dataset folder, or an
+    OGBench single-task dataset (`ogbench/cube-single-play-singletask-task1-v0`, docs/ogbench.md)"""
     mujoco_data: Literal["d4rl", "minari"] = "d4rl"
     """data of the D4RL MuJoCo names: `d4rl` = D4RL's v2 HDF5 files (the paper's data, evaluated on -v4 envs);
     `minari` = Minari's v5 regeneration (mujoco/<env>/<level>-v0; not comparable with published numbers)"""
@@ -88,8 +89,8 @@ class Args:
     """cosine-decay the actor and critic lr to 0 over --total-steps, stepped every gradient step (None: task
     preset, on except the bandit; the authors' later MeanFlow-Q code decays both; the one-step toy needs it:
     32% -> 74% of samples on a mode, docs/baselines.md)"""
-    gamma: float = 0.99
-    """discount"""
+    gamma: float | None = None
+    """discount (None: task preset, 0.99; FQL's 0.995 on OGBench's giant and humanoid mazes and antsoccer)"""
     tau: float = 0.005
     """Polyak rate of the target critics"""
     grad_norm: float | None = None
@@ -190,6 +191,7 @@ class Preset:
     reward_scale: float = 1.0
     reward_bias: float = 0.0
     total_steps: int = 1_000_000
+    gamma: float = 0.99
     eval_every: int = 10_000
     hidden_dim: int = 256
     eval_protocol: str = "paper"
@@ -225,6 +227,16 @@ PRESETS: dict[str, Preset] = {
                             eval_every=500, hidden_dim=128, eval_protocol="one"),
     "pendulum-swingup": Preset(eta=3.0, dql_eta=3.0, grad_norm=9.0, total_steps=6000, eval_every=1000),
 }
+# OGBench single-task datasets (`ogbench/<name>`): what carries over from FQL. Discount 0.995 where FQL used it
+# (antmaze-giant, humanoidmaze-medium/large, antsoccer-arena), extended to the other giant and humanoid mazes and
+# antsoccer-medium, else 0.99; rewards and masks as OGBench relabels them (FQL: no scale or bias); evaluation by one
+# sample of the one-step policy (FQL's); episode lengths are the envs' own. eta: MuJoCo's, unmeasured on OGBench.
+def ogbench_preset(env: str) -> Preset:
+    name = env.removeprefix("ogbench/")
+    return Preset(gamma=0.995 if name.startswith(("humanoidmaze-", "antsoccer-")) or "maze-giant-" in name else 0.99,
+                  eval_protocol="one")
+
+
 # --eval-protocol -> (eval_select, eval_samples, eval_temperature)
 EVAL_PROTOCOLS = {"paper": ("softmax", 50, 1.0), "one": ("one", 1, 1.0)}
 D4RL_MUJOCO = {f"{env}-{level}-v2": (env, level) for env in ("halfcheetah", "hopper", "walker2d")
@@ -264,7 +276,7 @@ CONVENTIONS = {
 
 def resolve_args(args: Args) -> Args:
     """Fill every None field from the task preset and check values; returns a new Args."""
-    preset = PRESETS.get(args.env, Preset())
+    preset = ogbench_preset(args.env) if args.env.startswith("ogbench/") else PRESETS.get(args.env, Preset())
     if args.policy != "meanflow" and args.eta is None:  # the comparison rows as the paper ran them: DQL's eta
         args = dataclasses.replace(args, eta=preset.dql_eta)
     filled = {f.name: getattr(preset, f.name) for f in dataclasses.fields(Preset)
@@ -317,6 +329,7 @@ class Task:
     ref_min: float
     ref_max: float
     ref_source: str  # where the normalisation constants came from
+    score_key: str | None = None  # info entry scored at an episode's end (OGBench: success); None: the return
 
 
 class ReplayBuffer:
@@ -565,18 +578,59 @@ def load_mujoco_minari(name: str):
     return minari.combine_datasets(parts, combined)
 
 
+def load_ogbench(name: str, with_data: bool = True) -> tuple[Task, dict[str, np.ndarray] | None]:
+    """`ogbench/<dataset>`: OGBench single-task data through ogbench.make_env_and_datasets, read as FQL reads it: its
+    rewards and `masks` (0 where the task is solved; its `terminals` only end the data's trajectories, never crossed
+    by a transition); score 100 x info['success'] at episode end; eval envs from the same function (env_only).
+    Files: OGBENCH_DATASET_DIR (default: ogbench's ~/.ogbench/data), downloaded there by ogbench when missing."""
+    try:
+        import ogbench
+    except ImportError as err:
+        raise ValueError(f"--env {name} needs the optional ogbench package ({err}). Fix: pip install -r "
+                         "requirements-ogbench.txt (Python <= 3.12: its dm_control needs labmaze wheels)") from err
+    dataset, parts = name.removeprefix("ogbench/"), name.removeprefix("ogbench/").split("-")
+    if "singletask" not in parts or parts[0] == "visual":
+        raise ValueError(f"'{name}' is not an OGBench state-based single-task dataset: names look like ogbench/"
+                         "<env>-<data>-singletask[-taskN]-v0, e.g. ogbench/cube-single-play-singletask-task1-v0")
+    make_env = lambda **kwargs: ogbench.make_env_and_datasets(dataset, env_only=True, **kwargs)  # noqa: E731
+    try:
+        env = make_env()
+    except gym.error.Error as err:
+        raise ValueError(f"'{name}': OGBench has no such environment ({err}); see docs/ogbench.md") from err
+    task = Task(name, env.observation_space.shape[0], env.action_space.shape[0], make_env, 0.0, 1.0,
+                "OGBench: 100 x success rate (info['success'] at episode end, as FQL reports)", "success")
+    env.close()
+    if not with_data:
+        return task, None
+    folder = Path(os.environ.get("OGBENCH_DATASET_DIR", "~/.ogbench/data")).expanduser()
+    try:
+        env, data, _ = ogbench.make_env_and_datasets(dataset, dataset_dir=str(folder))  # (env, train, validation)
+    except OSError as err:  # offline (URLError), a name the server lacks (HTTPError), an unwritable folder
+        stem = "-".join(parts[:parts.index("singletask")] + parts[-1:])  # ogbench's file: no singletask/taskN
+        raise FileNotFoundError(
+            f"OGBench dataset {stem} ({stem}.npz and {stem}-val.npz) is not in OGBENCH_DATASET_DIR={folder} and "
+            f"could not be downloaded ({err}). Fix: on a connected machine run `python -c \"import ogbench; "
+            f"ogbench.download_datasets(['{stem}'])\"` and copy both files from ~/.ogbench/data into {folder}, or "
+            f"fetch them from {ogbench.utils.DATASET_URL}/") from err
+    env.close()
+    return task, {"obs": data["observations"], "action": np.clip(data["actions"], -1, 1), "reward": data["rewards"],
+                  "next_obs": data["next_observations"], "mask": data["masks"]}
+
+
 def load_task(env_name: str, mujoco_data: str = "d4rl", with_data: bool = True
               ) -> tuple[Task, dict[str, np.ndarray] | None]:
     """Task description and raw transitions (actions rescaled to [-1, 1]) for --env; with_data=False
     skips reading the episodes (evaluation needs only the task: seconds instead of minutes)."""
     if env_name == "bandit-8modes":
         return Task(env_name, 1, 2, None, 0.0, 1.0, "bandit: reward of the best mode"), make_bandit_data()
+    if env_name.startswith("ogbench/"):
+        return load_ogbench(env_name, with_data)
     source = MINARI_SOURCE.get(env_name, env_name)
     if env_name not in D4RL_MUJOCO and source == env_name and "/" not in env_name and not Path(env_name).exists():
         known = sorted(PRESETS)
         close = difflib.get_close_matches(env_name, known, n=1)
         raise ValueError(f"unknown task '{env_name}'" + (f"; did you mean '{close[0]}'?" if close else "")
-                         + f" Known tasks: {', '.join(known)}; or a Minari dataset id or folder.")
+                         + f" Known tasks: {', '.join(known)}; or a Minari dataset id or folder, or ogbench/<dataset>.")
     if env_name in D4RL_MUJOCO:
         dataset = load_d4rl_mujoco(env_name) if mujoco_data == "d4rl" else load_mujoco_minari(env_name)
     else:
@@ -1032,7 +1086,8 @@ def sample_actions(agent: OFQL, obs: torch.Tensor, args: Args) -> torch.Tensor:
 
 def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episodes: int, seed: int,
              frames: list | None = None) -> dict:
-    """Normalized score x 100 over `episodes` episodes run side by side (one batched policy call per step).
+    """Normalized score x 100 over `episodes` episodes run side by side (one batched policy call per step): of the
+    return, or of info[task.score_key] at each episode's end (OGBench: success).
     With `frames` (a list), the first episode is rendered into it as RGB arrays."""
     device = next(agent.actor.parameters()).device
     agent.actor.eval()
@@ -1040,26 +1095,29 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
         obs = torch.zeros(1000, task.obs_dim, device=device)
         actions = sample_actions(agent, obs, args).cpu().numpy()
         rewards = bandit_reward(actions)
-        returns = rewards
+        returns = outcome = rewards
     else:
         envs = [task.make_env(**({"render_mode": "rgb_array"} if frames is not None and i == 0 else {}))
                 for i in range(episodes)]
         obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
-        returns, alive = np.zeros(episodes), np.ones(episodes, bool)
+        returns, alive, final = np.zeros(episodes), np.ones(episodes, bool), np.zeros(episodes)
         while alive.any():
             idx = np.flatnonzero(alive)
             obs_t = torch.as_tensor(normalizer(obs[idx]), dtype=torch.float32, device=device)
             actions = sample_actions(agent, obs_t, args).cpu().numpy()
             for i, action in zip(idx, actions):
-                obs[i], reward, term, trunc, _ = envs[i].step(action)
+                obs[i], reward, term, trunc, info = envs[i].step(action)
                 returns[i] += reward
+                if task.score_key:
+                    final[i] = info[task.score_key]
                 alive[i] = not (term or trunc)
                 if frames is not None and i == 0:
                     frames.append(envs[0].render())
         for env in envs:
             env.close()
+        outcome = final if task.score_key else returns
     agent.actor.train()
-    scores = 100 * (returns - task.ref_min) / (task.ref_max - task.ref_min)
+    scores = 100 * (outcome - task.ref_min) / (task.ref_max - task.ref_min)
     return {"return_mean": float(returns.mean()), "return_std": float(returns.std()),
             "score_mean": float(scores.mean()), "score_std": float(scores.std()), "ref_source": task.ref_source,
             "scores": scores.tolist()}

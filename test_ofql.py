@@ -5,9 +5,12 @@ are built in temporary folders with `minari.create_dataset_from_buffers`.
 """
 import ast
 import dataclasses
+import importlib.util
 import json
 import math
+import os
 import random
+import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,9 +29,10 @@ torch.set_num_threads(1)  # deterministic, and immune to oversubscription on a b
 
 @pytest.fixture(autouse=True)
 def _isolated_minari(tmp_path, monkeypatch):
-    """Every test sees an empty, temporary Minari folder (never the user's, never the network)."""
+    """Every test sees empty, temporary Minari and OGBench folders (never the user's, never the network)."""
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OGBENCH_DATASET_DIR", str(tmp_path / "ogbench"))
 
 
 def small_args(**overrides) -> ofql.Args:
@@ -976,6 +980,139 @@ def test_minari_regeneration_route_combines_medium_and_expert():
     assert "d4rl" not in task.ref_source
     with pytest.raises(ValueError, match="no medium-replay"):
         ofql.load_task("hopper-medium-replay-v2", mujoco_data="minari")
+
+
+# ------------------------------------------------------------------------------------------------
+# OGBench single-task datasets (optional: requirements-ogbench.txt, which .ci/run installs)
+# ------------------------------------------------------------------------------------------------
+needs_ogbench = pytest.mark.skipif(importlib.util.find_spec("ogbench") is None,
+                                   reason="OGBench is optional: pip install -r requirements-ogbench.txt")
+ANTMAZE_OG = "ogbench/antmaze-large-navigate-singletask-v0"
+CUBE_OG = "ogbench/cube-single-play-singletask-task1-v0"
+
+
+def no_ogbench_downloads(monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network unreachable (test)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+
+
+def write_ogbench_dataset(name: str, lengths: tuple[int, ...], success_rows: tuple[int, ...], seed: int = 0):
+    """Trajectories in OGBench's npz layout under OGBENCH_DATASET_DIR: every state of a trajectory, the last one
+    with terminals = 1 (its action unused), plus qpos/qvel, from which ogbench relabels single-task rewards; rows
+    in `success_rows` put the ant (maze) or the cube (cube) on the task's goal, the others 10 away from it.
+    Returns the arrays written (the validation file holds the last trajectory only)."""
+    task, _ = ofql.load_task(name, with_data=False)
+    env = task.make_env()
+    env.reset(seed=0)  # sets the task's goal, as ogbench's relabelling does
+    if "maze" in name:
+        columns, goal, nq = slice(0, 2), np.asarray(env.unwrapped.cur_goal_xy), env.unwrapped.model.nq
+    else:
+        columns, goal, nq = slice(14, 17), env.unwrapped._data.mocap_pos[0].copy(), env.unwrapped._model.nq
+    n, rng = sum(lengths), np.random.default_rng(seed)
+    qpos = rng.normal(size=(n, nq))
+    qpos[:, columns] = goal + 10.0
+    qpos[list(success_rows), columns] = goal
+    arrays = {"observations": rng.normal(size=(n, task.obs_dim)).astype(np.float32),
+              "actions": rng.uniform(-1, 1, size=(n, task.act_dim)).astype(np.float32),
+              "terminals": np.zeros(n, np.float32), "qpos": qpos, "qvel": rng.normal(size=(n, nq - 1))}
+    arrays["terminals"][np.cumsum(lengths) - 1] = 1.0
+    parts = name.removeprefix("ogbench/").split("-")
+    stem = "-".join(parts[:parts.index("singletask")] + parts[-1:])  # cube-single-play-v0: no singletask/taskN
+    folder = Path(os.environ["OGBENCH_DATASET_DIR"])
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / f"{stem}.npz", **arrays)
+    np.savez(folder / f"{stem}-val.npz", **{k: v[-lengths[-1]:] for k, v in arrays.items()})
+    return arrays
+
+
+@needs_ogbench
+@pytest.mark.parametrize("name", [CUBE_OG, ANTMAZE_OG])
+def test_ogbench_dataset_loads_with_its_masks_rewards_and_trajectory_ends(name, monkeypatch):
+    no_ogbench_downloads(monkeypatch)
+    written = write_ogbench_dataset(name, lengths=(6, 5), success_rows=(2, 5, 8))
+    task, data = ofql.load_task(name)
+    kept = np.array([0, 1, 2, 3, 4, 6, 7, 8, 9])  # every state but each trajectory's last (terminals = 1)
+    np.testing.assert_array_equal(data["obs"], written["observations"][kept])
+    np.testing.assert_array_equal(data["next_obs"], written["observations"][kept + 1])  # row 4 -> 5, never 6
+    np.testing.assert_array_equal(data["action"], written["actions"][kept])
+    # OGBench: success of the current state; mask 0 there only, reward success - 1 (one cube, or the maze goal).
+    # The trajectory ends (rows 4 and 9) bootstrap, and row 5 (a last state on the goal) is no transition's state.
+    np.testing.assert_array_equal(data["mask"], [1, 1, 0, 1, 1, 1, 1, 0, 1])
+    np.testing.assert_array_equal(data["reward"], [-1, -1, 0, -1, -1, -1, -1, 0, -1])
+    assert (task.obs_dim, task.act_dim) == ((28, 5) if "cube" in name else (29, 8))
+    assert task.score_key == "success" and "success rate" in task.ref_source
+
+
+@needs_ogbench
+def test_ogbench_trains_briefly_and_scores_success_at_episode_end_not_return(tmp_path, monkeypatch):
+    import eval as ofql_eval
+
+    no_ogbench_downloads(monkeypatch)
+    write_ogbench_dataset(ANTMAZE_OG, lengths=(20, 20), success_rows=(5, 30))
+    summary = ofql.train(ofql.Args(env=ANTMAZE_OG, out_dir=str(tmp_path), total_steps=30, eval_every=30,
+                                   eval_episodes=2, batch_size=16, hidden_dim=16, log_every=10))
+    assert (summary["args"]["gamma"], summary["args"]["eval_protocol"]) == (0.99, "one")  # FQL's, on antmaze-large
+    last = summary["history"][-1]
+    # 1000 steps at reward -1, never at the goal: success 0, not a score of the return (100 x -1000)
+    assert (last["score_mean"], last["return_mean"]) == (0.0, -1000.0) and "success" in last["ref_source"]
+    agent, task, normalizer, args = ofql_eval.load_agent(summary["checkpoint"], torch.device("cpu"))
+
+    class GoalEverywhereAtStep4(gym.Wrapper):  # success (computed before the step) at step 4, which then terminates
+        steps = 0
+
+        def step(self, action):
+            self.steps += 1
+            if self.steps == 4:
+                self.env.unwrapped._goal_tol = 1e3
+            return self.env.step(action)
+
+    make_env, made = task.make_env, []
+
+    def second_episode_reaches_the_goal(**kwargs):
+        made.append(GoalEverywhereAtStep4(make_env(**kwargs)) if made else make_env(**kwargs))
+        return made[-1]
+
+    task = dataclasses.replace(task, make_env=second_episode_reaches_the_goal)
+    result = ofql.evaluate(agent, task, normalizer, args, episodes=2, seed=0)
+    assert result["scores"] == [0.0, 100.0] and result["score_mean"] == 50.0
+    assert result["return_mean"] == -501.5  # (-1000 - 3) / 2
+    assert ofql.resolve_args(ofql.Args(env="ogbench/humanoidmaze-medium-navigate-singletask-v0")).gamma == 0.995
+
+
+@needs_ogbench
+def test_ogbench_missing_dataset_offline_says_where_and_how(monkeypatch):
+    no_ogbench_downloads(monkeypatch)
+    with pytest.raises(FileNotFoundError, match=r"cube-single-play-v0 \(cube-single-play-v0.npz and cube-single-play-"
+                       r"v0-val.npz\) is not in OGBENCH_DATASET_DIR=.*network unreachable.*download_datasets"):
+        ofql.load_task(CUBE_OG)
+    with pytest.raises(ValueError, match="not an OGBench state-based single-task dataset"):
+        ofql.load_task("ogbench/cube-single-play-v0")
+    with pytest.raises(ValueError, match="Did you mean: `cube-single-singletask`"):
+        ofql.load_task("ogbench/cube-sinle-play-singletask-v0")
+
+
+@needs_ogbench
+def test_ogbench_cli_offline_is_one_line_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "https_proxy", "http_proxy")}
+    env.update(https_proxy="http://127.0.0.1:9", OGBENCH_DATASET_DIR=str(tmp_path))  # a closed port: offline
+    result = subprocess.run([sys.executable, "ofql.py", "--env", ANTMAZE_OG, "--out-dir", str(tmp_path)], env=env,
+                            capture_output=True, text=True, cwd=os.path.dirname(ofql.__file__), timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: OGBench dataset antmaze-large-navigate-v0 ")
+
+
+def test_ogbench_without_the_package_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ogbench", None)  # `import ogbench` fails, as where it is not installed
+    with pytest.raises(ValueError, match="needs the optional ogbench package.*pip install -r requirements-ogbench.txt"):
+        ofql.load_task(CUBE_OG)
 
 
 # ------------------------------------------------------------------------------------------------
