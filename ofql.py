@@ -53,6 +53,9 @@ class Args:
     mujoco_data: Literal["d4rl", "minari"] = "d4rl"
     """data of the D4RL MuJoCo names: `d4rl` = D4RL's v2 HDF5 files (the paper's data, evaluated on -v4 envs);
     `minari` = Minari's v5 regeneration (mujoco/<env>/<level>-v0; not comparable with published numbers)"""
+    d4rl_mirror: str | None = None
+    """base URL of D4RL's v2 HDF5 files, for when Berkeley's server is down (None: $OFQL_D4RL_MIRROR, else
+    that server); any URL urllib reads, e.g. https://<mirror>/gym_mujoco_v2 or file:///data/d4rl"""
     seed: int = 0
     """seed of torch, numpy and python RNGs (one seeding block in `train`)"""
     exp_name: str = "ofql"
@@ -243,7 +246,8 @@ D4RL_MUJOCO = {f"{env}-{level}-v2": (env, level) for env in ("halfcheetah", "hop
                for level in ("medium", "medium-replay", "medium-expert")}
 D4RL_REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
 D4RL_EVAL_ENV = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": "Walker2d-v4"}
-D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{env}_{level}-v2.hdf5"
+D4RL_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"  # D4RL's only server
+D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 # Minari's D4RL/antmaze and D4RL/kitchen are regenerated data on the newer gymnasium-robotics envs
 # (AntMaze_*-v4, FrankaKitchen-v1), like --mujoco-data minari: scores on them are not comparable with the paper's.
 MINARI_SOURCE = {
@@ -470,9 +474,24 @@ def d4rl_hdf5_to_minari(hdf5_path: str | Path, dataset_id: str, eval_env: str, r
         description=f"D4RL v2 data converted from {Path(hdf5_path).name}; refs are D4RL's constants.")
 
 
-def load_d4rl_mujoco(name: str):
+def check_d4rl_hdf5(path: Path):
+    """A downloaded D4RL file is used only if it opens, has D4RL's arrays and they agree in length."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in D4RL_KEYS if k not in f]
+            lengths = {len(f[k]) for k in D4RL_KEYS if k in f}
+    except OSError as err:
+        raise ValueError(f"not a readable HDF5 file ({str(err).splitlines()[0]}): truncated download?") from err
+    if missing or len(lengths) != 1:
+        raise ValueError(f"missing D4RL arrays {missing}" if missing else f"arrays of different lengths {sorted(lengths)}")
+
+
+def load_d4rl_mujoco(name: str, mirror: str | None = None):
     """The exact D4RL v2 data of a MuJoCo task as a local Minari dataset `d4rl/<env>/<level>-v2`
-    (downloaded once, converted, cached under MINARI_DATASETS_PATH; eval env: gymnasium's -v4)."""
+    (downloaded once from `mirror` or D4RL's server into a .part file, kept only if it passes
+    `check_d4rl_hdf5`, converted, cached under MINARI_DATASETS_PATH; eval env: gymnasium's -v4)."""
     import minari
 
     env, level = D4RL_MUJOCO[name]
@@ -480,21 +499,26 @@ def load_d4rl_mujoco(name: str):
     if dataset_id in minari.list_local_datasets():
         return minari.load_dataset(dataset_id)
     root = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
-    url = D4RL_URL.format(env=env, level=level.replace("-", "_"))
+    base = (mirror or os.environ.get("OFQL_D4RL_MIRROR") or D4RL_BASE_URL).rstrip("/")
+    url = f"{base}/{env}_{level.replace('-', '_')}-v2.hdf5"
     hdf5 = root / "d4rl_downloads" / Path(url).name
     if not hdf5.exists():
         import urllib.request
 
         hdf5.parent.mkdir(parents=True, exist_ok=True)
+        part = hdf5.with_suffix(".part")
         print(f"downloading {url} -> {hdf5}")
+        fix = (f"Fix: another mirror with --d4rl-mirror URL or OFQL_D4RL_MIRROR=URL (the folder holding "
+               f"{hdf5.name}); or on a connected machine download it and put it at {hdf5}, or run `python ofql.py "
+               f"--env {name}` there and copy {root / 'd4rl'} here.")
         try:
-            urllib.request.urlretrieve(url, hdf5.with_suffix(".part"))
-        except OSError as err:
-            raise FileNotFoundError(
-                f"D4RL dataset {name} is not in MINARI_DATASETS_PATH={root} and could not be downloaded ({err}). "
-                f"Fix: on a connected machine download {url} and put it at {hdf5}, or run `python ofql.py --env "
-                f"{name}` there and copy {root / 'd4rl'} here.") from err
-        os.replace(hdf5.with_suffix(".part"), hdf5)
+            urllib.request.urlretrieve(url, part)
+            check_d4rl_hdf5(part)
+        except (OSError, ValueError) as err:
+            part.unlink(missing_ok=True)
+            raise FileNotFoundError(f"D4RL dataset {name} is not in MINARI_DATASETS_PATH={root} and its download "
+                                    f"from {url} failed ({err}). {fix}") from err
+        os.replace(part, hdf5)  # only a complete, checked file gets the final name
     print(f"converting {hdf5.name} into the Minari dataset {dataset_id}")
     return d4rl_hdf5_to_minari(hdf5, dataset_id, D4RL_EVAL_ENV[env], *D4RL_REF_SCORES[env])
 
@@ -617,7 +641,7 @@ def load_ogbench(name: str, with_data: bool = True) -> tuple[Task, dict[str, np.
                   "next_obs": data["next_observations"], "mask": data["masks"]}
 
 
-def load_task(env_name: str, mujoco_data: str = "d4rl", with_data: bool = True
+def load_task(env_name: str, mujoco_data: str = "d4rl", with_data: bool = True, d4rl_mirror: str | None = None
               ) -> tuple[Task, dict[str, np.ndarray] | None]:
     """Task description and raw transitions (actions rescaled to [-1, 1]) for --env; with_data=False
     skips reading the episodes (evaluation needs only the task: seconds instead of minutes)."""
@@ -632,7 +656,7 @@ def load_task(env_name: str, mujoco_data: str = "d4rl", with_data: bool = True
         raise ValueError(f"unknown task '{env_name}'" + (f"; did you mean '{close[0]}'?" if close else "")
                          + f" Known tasks: {', '.join(known)}; or a Minari dataset id or folder, or ogbench/<dataset>.")
     if env_name in D4RL_MUJOCO:
-        dataset = load_d4rl_mujoco(env_name) if mujoco_data == "d4rl" else load_mujoco_minari(env_name)
+        dataset = load_d4rl_mujoco(env_name, d4rl_mirror) if mujoco_data == "d4rl" else load_mujoco_minari(env_name)
     else:
         dataset = load_minari(source)
     dataset_id = dataset.spec.dataset_id
@@ -1282,7 +1306,7 @@ def train(args: Args, actors: dict[str, ActorFactory] = ACTORS) -> dict:
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    task, data = load_task(args.env, args.mujoco_data)
+    task, data = load_task(args.env, args.mujoco_data, d4rl_mirror=args.d4rl_mirror)
     if args.batch_size > len(data["obs"]):
         raise ValueError(f"--batch-size {args.batch_size} is larger than the dataset ({len(data['obs'])} transitions)")
     normalizer = Normalizer.fit(data["obs"], args.normalize_obs)

@@ -255,7 +255,7 @@ def run_sweep(runs: list[Run], base: ofql.Args, sweep_dir: Path, opts: argparse.
                 for run in runs if read_summary(sweep_dir / run.name) is not None}
     todo = [run for run in runs if run.name not in statuses]
     for task in sorted({run.task for run in todo}):  # fetch/convert each dataset once, before runs race for it
-        ofql.load_task(task, todo[0].args.mujoco_data)
+        ofql.load_task(task, todo[0].args.mujoco_data, d4rl_mirror=todo[0].args.d4rl_mirror)
     ray = start_ray(opts) if todo else None
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)

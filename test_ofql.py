@@ -619,6 +619,33 @@ def test_d4rl_offline_without_file_says_where_to_put_it(monkeypatch):
         ofql.load_task("walker2d-medium-replay-v2")
 
 
+def test_d4rl_download_from_a_mirror_is_checked_before_it_is_kept(tmp_path, monkeypatch):
+    """--d4rl-mirror / OFQL_D4RL_MIRROR replace D4RL's server; the file lands as .part and gets its final
+    name only if it opens with every D4RL array of one length, else the error names the override."""
+    import os
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    write_d4rl_hdf5(mirror / "hopper_medium_expert-v2.hdf5")
+    raw = (mirror / "hopper_medium_expert-v2.hdf5").read_bytes()
+    (mirror / "hopper_medium_replay-v2.hdf5").write_bytes(raw[: len(raw) // 2])  # a download cut halfway
+    downloads = Path(os.environ["MINARI_DATASETS_PATH"]) / "d4rl_downloads"
+    monkeypatch.setenv("OFQL_D4RL_MIRROR", mirror.as_uri())
+    task, data = ofql.load_task("hopper-medium-expert-v2")
+    assert len(data["reward"]) == 25 and (downloads / "hopper_medium_expert-v2.hdf5").exists()
+    with pytest.raises(FileNotFoundError, match="--d4rl-mirror") as error:
+        ofql.load_task("hopper-medium-replay-v2")
+    print(error.value)
+    assert "truncated" in str(error.value) and not list(downloads.glob("hopper_medium_replay*"))
+    # the flag wins over the environment variable; a file without D4RL's arrays is refused too
+    import h5py
+    other = tmp_path / "other"
+    other.mkdir()
+    with h5py.File(other / "walker2d_medium-v2.hdf5", "w") as f:
+        f["observations"] = np.zeros((4, 17))
+    with pytest.raises(FileNotFoundError, match=r"missing D4RL arrays \['actions'"):
+        ofql.load_task("walker2d-medium-v2", d4rl_mirror=other.as_uri())
+
+
 # ------------------------------------------------------------------------------------------------
 # Reliability: kills, bad inputs, divergence
 # ------------------------------------------------------------------------------------------------
