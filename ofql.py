@@ -25,7 +25,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -46,6 +46,9 @@ except ImportError as error:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Args:
+    """OFQL's options. The comparison baselines (--policy flow|diffusion) are baselines.py's:
+    `python baselines.py train --help`."""
+
     env: str = "pendulum-swingup"
     """task: a built-in task (`bandit-8modes`, `pendulum-swingup`), a D4RL name of the paper
     (`hopper-medium-v2`, ...), a Minari dataset id (`mujoco/hopper/medium-v0`) or a Minari dataset folder, or an
@@ -104,9 +107,8 @@ class Args:
     """TD target from the max over `max_q_samples` next actions per head (None: task preset)"""
     max_q_samples: int = 10
     """next-action samples for the max-Q backup (DQL: 10)"""
-    ema_actor: bool | None = None
-    """use an EMA copy of the actor for next actions (DQL); the paper's OFQL uses the current actor
-    (None: on for --policy diffusion, as DQL; off otherwise)"""
+    ema_actor: Annotated[bool, tyro.conf.FlagConversionOff] = False
+    """use an EMA copy of the actor for next actions (DQL's); the paper's OFQL uses the current actor"""
     ema_decay: float = 0.995
     """EMA decay of the target actor"""
     ema_start: int = 1000
@@ -119,17 +121,6 @@ class Args:
     """reward -> (reward + reward_bias) * reward_scale (None: task preset)"""
     reward_bias: float | None = None
     """see reward_scale (None: task preset)"""
-
-    # --- policy class (flow and diffusion are baselines.py's: `python baselines.py train --policy flow ...`)
-    policy: Literal["meanflow", "flow", "diffusion"] = "meanflow"
-    """`meanflow` = OFQL's one-step average-velocity policy. Comparison baselines, trained by `python baselines.py
-    train`: `flow` = flow-matching BC with K Euler steps, back-propagated through in the Q term (FQL row);
-    `diffusion` = DQL's DDPM (vp schedule, epsilon prediction, K steps, EMA target actor)"""
-    policy_steps: int | None = None
-    """K, network calls per action in training (None: 1 for meanflow, 5 for flow and diffusion)"""
-    eval_policy_steps: int | None = None
-    """network calls per action at evaluation (None: as trained). flow: K' Euler steps; diffusion: a
-    deterministic DDIM with K' <= K steps over the trained schedule (1 = the paper's `DQL + DDIM`)"""
 
     # --- flow policy
     flow_ratio: float = 0.5
@@ -176,6 +167,45 @@ class Args:
     continue_on_divergence: bool = False
     """only log and checkpoint a divergence, do not stop"""
 
+    # The seam of baselines.py: its BaselineArgs(Args) adds --policy flow|diffusion by overriding these three.
+    def resolved(self) -> Args:
+        """Every None field filled from the task preset, values checked; returns a new Args."""
+        preset = ogbench_preset(self.env) if self.env.startswith("ogbench/") else PRESETS.get(self.env, Preset())
+        args = dataclasses.replace(self, **{f.name: getattr(preset, f.name) for f in dataclasses.fields(Preset)
+                                            if getattr(self, f.name) is None})
+        if args.save_every is None:
+            args = dataclasses.replace(args, save_every=args.eval_every)
+        select, samples, temperature = EVAL_PROTOCOLS[args.eval_protocol]
+        if args.eval_select is not None and args.eval_select != select:
+            select, samples = args.eval_select, EVAL_PROTOCOLS["paper"][1]  # a changed selection: the paper's 50
+        args = dataclasses.replace(args, eval_select=select, eval_samples=1 if select == "one" else
+                                   args.eval_samples or samples, eval_temperature=temperature
+                                   if args.eval_temperature is None else args.eval_temperature)
+        problems = []
+        if not 0.0 <= args.flow_ratio <= 1.0:
+            problems.append(f"--flow-ratio {args.flow_ratio} must be in [0, 1]")
+        if args.eta < 0:
+            problems.append(f"--eta {args.eta} must be >= 0")
+        if args.batch_size < 1 or args.total_steps < 1 or args.eval_samples < 1:
+            problems.append("--batch-size, --total-steps and --eval-samples must be >= 1")
+        if args.eval_temperature <= 0:
+            problems.append(f"--eval-temperature {args.eval_temperature} must be > 0")
+        if problems:
+            raise ValueError("invalid arguments: " + "; ".join(problems))
+        return args
+
+    def make_actor(self, obs_dim: int, act_dim: int, device: torch.device) -> nn.Module:
+        """OFQL's one-step actor. An actor provides bc_loss(obs, action, args), a differentiable act(obs, noise=None)
+        for the Q term and the TD target, and optionally evaluation_act(obs) (default: act)."""
+        actor = MeanFlowActor(obs_dim, act_dim, self.hidden_dim, time_scale=self.time_emb_scale).to(device)
+        actor.backend = resolve_kernels(self.kernels, device)
+        return actor
+
+    @property
+    def label(self) -> str:
+        """What trains, in the first line of a run and the bandit's plot."""
+        return "OFQL, one step"
+
 
 MUJOCO_ETA = 0.3  # OFQL's eta on MuJoCo tasks (mean-reduced BC loss), from the stand-in calibration (docs/calibration.md)
 
@@ -184,8 +214,7 @@ MUJOCO_ETA = 0.3  # OFQL's eta on MuJoCo tasks (mean-reduced BC loss), from the 
 class Preset:
     """Per-task defaults: DQL's main.py table, except OFQL's MuJoCo eta, measured here (docs/calibration.md)."""
 
-    eta: float = MUJOCO_ETA  # OFQL's Q weight (--policy meanflow)
-    dql_eta: float = 1.0  # DQL's value for the task: the --policy flow/diffusion comparison rows use it
+    eta: float = MUJOCO_ETA  # OFQL's Q weight
     lr: float = 3e-4
     critic_lr: float = 3e-4
     lr_decay: bool = True
@@ -200,35 +229,32 @@ class Preset:
     eval_protocol: str = "paper"
 
 
-def _mujoco(grad_norm: float) -> Preset:
-    return Preset(grad_norm=grad_norm)
-
-
 def _antmaze(eta: float, grad_norm: float, max_q: bool, lr: float = 3e-4) -> Preset:
     """DQL's eta on DQL's (= our) mean-reduced loss, for OFQL too: unmeasured here. DQL trains AntMaze 1M steps."""
-    return Preset(eta=eta, dql_eta=eta, lr=lr, grad_norm=grad_norm, max_q_backup=max_q, reward_scale=4.0,
+    return Preset(eta=eta, lr=lr, grad_norm=grad_norm, max_q_backup=max_q, reward_scale=4.0,
                   reward_bias=-0.5)
 
 
 def _kitchen(grad_norm: float, total_steps: int = 1_000_000) -> Preset:
     """DQL's eta (0.005) for OFQL too, unmeasured here; DQL stops kitchen-complete at 250 epochs x 1000 steps."""
-    return Preset(eta=0.005, dql_eta=0.005, grad_norm=grad_norm, total_steps=total_steps)
+    return Preset(eta=0.005, grad_norm=grad_norm, total_steps=total_steps)
 
 
 PRESETS: dict[str, Preset] = {
-    "halfcheetah-medium-v2": _mujoco(9), "hopper-medium-v2": _mujoco(9), "walker2d-medium-v2": _mujoco(1),
-    "halfcheetah-medium-replay-v2": _mujoco(2), "hopper-medium-replay-v2": _mujoco(4),
-    "walker2d-medium-replay-v2": _mujoco(4), "halfcheetah-medium-expert-v2": _mujoco(7),
-    "hopper-medium-expert-v2": _mujoco(5), "walker2d-medium-expert-v2": _mujoco(5),
+    "halfcheetah-medium-v2": Preset(grad_norm=9), "hopper-medium-v2": Preset(grad_norm=9),
+    "walker2d-medium-v2": Preset(grad_norm=1), "halfcheetah-medium-replay-v2": Preset(grad_norm=2),
+    "hopper-medium-replay-v2": Preset(grad_norm=4), "walker2d-medium-replay-v2": Preset(grad_norm=4),
+    "halfcheetah-medium-expert-v2": Preset(grad_norm=7), "hopper-medium-expert-v2": Preset(grad_norm=5),
+    "walker2d-medium-expert-v2": Preset(grad_norm=5),
     "antmaze-umaze-v0": _antmaze(0.5, 2, False), "antmaze-umaze-diverse-v0": _antmaze(2.0, 3, True),
     "antmaze-medium-play-v0": _antmaze(2.0, 2, True, lr=1e-3), "antmaze-medium-diverse-v0": _antmaze(3.0, 1, True),
     "antmaze-large-play-v0": _antmaze(4.5, 10, True), "antmaze-large-diverse-v0": _antmaze(3.5, 7, True),
     "kitchen-complete-v0": _kitchen(9, 250_000), "kitchen-partial-v0": _kitchen(10), "kitchen-mixed-v0": _kitchen(10),
     # built-in tasks (no download)
     # the bandit's critic must resolve 0.15-wide reward windows: a decayed critic lr leaves it too smooth
-    "bandit-8modes": Preset(eta=0.3, dql_eta=0.3, lr=1e-3, critic_lr=1e-3, lr_decay=False, grad_norm=0.0, total_steps=2000,
+    "bandit-8modes": Preset(eta=0.3, lr=1e-3, critic_lr=1e-3, lr_decay=False, grad_norm=0.0, total_steps=2000,
                             eval_every=500, hidden_dim=128, eval_protocol="one"),
-    "pendulum-swingup": Preset(eta=3.0, dql_eta=3.0, grad_norm=9.0, total_steps=6000, eval_every=1000),
+    "pendulum-swingup": Preset(eta=3.0, grad_norm=9.0, total_steps=6000, eval_every=1000),
 }
 # OGBench single-task datasets (`ogbench/<name>`): what carries over from FQL. Discount 0.995 where FQL used it
 # (antmaze-giant, humanoidmaze-medium/large, antsoccer-arena), extended to the other giant and humanoid mazes and
@@ -276,47 +302,6 @@ CONVENTIONS = {
                                                     ("terminate_on_tasks_completed", True), ("max_episode_steps", 280)),
                           (0.0, 4.0), "D4RL kitchen: 100 x return / 4 (Minari regeneration, not the paper's data)"),
 }
-
-
-def resolve_args(args: Args) -> Args:
-    """Fill every None field from the task preset and check values; returns a new Args."""
-    preset = ogbench_preset(args.env) if args.env.startswith("ogbench/") else PRESETS.get(args.env, Preset())
-    if args.policy != "meanflow" and args.eta is None:  # the comparison rows as the paper ran them: DQL's eta
-        args = dataclasses.replace(args, eta=preset.dql_eta)
-    filled = {f.name: getattr(preset, f.name) for f in dataclasses.fields(Preset)
-              if f.name != "dql_eta" and getattr(args, f.name) is None}
-    args = dataclasses.replace(args, **filled)
-    if args.policy_steps is None:
-        args = dataclasses.replace(args, policy_steps=1 if args.policy == "meanflow" else 5)
-    if args.ema_actor is None:
-        args = dataclasses.replace(args, ema_actor=args.policy == "diffusion")
-    if args.save_every is None:
-        args = dataclasses.replace(args, save_every=args.eval_every)
-    select, samples, temperature = EVAL_PROTOCOLS[args.eval_protocol]
-    if args.eval_select is not None and args.eval_select != select:
-        select, samples = args.eval_select, EVAL_PROTOCOLS["paper"][1]  # a changed selection: the paper's 50 candidates
-    args = dataclasses.replace(args, eval_select=select, eval_samples=1 if select == "one" else args.eval_samples or samples,
-                               eval_temperature=temperature if args.eval_temperature is None else args.eval_temperature)
-    problems = []
-    if not 0.0 <= args.flow_ratio <= 1.0:
-        problems.append(f"--flow-ratio {args.flow_ratio} must be in [0, 1]")
-    if args.eta < 0:
-        problems.append(f"--eta {args.eta} must be >= 0")
-    if args.batch_size < 1 or args.total_steps < 1 or args.eval_samples < 1:
-        problems.append("--batch-size, --total-steps and --eval-samples must be >= 1")
-    if args.eval_temperature <= 0:
-        problems.append(f"--eval-temperature {args.eval_temperature} must be > 0")
-    if args.policy == "meanflow" and {args.policy_steps, args.eval_policy_steps} - {1, None}:
-        problems.append("--policy meanflow acts in one step: drop --policy-steps/--eval-policy-steps or pick "
-                        "--policy flow/diffusion")
-    if args.policy_steps < 1 or (args.eval_policy_steps or 1) < 1:
-        problems.append("--policy-steps and --eval-policy-steps must be >= 1")
-    if args.policy == "diffusion" and (args.eval_policy_steps or 1) > args.policy_steps:
-        problems.append(f"--eval-policy-steps {args.eval_policy_steps} > --policy-steps {args.policy_steps}: DDIM "
-                        "strides over the trained schedule, so it can use at most K steps")
-    if problems:
-        raise ValueError("invalid arguments: " + "; ".join(problems))
-    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -836,7 +821,7 @@ class MeanFlowActor(nn.Module):
         return mlp_with_tangent(self.net, x, tangent)
 
     def bc_loss(self, obs, action, args: Args) -> torch.Tensor:
-        """OFQL.update's BC term; every --policy's actor provides one (baselines.py)."""
+        """The BC term of OFQL.actor_loss (see Args.make_actor for what an actor provides)."""
         return meanflow_bc_loss(self, obs, action, args)
 
     def act(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -973,31 +958,11 @@ def td_target(actor, critic_target, batch, args: Args) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Agent: networks, optimisers and one gradient step
 # ---------------------------------------------------------------------------------------------
-ActorFactory = Callable[[int, int, Args], nn.Module]  # (obs_dim, act_dim, args) -> the actor of args.policy
-# --policy -> actor. This file trains OFQL's only: baselines.py passes `train` and `OFQL` this table plus its
-# comparison actors, so imports run one way (baselines.py imports ofql.py, never the reverse)
-ACTORS: dict[str, ActorFactory] = {
-    "meanflow": lambda obs_dim, act_dim, args: MeanFlowActor(obs_dim, act_dim, args.hidden_dim,
-                                                             time_scale=args.time_emb_scale),
-}
-
-
-def check_policy(args: Args, actors: dict[str, ActorFactory]):
-    """--policy must have an actor in `actors`; the baselines' are given by baselines.py."""
-    if args.policy not in actors:
-        raise ValueError(f"--policy {args.policy} is a comparison baseline that ofql.py does not train; run "
-                         f"`python baselines.py train --policy {args.policy} --env {args.env}` with your other flags")
-
-
 class OFQL:
-    def __init__(self, task: Task, args: Args, device: torch.device, actors: dict[str, ActorFactory] = ACTORS):
-        check_policy(args, actors)
+    def __init__(self, task: Task, args: Args, device: torch.device):
         self.args = args
-        self.actor = actors[args.policy](task.obs_dim, task.act_dim, args).to(device)
-        if isinstance(self.actor, MeanFlowActor):  # the fused kernels serve OFQL's actor (set before the EMA copy)
-            self.actor.backend = resolve_kernels(args.kernels, device)
-        # evaluation's sampler: the one-step policy, or a baseline's with --eval-policy-steps
-        self.evaluation_act = self.actor.act if args.policy == "meanflow" else self.actor.sampler(args.eval_policy_steps)
+        self.actor = args.make_actor(task.obs_dim, task.act_dim, device)
+        self.evaluation_act = getattr(self.actor, "evaluation_act", self.actor.act)  # what evaluation samples
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False) if args.ema_actor else self.actor
         self.critic = TwinCritic(task.obs_dim, task.act_dim, args.hidden_dim, args.critic_layer_norm).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
@@ -1156,9 +1121,8 @@ def plot_bandit(agent: OFQL, path: Path, n: int = 2000):
     data = make_bandit_data(n)["action"]
     with torch.no_grad():
         samples = agent.evaluation_act(torch.zeros(n, 1, device=next(agent.actor.parameters()).device)).cpu().numpy()
-    policy = "OFQL, one step" if agent.args.policy == "meanflow" else f"--policy {agent.args.policy}"
     fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
-    for ax, pts, title in ((axes[0], data, "offline data"), (axes[1], samples, policy)):
+    for ax, pts, title in ((axes[0], data, "offline data"), (axes[1], samples, agent.args.label)):
         ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
         ax.set_title(title)
         ax.set_aspect("equal")
@@ -1284,17 +1248,20 @@ def check_divergence(values: dict[str, float], q_bound: float) -> str | None:
     return None
 
 
-def train(args: Args, actors: dict[str, ActorFactory] = ACTORS) -> dict:
-    """Train the actor of --policy (from `actors`: OFQL's, or baselines.py's table) on args.env; returns the
-    summary also written to <run_dir>/summary.json."""
+def train(args: Args) -> dict:
+    """Train the actor of `args` (OFQL's, or with baselines.py's BaselineArgs a comparison baseline's) on args.env;
+    returns the summary also written to <run_dir>/summary.json."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     resumed = load_checkpoint(args.resume) if args.resume else None
-    if resumed is not None:
-        args = dataclasses.replace(Args(**resumed["args"]), resume=args.resume)
-    args = resolve_args(args)
-    check_policy(args, actors)  # before any data is read or downloaded
+    if resumed is not None:  # rebuilt with the class of `args`: baselines.py's BaselineArgs knows its extra fields
+        unknown = set(resumed["args"]) - {f.name for f in dataclasses.fields(args)}
+        if unknown:
+            raise ValueError(f"{args.resume} has options this {type(args).__name__} lacks ({', '.join(sorted(unknown))}):"
+                             f" it is a baselines.py run; continue it with python baselines.py train --resume {args.resume}")
+        args = dataclasses.replace(type(args)(**resumed["args"]), resume=args.resume)
+    args = args.resolved()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if args.threads:
@@ -1315,7 +1282,7 @@ def train(args: Args, actors: dict[str, ActorFactory] = ACTORS) -> dict:
     data["obs"], data["next_obs"] = normalizer(data["obs"]), normalizer(data["next_obs"])
     data["reward"] = (data["reward"] + args.reward_bias) * args.reward_scale
     buffer = ReplayBuffer(data, device, generator)
-    agent = OFQL(task, args, device, actors)
+    agent = OFQL(task, args, device)
     history: list[dict] = []
 
     if resumed is not None:
@@ -1326,7 +1293,7 @@ def train(args: Args, actors: dict[str, ActorFactory] = ACTORS) -> dict:
         print(f"resumed {args.resume} at step {agent.step}")
     else:
         run_dir = make_run_dir(args)
-    print(f"--policy {args.policy} on {args.env}, {args.total_steps} steps; run folder: {run_dir}", flush=True)
+    print(f"{args.label} on {args.env}, {args.total_steps} steps; run folder: {run_dir}", flush=True)
     writer = SummaryWriter(str(run_dir))
     if args.track:
         import wandb
