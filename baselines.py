@@ -216,7 +216,7 @@ class BaselineArgs(Args):
         return actor.to(device)
 
     @property
-    def label(self) -> str:
+    def label(self) -> str:  # ofql.Args.label
         return f"--policy {self.policy}"
 
 
