@@ -5,11 +5,13 @@
     python baselines.py train --env hopper-medium-v2 --policy diffusion --eval-policy-steps 1              # DQL + DDIM
     python baselines.py toy --png toy.png --json toy.json   # Figure 3: FM with 1/2/5/10 steps vs OFQL with 1
 
-`train` takes every ofql.py flag and runs `ofql.train` with this file's ACTORS (ofql.py's table plus the
-baselines'); ofql.py never imports this file. Everything else (data, critic, TD target, actor loss
-L_BC - eta Q / E|Q|, loop, logging, evaluation, checkpoints) is ofql.py's: an actor here only provides
-`bc_loss(obs, action, args)`, a differentiable `act(obs, noise=None)` (the K-step sampler used by the Q term
-and the TD target) and `sampler(steps)`, a `policy(obs, noise) -> action` callable for evaluation and benchmarks.
+`train` takes every ofql.py flag plus this file's (BaselineArgs: --policy, --policy-steps, --eval-policy-steps)
+and runs `ofql.train`, which builds the actor, presets and checks through the BaselineArgs it is given; ofql.py
+never imports this file. Everything else (data, critic, TD target, actor loss L_BC - eta Q / E|Q|, loop,
+logging, evaluation, checkpoints) is ofql.py's: an actor here only provides `bc_loss(obs, action, args)`, a
+differentiable `act(obs, noise=None)` (the K-step sampler used by the Q term and the TD target),
+`evaluation_act` (the K'-step sampler of --eval-policy-steps) and `sampler(steps)`, a `policy(obs, noise) ->
+action` callable for evaluation and benchmarks.
 
 Both baselines use DQL's network: cat[x, emb(time), s] -> 3 x hidden Mish MLP -> action dim, with
 ofql.py's TimeEmbedding (one time input, where OFQL's actor has two). Their BC losses are averaged over
@@ -22,6 +24,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,11 +32,13 @@ import torch.nn as nn
 import tyro
 
 import ofql
-from ofql import BANDIT_STD, Args, MeanFlowActor, TimeEmbedding, bandit_modes, draw_times, make_bandit_data, mlp, resolve_args
+from ofql import BANDIT_STD, Args, MeanFlowActor, TimeEmbedding, bandit_modes, draw_times, make_bandit_data, mlp
 
 
 class TimeConditionedMLP(nn.Module):
     """f(x, time; s) = MLP(cat[x, emb(time), s]): DQL's noise network, and the flow-matching velocity."""
+
+    eval_steps: int | None = None  # network calls per action at evaluation (--eval-policy-steps; None: as trained)
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, steps: int = 5, time_dim: int = 16,
                  time_scale: float = 1.0):
@@ -47,6 +52,10 @@ class TimeConditionedMLP(nn.Module):
 
     def initial_noise(self, obs, noise):
         return torch.randn(obs.shape[0], self.act_dim, device=obs.device) if noise is None else noise
+
+    def evaluation_act(self, obs, noise=None):
+        """What ofql.OFQL evaluates: `sampler(eval_steps)`."""
+        return self.sampler(self.eval_steps)(obs, noise)
 
 
 class FlowActor(TimeConditionedMLP):
@@ -144,13 +153,71 @@ class DiffusionActor(TimeConditionedMLP):
         return lambda obs, noise=None: self.ddim(obs, noise, steps)
 
 
-# --policy -> actor: what ofql.train and ofql.OFQL build from (eval.py and sweep.py pass it too)
-ACTORS: dict[str, ofql.ActorFactory] = {
-    **ofql.ACTORS,
-    "flow": lambda obs_dim, act_dim, args: FlowActor(obs_dim, act_dim, args.hidden_dim, args.policy_steps,
-                                                     time_scale=args.time_emb_scale),
-    "diffusion": lambda obs_dim, act_dim, args: DiffusionActor(obs_dim, act_dim, args.hidden_dim, args.policy_steps),
-}
+# ---------------------------------------------------------------------------------------------
+# Options: ofql.py's and the policy class, through the seam ofql.Args defines (resolved, make_actor, label)
+# ---------------------------------------------------------------------------------------------
+def dql_eta(env: str) -> float:
+    """DQL's eta for the task, what the comparison rows take: 1.0 on MuJoCo (and any task without a preset), where
+    OFQL has its own measured eta; ofql.py's other presets (AntMaze, Kitchen, built-in tasks) already hold DQL's."""
+    preset = ofql.PRESETS.get(env)
+    return 1.0 if preset is None or env in ofql.D4RL_MUJOCO else preset.eta
+
+
+@dataclass
+class BaselineArgs(Args):
+    """Every ofql.py option, and the policy class: OFQL's one-step policy or a comparison baseline
+    (docs/baselines.md). eval.py and sweep.py read every checkpoint and grid with it."""
+
+    ema_actor: bool | None = None
+    """use an EMA copy of the actor for next actions (DQL's); the paper's OFQL uses the current actor
+    (None: on for --policy diffusion, as DQL; off otherwise)"""
+    policy: Literal["meanflow", "flow", "diffusion"] = "meanflow"
+    """`meanflow` = OFQL's one-step average-velocity policy, trained exactly as by ofql.py. Comparison baselines:
+    `flow` = flow-matching BC with K Euler steps, back-propagated through in the Q term (FQL row);
+    `diffusion` = DQL's DDPM (vp schedule, epsilon prediction, K steps, EMA target actor)"""
+    policy_steps: int | None = None
+    """K, network calls per action in training (None: 1 for meanflow, 5 for flow and diffusion)"""
+    eval_policy_steps: int | None = None
+    """network calls per action at evaluation (None: as trained). flow: K' Euler steps; diffusion: a
+    deterministic DDIM with K' <= K steps over the trained schedule (1 = the paper's `DQL + DDIM`)"""
+
+    def resolved(self) -> Args:
+        """--policy meanflow: a plain ofql.Args, so the run trains, checkpoints and resumes as ofql.py's. flow and
+        diffusion: DQL's eta for the task, K = 5 and (diffusion) DQL's EMA actor where not given, then ofql.py's
+        presets and checks, then the baselines' own."""
+        if self.policy == "meanflow":
+            if {self.policy_steps, self.eval_policy_steps} - {1, None}:
+                raise ValueError("invalid arguments: --policy meanflow acts in one step: drop --policy-steps/"
+                                 "--eval-policy-steps or pick --policy flow/diffusion")
+            ofql_fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Args)}
+            return Args(**ofql_fields | {"ema_actor": bool(self.ema_actor)}).resolved()
+        args = Args.resolved(dataclasses.replace(
+            self, eta=dql_eta(self.env) if self.eta is None else self.eta,
+            policy_steps=5 if self.policy_steps is None else self.policy_steps,
+            ema_actor=self.policy == "diffusion" if self.ema_actor is None else self.ema_actor))
+        problems = []
+        if args.policy_steps < 1 or (args.eval_policy_steps or 1) < 1:
+            problems.append("--policy-steps and --eval-policy-steps must be >= 1")
+        if args.policy == "diffusion" and (args.eval_policy_steps or 1) > args.policy_steps:
+            problems.append(f"--eval-policy-steps {args.eval_policy_steps} > --policy-steps {args.policy_steps}: DDIM "
+                            "strides over the trained schedule, so it can use at most K steps")
+        if problems:
+            raise ValueError("invalid arguments: " + "; ".join(problems))
+        return args
+
+    def make_actor(self, obs_dim: int, act_dim: int, device: torch.device) -> nn.Module:
+        if self.policy == "meanflow":
+            return super().make_actor(obs_dim, act_dim, device)
+        if self.policy == "flow":
+            actor = FlowActor(obs_dim, act_dim, self.hidden_dim, self.policy_steps, time_scale=self.time_emb_scale)
+        else:
+            actor = DiffusionActor(obs_dim, act_dim, self.hidden_dim, self.policy_steps)
+        actor.eval_steps = self.eval_policy_steps
+        return actor.to(device)
+
+    @property
+    def label(self) -> str:  # ofql.Args.label
+        return f"--policy {self.policy}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,10 +245,10 @@ def train_toy_bc(policy: str, steps: int, hidden: int = 256, seed: int = 0, lr: 
     the lr cosine-decayed to 0 over `steps` (ofql.py's --lr-decay); `overrides` are further Args fields (e.g.
     flow_ratio=1.0: MeanFlow trained as plain flow matching)."""
     torch.manual_seed(seed)
-    args = resolve_args(Args(env="bandit-8modes", policy=policy, hidden_dim=hidden, total_steps=steps,
-                             **{"lr_decay": True} | overrides))
+    args = BaselineArgs(env="bandit-8modes", policy=policy, hidden_dim=hidden, total_steps=steps,
+                        **{"lr_decay": True} | overrides).resolved()
     actions = torch.as_tensor(make_bandit_data(background=0.0, seed=seed)["action"], dtype=torch.float32)
-    actor = ACTORS[policy](1, 2, args)
+    actor = args.make_actor(1, 2, torch.device("cpu"))
     opt = torch.optim.Adam(actor.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     obs = torch.zeros(args.batch_size, 1)
@@ -263,11 +330,11 @@ def toy_figure(cfg: ToyConfig) -> dict:
 
 if __name__ == "__main__":
     description = "Train a --policy through ofql.py's loop (every ofql.py flag), or draw the toy figure."
-    config = tyro.extras.subcommand_cli_from_dict({"train": Args, "toy": ToyConfig}, description=description)
+    config = tyro.extras.subcommand_cli_from_dict({"train": BaselineArgs, "toy": ToyConfig}, description=description)
     if isinstance(config, ToyConfig):
         toy_figure(config)
     else:
         try:
-            ofql.train(config, ACTORS)
+            ofql.train(config)
         except (ValueError, FileNotFoundError, ofql.DivergenceError) as error:
             raise SystemExit(f"error: {error}")

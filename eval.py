@@ -95,15 +95,15 @@ def load_agent(path: str, device: torch.device, kernels: str = "auto", eval_poli
     """(agent, task, normalizer, args) from a checkpoint, with clear errors for anything that does not fit;
     `kernels` and `eval_policy_steps` (when given) replace the checkpoint's."""
     state = ofql.load_checkpoint(path)
-    args = dataclasses.replace(ofql.Args(**state["args"]), kernels=kernels)
+    args = dataclasses.replace(baselines.BaselineArgs(**state["args"]), kernels=kernels)  # every kind of checkpoint
     if eval_policy_steps is not None:
         args = dataclasses.replace(args, eval_policy_steps=eval_policy_steps)
-    args = ofql.resolve_args(args)
+    args = args.resolved()  # an OFQL checkpoint's: a plain ofql.Args
     task, _ = ofql.load_task(args.env, args.mujoco_data, with_data=False)
     if state["obs_mean"].shape != (task.obs_dim,):
         raise ValueError(f"{path}: its observations have {state['obs_mean'].shape[0]} dims, task {args.env} has "
                          f"{task.obs_dim}")
-    agent = ofql.OFQL(task, args, device, baselines.ACTORS)  # every --policy a checkpoint may hold
+    agent = ofql.OFQL(task, args, device)
     agent.load_state_dict(state["agent"])
     return agent, task, ofql.Normalizer(state["obs_mean"].numpy(), state["obs_std"].numpy()), args
 
@@ -113,11 +113,11 @@ def with_eval_selection(args: ofql.Args, cfg: EvalArgs) -> ofql.Args:
     fields = ("eval_select", "eval_samples", "eval_temperature")
     given = {name: getattr(cfg, name) for name in fields if getattr(cfg, name) is not None}
     if cfg.eval_protocol is not None:  # a protocol replaces the whole selection, then explicit fields refine it
-        return ofql.resolve_args(dataclasses.replace(args, eval_protocol=cfg.eval_protocol,
-                                                     **{name: None for name in fields} | given))
+        return dataclasses.replace(args, eval_protocol=cfg.eval_protocol,
+                                   **{name: None for name in fields} | given).resolved()
     if "eval_select" in given and "eval_samples" not in given:
         given["eval_samples"] = None
-    return ofql.resolve_args(dataclasses.replace(args, **given)) if given else args
+    return dataclasses.replace(args, **given).resolved() if given else args
 
 
 def write_gif(path: Path, frames: list[np.ndarray], fps: int):
@@ -154,7 +154,8 @@ def evaluate_checkpoint(cfg: EvalArgs) -> dict:
     summary = {
         "checkpoint": cfg.checkpoint, "env": args.env, "episodes_per_seed": cfg.episodes, "seeds": cfg.seeds,
         "eval_protocol": args.eval_protocol, "eval_select": args.eval_select, "eval_samples": args.eval_samples,
-        "eval_temperature": args.eval_temperature, "policy": args.policy, "eval_policy_steps": args.eval_policy_steps,
+        "eval_temperature": args.eval_temperature, "policy": getattr(args, "policy", "meanflow"),
+        "eval_policy_steps": getattr(args, "eval_policy_steps", None),
         "score_mean": float(scores.mean()), "score_std_episodes": float(scores.std()),
         "score_std_seeds": float(seed_means.std()), "return_mean": float(np.mean([r["return_mean"] for r in per_seed])),
         "ref_source": task.ref_source, "per_seed": per_seed,
@@ -307,7 +308,7 @@ class OnnxPolicy:
 def export_checkpoint(path: str, out: str) -> dict:
     """eval.py --checkpoint PATH --export-onnx OUT."""
     agent, task, normalizer, args = load_agent(path, torch.device("cpu"), "torch")
-    if args.policy != "meanflow":
+    if not isinstance(agent.actor, ofql.MeanFlowActor):
         raise ValueError(f"--export-onnx exports OFQL's one-step policy (--policy meanflow); {path} is --policy "
                          f"{args.policy}")
     export_onnx(agent.actor.folded(), normalizer, out)
@@ -389,7 +390,7 @@ def benchmark(cfg: EvalArgs) -> dict:
     torch.manual_seed(0)
     if cfg.checkpoint:
         agent, task, normalizer, args = load_agent(cfg.checkpoint, device, cfg.kernels)
-        if args.policy != "meanflow":
+        if not isinstance(agent.actor, ofql.MeanFlowActor):
             raise ValueError(f"--benchmark --checkpoint takes an OFQL (--policy meanflow) checkpoint, this one is "
                              f"--policy {args.policy}; the baselines are timed with random weights of the same width")
         actor = agent.actor

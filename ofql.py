@@ -25,7 +25,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Callable, ClassVar, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -41,21 +41,21 @@ except ImportError as error:
     kernels, KERNELS_IMPORT_ERROR = None, error
 
 
-# ---------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------
+# ---- Configuration -------------------------------------------------------------------------
 @dataclass
 class Args:
+    """OFQL's options (grouped in docs/flags.md). The comparison baselines (--policy flow|diffusion) are
+    baselines.py's: `python baselines.py train --help`."""
+
     env: str = "pendulum-swingup"
-    """task: a built-in task (`bandit-8modes`, `pendulum-swingup`), a D4RL name of the paper
-    (`hopper-medium-v2`, ...), a Minari dataset id (`mujoco/hopper/medium-v0`) or a Minari dataset folder, or an
-    OGBench single-task dataset (`ogbench/cube-single-play-singletask-task1-v0`, docs/ogbench.md)"""
+    """task (docs/data.md): built-in (`bandit-8modes`, `pendulum-swingup`), a D4RL name of the paper
+    (`hopper-medium-v2`, ...), a Minari dataset id (`mujoco/hopper/medium-v0`) or folder, or `ogbench/<dataset>`"""
     mujoco_data: Literal["d4rl", "minari"] = "d4rl"
     """data of the D4RL MuJoCo names: `d4rl` = D4RL's v2 HDF5 files (the paper's data, evaluated on -v4 envs);
     `minari` = Minari's v5 regeneration (mujoco/<env>/<level>-v0; not comparable with published numbers)"""
     d4rl_mirror: str | None = None
-    """base URL of D4RL's v2 HDF5 files, for when Berkeley's server is down (None: $OFQL_D4RL_MIRROR, else
-    that server); any URL urllib reads, e.g. https://<mirror>/gym_mujoco_v2 or file:///data/d4rl"""
+    """base URL (https://, file://...) of D4RL's HDF5 files if Berkeley's server is down (None: $OFQL_D4RL_MIRROR,
+    else Berkeley's); docs/data.md"""
     seed: int = 0
     """seed of torch, numpy and python RNGs (one seeding block in `train`)"""
     exp_name: str = "ofql"
@@ -63,13 +63,12 @@ class Args:
     out_dir: str = "runs"
     """parent folder of run folders (checkpoints, summary.json, TensorBoard events)"""
     run_dir: str | None = None
-    """exact run folder instead of a fresh one under out_dir (sweep.py names runs this way); it may exist
-    but must not hold a checkpoint: continue one with --resume"""
+    """exact run folder instead of a fresh one under out_dir (sweep.py's); it may exist but hold no checkpoint"""
     device: str = "auto"
     """`auto` (CUDA if available, else CPU), `cpu` or `cuda`"""
     kernels: Literal["auto", "triton", "torch"] = "auto"
-    """actor kernels for du/dt and no-grad actions: `triton` = fused kernels of kernels.py (CUDA), `torch` = the
-    plain reference, `auto` = triton where CUDA and triton are usable, else torch"""
+    """actor kernels for du/dt and no-grad actions: `triton` = kernels.py's fused ones (CUDA), `torch` = the plain
+    reference, `auto` = triton where CUDA and triton are usable"""
     threads: int | None = None
     """torch CPU threads (None: torch's default)"""
     track: bool = False
@@ -89,9 +88,7 @@ class Args:
     critic_lr: float | None = None
     """critic learning rate (None: task preset; DQL keeps 3e-4 for every task)"""
     lr_decay: bool | None = None
-    """cosine-decay the actor and critic lr to 0 over --total-steps, stepped every gradient step (None: task
-    preset, on except the bandit; the authors' later MeanFlow-Q code decays both; the one-step toy needs it:
-    32% -> 74% of samples on a mode, docs/baselines.md)"""
+    """cosine-decay the actor and critic lr to 0 over --total-steps (None: task preset, on except the bandit)"""
     gamma: float | None = None
     """discount (None: task preset, 0.99; FQL's 0.995 on OGBench's giant and humanoid mazes and antsoccer)"""
     tau: float = 0.005
@@ -104,9 +101,8 @@ class Args:
     """TD target from the max over `max_q_samples` next actions per head (None: task preset)"""
     max_q_samples: int = 10
     """next-action samples for the max-Q backup (DQL: 10)"""
-    ema_actor: bool | None = None
-    """use an EMA copy of the actor for next actions (DQL); the paper's OFQL uses the current actor
-    (None: on for --policy diffusion, as DQL; off otherwise)"""
+    ema_actor: Annotated[bool, tyro.conf.FlagConversionOff] = False
+    """use an EMA copy of the actor for next actions (DQL's); the paper's OFQL uses the current actor"""
     ema_decay: float = 0.995
     """EMA decay of the target actor"""
     ema_start: int = 1000
@@ -119,17 +115,6 @@ class Args:
     """reward -> (reward + reward_bias) * reward_scale (None: task preset)"""
     reward_bias: float | None = None
     """see reward_scale (None: task preset)"""
-
-    # --- policy class (flow and diffusion are baselines.py's: `python baselines.py train --policy flow ...`)
-    policy: Literal["meanflow", "flow", "diffusion"] = "meanflow"
-    """`meanflow` = OFQL's one-step average-velocity policy. Comparison baselines, trained by `python baselines.py
-    train`: `flow` = flow-matching BC with K Euler steps, back-propagated through in the Q term (FQL row);
-    `diffusion` = DQL's DDPM (vp schedule, epsilon prediction, K steps, EMA target actor)"""
-    policy_steps: int | None = None
-    """K, network calls per action in training (None: 1 for meanflow, 5 for flow and diffusion)"""
-    eval_policy_steps: int | None = None
-    """network calls per action at evaluation (None: as trained). flow: K' Euler steps; diffusion: a
-    deterministic DDIM with K' <= K steps over the trained schedule (1 = the paper's `DQL + DDIM`)"""
 
     # --- flow policy
     flow_ratio: float = 0.5
@@ -144,8 +129,8 @@ class Args:
     time_emb_scale: float = 1.0
     """t and r are multiplied by this before the sinusoidal embedding (DQL fed integer steps)"""
     adaptive_weight: float = 0.5
-    """MeanFlow's adaptive loss weight power p (per-sample loss / sg(loss + 1e-3)^p); 0 = plain squared error.
-    0.5 measured best for one-step mode coverage on the toy (docs/baselines.md); MeanFlow's image default is 1"""
+    """MeanFlow's adaptive loss weight power p (per-sample loss / sg(loss + 1e-3)^p; 0 = plain squared error): 0.5
+    measured best for one-step mode coverage on the toy (docs/baselines.md); MeanFlow's image default is 1"""
     hidden_dim: int | None = None
     """width of actor and critic MLPs (None: task preset; DQL and the paper: 256)"""
     critic_layer_norm: bool = False
@@ -157,12 +142,11 @@ class Args:
     eval_episodes: int = 10
     """episodes per evaluation (paper: 150 per task at the end)"""
     eval_protocol: Literal["paper", "one"] | None = None
-    """action selection at evaluation, filling the three fields below where unset: `paper` = DQL's
-    `sample_action`, which the paper inherits (50 one-step candidates, one drawn with probability
-    softmax(min target-Q)); `one` = a single one-step sample, no critic (fastest). None: task preset"""
+    """action selection at evaluation, filling the three fields below where unset (None: task preset): `paper` = DQL's
+    `sample_action` (50 candidates, one drawn by softmax(min target-Q)); `one` = one sample, no critic"""
     eval_select: Literal["one", "softmax", "argmax"] | None = None
-    """`one` sample; or `eval_samples` candidates and the one drawn by softmax(Q x temperature) or the argmax
-    of Q, Q = min of the two target critics"""
+    """`one` sample, or `eval_samples` candidates and the one drawn by softmax(Q x temperature) or argmax Q (Q: min
+    of the two target critics)"""
     eval_samples: int | None = None
     """candidate actions per decision for softmax/argmax (paper: 50)"""
     eval_temperature: float | None = None
@@ -176,6 +160,41 @@ class Args:
     continue_on_divergence: bool = False
     """only log and checkpoint a divergence, do not stop"""
 
+    # The seam: baselines.py's BaselineArgs(Args) overrides these to add --policy flow|diffusion (docs/baselines.md).
+    label: ClassVar[str] = "OFQL, one step"  # what trains, in a run's first line and the bandit's plot
+
+    def resolved(self) -> Args:
+        """A new Args with every None field filled from the task preset and the eval protocol, values checked."""
+        preset, ogbench = PRESETS.get(self.env, Preset()), self.env.removeprefix("ogbench/")
+        if ogbench != self.env:  # FQL's: discount 0.995 on the giant and humanoid mazes and antsoccer, one-sample eval
+            preset = Preset(gamma=0.995 if ogbench.startswith(("humanoidmaze-", "antsoccer-")) or "maze-giant-" in ogbench
+                            else 0.99, eval_protocol="one")  # eta: MuJoCo's, unmeasured on OGBench (docs/ogbench.md)
+        args = dataclasses.replace(self, **{f.name: getattr(preset, f.name) for f in dataclasses.fields(Preset)
+                                            if getattr(self, f.name) is None})
+        select, samples, temperature = EVAL_PROTOCOLS[args.eval_protocol]
+        if args.eval_select not in (None, select):  # a changed selection: the paper's 50 candidates
+            select, samples = args.eval_select, EVAL_PROTOCOLS["paper"][1]
+        args = dataclasses.replace(
+            args, save_every=args.eval_every if args.save_every is None else args.save_every, eval_select=select,
+            eval_samples=1 if select == "one" else args.eval_samples or samples,
+            eval_temperature=temperature if args.eval_temperature is None else args.eval_temperature)
+        problems = [problem for bad, problem in (
+            (not 0.0 <= args.flow_ratio <= 1.0, f"--flow-ratio {args.flow_ratio} must be in [0, 1]"),
+            (args.eta < 0, f"--eta {args.eta} must be >= 0"),
+            (min(args.batch_size, args.total_steps, args.eval_samples) < 1,
+             "--batch-size, --total-steps and --eval-samples must be >= 1"),
+            (args.eval_temperature <= 0, f"--eval-temperature {args.eval_temperature} must be > 0")) if bad]
+        if problems:
+            raise ValueError("invalid arguments: " + "; ".join(problems))
+        return args
+
+    def make_actor(self, obs_dim: int, act_dim: int, device: torch.device) -> nn.Module:
+        """OFQL's one-step actor. An actor provides bc_loss(obs, action, args), a differentiable act(obs, noise=None)
+        for the Q term and the TD target, and optionally evaluation_act(obs) (default: act)."""
+        actor = MeanFlowActor(obs_dim, act_dim, self.hidden_dim, time_scale=self.time_emb_scale).to(device)
+        actor.backend = resolve_kernels(self.kernels, device)
+        return actor
+
 
 MUJOCO_ETA = 0.3  # OFQL's eta on MuJoCo tasks (mean-reduced BC loss), from the stand-in calibration (docs/calibration.md)
 
@@ -184,8 +203,7 @@ MUJOCO_ETA = 0.3  # OFQL's eta on MuJoCo tasks (mean-reduced BC loss), from the 
 class Preset:
     """Per-task defaults: DQL's main.py table, except OFQL's MuJoCo eta, measured here (docs/calibration.md)."""
 
-    eta: float = MUJOCO_ETA  # OFQL's Q weight (--policy meanflow)
-    dql_eta: float = 1.0  # DQL's value for the task: the --policy flow/diffusion comparison rows use it
+    eta: float = MUJOCO_ETA  # OFQL's Q weight
     lr: float = 3e-4
     critic_lr: float = 3e-4
     lr_decay: bool = True
@@ -200,56 +218,42 @@ class Preset:
     eval_protocol: str = "paper"
 
 
-def _mujoco(grad_norm: float) -> Preset:
-    return Preset(grad_norm=grad_norm)
-
-
 def _antmaze(eta: float, grad_norm: float, max_q: bool, lr: float = 3e-4) -> Preset:
     """DQL's eta on DQL's (= our) mean-reduced loss, for OFQL too: unmeasured here. DQL trains AntMaze 1M steps."""
-    return Preset(eta=eta, dql_eta=eta, lr=lr, grad_norm=grad_norm, max_q_backup=max_q, reward_scale=4.0,
-                  reward_bias=-0.5)
+    return Preset(eta=eta, lr=lr, grad_norm=grad_norm, max_q_backup=max_q, reward_scale=4.0, reward_bias=-0.5)
 
 
 def _kitchen(grad_norm: float, total_steps: int = 1_000_000) -> Preset:
     """DQL's eta (0.005) for OFQL too, unmeasured here; DQL stops kitchen-complete at 250 epochs x 1000 steps."""
-    return Preset(eta=0.005, dql_eta=0.005, grad_norm=grad_norm, total_steps=total_steps)
+    return Preset(eta=0.005, grad_norm=grad_norm, total_steps=total_steps)
 
 
 PRESETS: dict[str, Preset] = {
-    "halfcheetah-medium-v2": _mujoco(9), "hopper-medium-v2": _mujoco(9), "walker2d-medium-v2": _mujoco(1),
-    "halfcheetah-medium-replay-v2": _mujoco(2), "hopper-medium-replay-v2": _mujoco(4),
-    "walker2d-medium-replay-v2": _mujoco(4), "halfcheetah-medium-expert-v2": _mujoco(7),
-    "hopper-medium-expert-v2": _mujoco(5), "walker2d-medium-expert-v2": _mujoco(5),
+    "halfcheetah-medium-v2": Preset(grad_norm=9), "hopper-medium-v2": Preset(grad_norm=9),
+    "walker2d-medium-v2": Preset(grad_norm=1), "halfcheetah-medium-replay-v2": Preset(grad_norm=2),
+    "hopper-medium-replay-v2": Preset(grad_norm=4), "walker2d-medium-replay-v2": Preset(grad_norm=4),
+    "halfcheetah-medium-expert-v2": Preset(grad_norm=7), "hopper-medium-expert-v2": Preset(grad_norm=5),
+    "walker2d-medium-expert-v2": Preset(grad_norm=5),
     "antmaze-umaze-v0": _antmaze(0.5, 2, False), "antmaze-umaze-diverse-v0": _antmaze(2.0, 3, True),
     "antmaze-medium-play-v0": _antmaze(2.0, 2, True, lr=1e-3), "antmaze-medium-diverse-v0": _antmaze(3.0, 1, True),
     "antmaze-large-play-v0": _antmaze(4.5, 10, True), "antmaze-large-diverse-v0": _antmaze(3.5, 7, True),
     "kitchen-complete-v0": _kitchen(9, 250_000), "kitchen-partial-v0": _kitchen(10), "kitchen-mixed-v0": _kitchen(10),
-    # built-in tasks (no download)
-    # the bandit's critic must resolve 0.15-wide reward windows: a decayed critic lr leaves it too smooth
-    "bandit-8modes": Preset(eta=0.3, dql_eta=0.3, lr=1e-3, critic_lr=1e-3, lr_decay=False, grad_norm=0.0, total_steps=2000,
+    # built-in tasks (no download); the bandit's critic must resolve 0.15-wide reward windows: no lr decay
+    "bandit-8modes": Preset(eta=0.3, lr=1e-3, critic_lr=1e-3, lr_decay=False, grad_norm=0.0, total_steps=2000,
                             eval_every=500, hidden_dim=128, eval_protocol="one"),
-    "pendulum-swingup": Preset(eta=3.0, dql_eta=3.0, grad_norm=9.0, total_steps=6000, eval_every=1000),
+    "pendulum-swingup": Preset(eta=3.0, grad_norm=9.0, total_steps=6000, eval_every=1000),
 }
-# OGBench single-task datasets (`ogbench/<name>`): what carries over from FQL. Discount 0.995 where FQL used it
-# (antmaze-giant, humanoidmaze-medium/large, antsoccer-arena), extended to the other giant and humanoid mazes and
-# antsoccer-medium, else 0.99; rewards and masks as OGBench relabels them (FQL: no scale or bias); evaluation by one
-# sample of the one-step policy (FQL's); episode lengths are the envs' own. eta: MuJoCo's, unmeasured on OGBench.
-def ogbench_preset(env: str) -> Preset:
-    name = env.removeprefix("ogbench/")
-    return Preset(gamma=0.995 if name.startswith(("humanoidmaze-", "antsoccer-")) or "maze-giant-" in name else 0.99,
-                  eval_protocol="one")
 
 
-# --eval-protocol -> (eval_select, eval_samples, eval_temperature)
-EVAL_PROTOCOLS = {"paper": ("softmax", 50, 1.0), "one": ("one", 1, 1.0)}
+EVAL_PROTOCOLS = {"paper": ("softmax", 50, 1.0), "one": ("one", 1, 1.0)}  # -> (eval_select, samples, temperature)
 D4RL_MUJOCO = {f"{env}-{level}-v2": (env, level) for env in ("halfcheetah", "hopper", "walker2d")
                for level in ("medium", "medium-replay", "medium-expert")}
 D4RL_REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
 D4RL_EVAL_ENV = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": "Walker2d-v4"}
 D4RL_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"  # D4RL's only server
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
-# Minari's D4RL/antmaze and D4RL/kitchen are regenerated data on the newer gymnasium-robotics envs
-# (AntMaze_*-v4, FrankaKitchen-v1), like --mujoco-data minari: scores on them are not comparable with the paper's.
+BANDIT_STD = 0.05  # std of each Gaussian mode of bandit-8modes
+# Minari's D4RL/antmaze and D4RL/kitchen are regenerated on the newer gymnasium-robotics envs: not the paper's data
 MINARI_SOURCE = {
     **{f"antmaze-{m}-v0": f"D4RL/antmaze/{m}-v1" for m in
        ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")},
@@ -260,7 +264,7 @@ MINARI_SOURCE = {
 
 @dataclass(frozen=True)
 class Convention:
-    """How a dataset family is read and scored (D4RL's conventions, DESIGN.md section 4)."""
+    """How a dataset family is read and scored (D4RL's conventions, docs/data.md)."""
 
     obs_keys: tuple[str, ...] = ()  # dict observation entries concatenated, in this order
     terminal_from_reward: bool = False  # AntMaze v1 never terminates: terminal = reward > 0 as in D4RL
@@ -278,50 +282,7 @@ CONVENTIONS = {
 }
 
 
-def resolve_args(args: Args) -> Args:
-    """Fill every None field from the task preset and check values; returns a new Args."""
-    preset = ogbench_preset(args.env) if args.env.startswith("ogbench/") else PRESETS.get(args.env, Preset())
-    if args.policy != "meanflow" and args.eta is None:  # the comparison rows as the paper ran them: DQL's eta
-        args = dataclasses.replace(args, eta=preset.dql_eta)
-    filled = {f.name: getattr(preset, f.name) for f in dataclasses.fields(Preset)
-              if f.name != "dql_eta" and getattr(args, f.name) is None}
-    args = dataclasses.replace(args, **filled)
-    if args.policy_steps is None:
-        args = dataclasses.replace(args, policy_steps=1 if args.policy == "meanflow" else 5)
-    if args.ema_actor is None:
-        args = dataclasses.replace(args, ema_actor=args.policy == "diffusion")
-    if args.save_every is None:
-        args = dataclasses.replace(args, save_every=args.eval_every)
-    select, samples, temperature = EVAL_PROTOCOLS[args.eval_protocol]
-    if args.eval_select is not None and args.eval_select != select:
-        select, samples = args.eval_select, EVAL_PROTOCOLS["paper"][1]  # a changed selection: the paper's 50 candidates
-    args = dataclasses.replace(args, eval_select=select, eval_samples=1 if select == "one" else args.eval_samples or samples,
-                               eval_temperature=temperature if args.eval_temperature is None else args.eval_temperature)
-    problems = []
-    if not 0.0 <= args.flow_ratio <= 1.0:
-        problems.append(f"--flow-ratio {args.flow_ratio} must be in [0, 1]")
-    if args.eta < 0:
-        problems.append(f"--eta {args.eta} must be >= 0")
-    if args.batch_size < 1 or args.total_steps < 1 or args.eval_samples < 1:
-        problems.append("--batch-size, --total-steps and --eval-samples must be >= 1")
-    if args.eval_temperature <= 0:
-        problems.append(f"--eval-temperature {args.eval_temperature} must be > 0")
-    if args.policy == "meanflow" and {args.policy_steps, args.eval_policy_steps} - {1, None}:
-        problems.append("--policy meanflow acts in one step: drop --policy-steps/--eval-policy-steps or pick "
-                        "--policy flow/diffusion")
-    if args.policy_steps < 1 or (args.eval_policy_steps or 1) < 1:
-        problems.append("--policy-steps and --eval-policy-steps must be >= 1")
-    if args.policy == "diffusion" and (args.eval_policy_steps or 1) > args.policy_steps:
-        problems.append(f"--eval-policy-steps {args.eval_policy_steps} > --policy-steps {args.policy_steps}: DDIM "
-                        "strides over the trained schedule, so it can use at most K steps")
-    if problems:
-        raise ValueError("invalid arguments: " + "; ".join(problems))
-    return args
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
+# ---- Data ----------------------------------------------------------------------------------
 @dataclass
 class Task:
     """What training and evaluation need to know about a task besides its transitions."""
@@ -329,7 +290,7 @@ class Task:
     name: str
     obs_dim: int
     act_dim: int
-    make_env: Callable[..., gym.Env] | None  # kwargs go to gym.make; returns a gymnasium env with actions in [-1, 1]; None for the bandit
+    make_env: Callable[..., gym.Env] | None  # kwargs go to gym.make; an env with actions in [-1, 1]; None: the bandit
     ref_min: float
     ref_max: float
     ref_source: str  # where the normalisation constants came from
@@ -341,8 +302,7 @@ class ReplayBuffer:
 
     def __init__(self, data: dict[str, np.ndarray], device: torch.device, generator: torch.Generator):
         self.data = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in data.items()}
-        self.size = len(data["obs"])
-        self.generator = generator
+        self.size, self.generator = len(data["obs"]), generator
 
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, self.size, (batch_size,), device=self.generator.device, generator=self.generator)
@@ -357,28 +317,22 @@ def flatten_obs(obs, keys: tuple[str, ...]) -> np.ndarray:
 
 
 def episodes_to_transitions(episodes, obs_keys: tuple[str, ...] = (), source: str = "dataset") -> dict[str, np.ndarray]:
-    """Minari episodes -> flat transitions. Minari stores N+1 observations per episode; truncation is
-    never a terminal (the last transition of a time-limited episode bootstraps). NaN/Inf anywhere is
-    refused with its count and the first episode that has one."""
-    parts = {"obs": [], "action": [], "reward": [], "next_obs": [], "mask": []}
-    bad_count, first_bad = {}, {}
+    """Minari episodes (N + 1 observations each) -> flat transitions; truncation is never a terminal (the last
+    transition of a time-limited episode bootstraps). NaN/Inf is refused with its count and first episode."""
+    parts, bad = {"obs": [], "action": [], "reward": [], "next_obs": [], "mask": []}, {}  # bad: key -> [count, first]
     for ep in episodes:
         obs = flatten_obs(ep.observations, obs_keys)
         fields = {"obs": obs, "action": np.asarray(ep.actions, dtype=np.float64).reshape(len(ep.actions), -1),
                   "reward": np.asarray(ep.rewards, dtype=np.float64)}
         for key, value in fields.items():
-            bad = int((~np.isfinite(value)).sum())
-            if bad:
-                bad_count[key] = bad_count.get(key, 0) + bad
-                first_bad.setdefault(key, ep.id)
-        parts["obs"].append(obs[:-1])
-        parts["next_obs"].append(obs[1:])
-        parts["action"].append(fields["action"])
-        parts["reward"].append(fields["reward"])
-        parts["mask"].append(1.0 - np.asarray(ep.terminations, dtype=np.float64))
-    if bad_count:
-        raise ValueError(f"{source}: " + "; ".join(f"'{k}' has {n} NaN/Inf values (first in episode {first_bad[k]})"
-                                                   for k, n in bad_count.items()) + "; clean the dataset before training")
+            if count := int((~np.isfinite(value)).sum()):
+                bad.setdefault(key, [0, ep.id])[0] += count
+        for key, value in zip(parts, (obs[:-1], fields["action"], fields["reward"], obs[1:],
+                                      1.0 - np.asarray(ep.terminations, dtype=np.float64))):
+            parts[key].append(value)
+    if bad:
+        problems = (f"'{k}' has {n} NaN/Inf values (first in episode {first})" for k, (n, first) in bad.items())
+        raise ValueError(f"{source}: {'; '.join(problems)}; clean the dataset before training")
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -407,8 +361,7 @@ def build_pendulum_dataset(dataset_id: str, episodes: int = 100, seed: int = 0):
         while not done:
             action = policy(obs).astype(np.float32)
             obs, reward, term, trunc, _ = env.step(action)
-            for key, val in zip(("observations", "actions", "rewards", "terminations", "truncations"),
-                                (obs, action, reward, term, trunc)):
+            for key, val in zip(buf, (obs, action, reward, term, trunc)):
                 buf[key].append(val)
             done = term or trunc
         return buf
@@ -420,25 +373,20 @@ def build_pendulum_dataset(dataset_id: str, episodes: int = 100, seed: int = 0):
 
     buffers = [EpisodeBuffer(id=i, **{k: np.asarray(v) for k, v in rollout(behaviour, seed * 10_000 + i).items()})
                for i in range(episodes)]
-    ref_episodes = 50
-    ref_max = np.mean([sum(rollout(pendulum_controller, 10**6 + i)["rewards"]) for i in range(ref_episodes)])
-    ref_min = np.mean([sum(rollout(lambda o: rng.uniform(-2, 2, size=1), 2 * 10**6 + i)["rewards"])
-                       for i in range(ref_episodes)])
+    n = 50  # reference episodes
+    ref_max = np.mean([sum(rollout(pendulum_controller, 10**6 + i)["rewards"]) for i in range(n)])
+    ref_min = np.mean([sum(rollout(lambda o: rng.uniform(-2, 2, size=1), 2 * 10**6 + i)["rewards"]) for i in range(n)])
     return minari.create_dataset_from_buffers(
-        dataset_id, buffers, env="Pendulum-v1", eval_env="Pendulum-v1",
-        algorithm_name="noisy energy swing-up (ofql.py)",
-        ref_min_score=float(ref_min), ref_max_score=float(ref_max), num_episodes_average_score=ref_episodes,
+        dataset_id, buffers, env="Pendulum-v1", eval_env="Pendulum-v1", algorithm_name="noisy energy swing-up (ofql.py)",
+        ref_min_score=float(ref_min), ref_max_score=float(ref_max), num_episodes_average_score=n,
         description="Built-in OFQL task: Pendulum-v1 with a noisy scripted swing-up controller.",
-        author="ofql", author_email="none", code_permalink="ofql.py",
-    )
+        author="ofql", author_email="none", code_permalink="ofql.py")
 
 
 def d4rl_hdf5_to_minari(hdf5_path: str | Path, dataset_id: str, eval_env: str, ref_min: float, ref_max: float):
-    """Convert a D4RL v2 HDF5 file (observations, actions, rewards, terminals, timeouts, optionally
-    next_observations) into a local Minari dataset: one episode per terminal/timeout boundary, terminals
-    as terminations, timeouts (and the unfinished tail) as truncations. Without next_observations the
-    last step of a timeout or of the tail has no next observation (observations[i + 1] starts the next
-    episode) and is dropped, as d4rl.qlearning_dataset does."""
+    """A D4RL v2 HDF5 file as a local Minari dataset: an episode per terminal/timeout boundary (terminals as
+    terminations, timeouts and the unfinished tail as truncations). Without next_observations, the last step of a
+    timeout or of the tail has no next observation and is dropped, as d4rl.qlearning_dataset does."""
     import h5py
     import minari
     from minari.data_collector import EpisodeBuffer
@@ -489,9 +437,9 @@ def check_d4rl_hdf5(path: Path):
 
 
 def load_d4rl_mujoco(name: str, mirror: str | None = None):
-    """The exact D4RL v2 data of a MuJoCo task as a local Minari dataset `d4rl/<env>/<level>-v2`
-    (downloaded once from `mirror` or D4RL's server into a .part file, kept only if it passes
-    `check_d4rl_hdf5`, converted, cached under MINARI_DATASETS_PATH; eval env: gymnasium's -v4)."""
+    """The exact D4RL v2 data of a MuJoCo task as a local Minari dataset `d4rl/<env>/<level>-v2` (downloaded once
+    from `mirror` or D4RL's server into a .part file, kept only if it passes `check_d4rl_hdf5`, converted, cached
+    under MINARI_DATASETS_PATH; eval env: gymnasium's -v4)."""
     import minari
 
     env, level = D4RL_MUJOCO[name]
@@ -508,79 +456,46 @@ def load_d4rl_mujoco(name: str, mirror: str | None = None):
         hdf5.parent.mkdir(parents=True, exist_ok=True)
         part = hdf5.with_suffix(".part")
         print(f"downloading {url} -> {hdf5}")
-        fix = (f"Fix: another mirror with --d4rl-mirror URL or OFQL_D4RL_MIRROR=URL (the folder holding "
-               f"{hdf5.name}); or on a connected machine download it and put it at {hdf5}, or run `python ofql.py "
-               f"--env {name}` there and copy {root / 'd4rl'} here.")
         try:
             urllib.request.urlretrieve(url, part)
             check_d4rl_hdf5(part)
         except (OSError, ValueError) as err:
             part.unlink(missing_ok=True)
-            raise FileNotFoundError(f"D4RL dataset {name} is not in MINARI_DATASETS_PATH={root} and its download "
-                                    f"from {url} failed ({err}). {fix}") from err
+            raise FileNotFoundError(
+                f"D4RL dataset {name} is not in MINARI_DATASETS_PATH={root} and its download from {url} failed "
+                f"({err}). Fix: another mirror with --d4rl-mirror URL or OFQL_D4RL_MIRROR=URL (the folder holding "
+                f"{hdf5.name}); or on a connected machine download it and put it at {hdf5}, or run `python ofql.py "
+                f"--env {name}` there and copy {root / 'd4rl'} here.") from err
         os.replace(part, hdf5)  # only a complete, checked file gets the final name
     print(f"converting {hdf5.name} into the Minari dataset {dataset_id}")
     return d4rl_hdf5_to_minari(hdf5, dataset_id, D4RL_EVAL_ENV[env], *D4RL_REF_SCORES[env])
 
 
-def load_minari(dataset_id_or_path: str):
+def load_minari(source: str):
     """A Minari dataset by folder or id: local first, the built-in Pendulum one built on demand,
     otherwise downloaded with minari (one clear error when that is impossible)."""
     import minari
 
-    path = Path(dataset_id_or_path)
+    path = Path(source)
     if path.is_dir():  # a dataset folder <root>/<namespace>/<name-vN> holding data/metadata.json
         data_dir = path if path.name == "data" else path / "data"
         if not (data_dir / "metadata.json").exists():
             raise FileNotFoundError(f"{path} is not a Minari dataset folder (no data/metadata.json in it)")
         return minari.MinariDataset(data_dir)
-    local = minari.list_local_datasets()
-    if dataset_id_or_path in local:
-        return minari.load_dataset(dataset_id_or_path)
-    if dataset_id_or_path == MINARI_SOURCE["pendulum-swingup"]:
-        print(f"building the built-in dataset {dataset_id_or_path} (once, ~10 s)")
-        return build_pendulum_dataset(dataset_id_or_path)
+    if source in minari.list_local_datasets():
+        return minari.load_dataset(source)
+    if source == MINARI_SOURCE["pendulum-swingup"]:
+        print(f"building the built-in dataset {source} (once, ~10 s)")
+        return build_pendulum_dataset(source)
     where = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
     try:
-        print(f"{dataset_id_or_path} is not in {where}: downloading it with minari")
-        return minari.load_dataset(dataset_id_or_path, download=True)
+        print(f"{source} is not in {where}: downloading it with minari")
+        return minari.load_dataset(source, download=True)
     except Exception as err:  # no network, unknown id on the server, ...
         raise FileNotFoundError(
-            f"Minari dataset '{dataset_id_or_path}' is not in MINARI_DATASETS_PATH={where} and could not be "
-            f"downloaded ({type(err).__name__}: {err}). Fix: on a connected machine run "
-            f"`minari download {dataset_id_or_path}` and copy the folder into {where}, "
-            f"or pass --env PATH_TO_DATASET_FOLDER.") from err
-
-
-def bandit_modes(n: int = 8, radius: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
-    """Centres of the 2-D bandit's modes on a circle and their rewards 0, 1/(n-1), ..., 1."""
-    angles = 2 * np.pi * np.arange(n) / n
-    return radius * np.stack([np.cos(angles), np.sin(angles)], 1), np.arange(n) / (n - 1)
-
-
-BANDIT_STD = 0.05
-
-
-def bandit_reward(actions: np.ndarray) -> np.ndarray:
-    """Reward of the nearest mode if within 3 std of it, else 0."""
-    centres, rewards = bandit_modes()
-    dist = np.linalg.norm(actions[:, None, :] - centres[None], axis=-1)
-    nearest = dist.argmin(1)
-    return np.where(dist.min(1) < 3 * BANDIT_STD, rewards[nearest], 0.0)
-
-
-def make_bandit_data(n: int = 20_000, seed: int = 0, background: float = 0.1) -> dict[str, np.ndarray]:
-    """Offline one-step bandit: constant state; actions from 8 equally likely Gaussian modes, plus a
-    `background` fraction drawn uniformly in [-1, 1]^2 (exploration that shows the critic that actions
-    off the modes earn nothing). Reward: `bandit_reward`."""
-    rng = np.random.default_rng(seed)
-    centres, _ = bandit_modes()
-    mode = rng.integers(0, len(centres), n)
-    actions = centres[mode] + BANDIT_STD * rng.normal(size=(n, 2))
-    uniform = rng.random(n) < background
-    actions[uniform] = rng.uniform(-1, 1, size=(int(uniform.sum()), 2))
-    obs = np.zeros((n, 1))
-    return {"obs": obs, "action": actions, "reward": bandit_reward(actions), "next_obs": obs, "mask": np.zeros(n)}
+            f"Minari dataset '{source}' is not in MINARI_DATASETS_PATH={where} and could not be downloaded "
+            f"({type(err).__name__}: {err}). Fix: on a connected machine run `minari download {source}` and copy "
+            f"the folder into {where}, or pass --env PATH_TO_DATASET_FOLDER.") from err
 
 
 def load_mujoco_minari(name: str):
@@ -602,11 +517,36 @@ def load_mujoco_minari(name: str):
     return minari.combine_datasets(parts, combined)
 
 
+def bandit_modes(n: int = 8, radius: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+    """Centres of the 2-D bandit's modes on a circle and their rewards 0, 1/(n-1), ..., 1."""
+    angles = 2 * np.pi * np.arange(n) / n
+    return radius * np.stack([np.cos(angles), np.sin(angles)], 1), np.arange(n) / (n - 1)
+
+
+def bandit_reward(actions: np.ndarray) -> np.ndarray:
+    """Reward of the nearest mode if within 3 std of it, else 0."""
+    centres, rewards = bandit_modes()
+    dist = np.linalg.norm(actions[:, None, :] - centres[None], axis=-1)
+    return np.where(dist.min(1) < 3 * BANDIT_STD, rewards[dist.argmin(1)], 0.0)
+
+
+def make_bandit_data(n: int = 20_000, seed: int = 0, background: float = 0.1) -> dict[str, np.ndarray]:
+    """Offline one-step bandit: constant state; actions from 8 equally likely Gaussian modes, plus a
+    `background` fraction drawn uniformly in [-1, 1]^2 (exploration that shows the critic that actions
+    off the modes earn nothing). Reward: `bandit_reward`."""
+    rng = np.random.default_rng(seed)
+    centres, _ = bandit_modes()
+    actions = centres[rng.integers(0, len(centres), n)] + BANDIT_STD * rng.normal(size=(n, 2))
+    uniform = rng.random(n) < background
+    actions[uniform] = rng.uniform(-1, 1, size=(int(uniform.sum()), 2))
+    obs = np.zeros((n, 1))
+    return {"obs": obs, "action": actions, "reward": bandit_reward(actions), "next_obs": obs, "mask": np.zeros(n)}
+
+
 def load_ogbench(name: str, with_data: bool = True) -> tuple[Task, dict[str, np.ndarray] | None]:
-    """`ogbench/<dataset>`: OGBench single-task data through ogbench.make_env_and_datasets, read as FQL reads it: its
-    rewards and `masks` (0 where the task is solved; its `terminals` only end the data's trajectories, never crossed
-    by a transition); score 100 x info['success'] at episode end; eval envs from the same function (env_only).
-    Files: OGBENCH_DATASET_DIR (default: ogbench's ~/.ogbench/data), downloaded there by ogbench when missing."""
+    """`ogbench/<dataset>` through ogbench.make_env_and_datasets, read as FQL reads it (docs/ogbench.md): its rewards
+    and `masks` (its `terminals` only end trajectories, never crossed by a transition); score 100 x info['success']
+    at episode end; files in OGBENCH_DATASET_DIR (default: ~/.ogbench/data), downloaded there when missing."""
     try:
         import ogbench
     except ImportError as err:
@@ -651,26 +591,23 @@ def load_task(env_name: str, mujoco_data: str = "d4rl", with_data: bool = True, 
         return load_ogbench(env_name, with_data)
     source = MINARI_SOURCE.get(env_name, env_name)
     if env_name not in D4RL_MUJOCO and source == env_name and "/" not in env_name and not Path(env_name).exists():
-        known = sorted(PRESETS)
-        close = difflib.get_close_matches(env_name, known, n=1)
-        raise ValueError(f"unknown task '{env_name}'" + (f"; did you mean '{close[0]}'?" if close else "")
-                         + f" Known tasks: {', '.join(known)}; or a Minari dataset id or folder, or ogbench/<dataset>.")
+        close = difflib.get_close_matches(env_name, PRESETS, n=1)
+        raise ValueError(f"unknown task '{env_name}'" + (f"; did you mean '{close[0]}'?" if close else "") + " Known tasks: "
+                         f"{', '.join(sorted(PRESETS))}; or a Minari dataset id or folder, or ogbench/<dataset>.")
     if env_name in D4RL_MUJOCO:
         dataset = load_d4rl_mujoco(env_name, d4rl_mirror) if mujoco_data == "d4rl" else load_mujoco_minari(env_name)
     else:
         dataset = load_minari(source)
-    dataset_id = dataset.spec.dataset_id
+    dataset_id, space, obs_space = dataset.spec.dataset_id, dataset.action_space, dataset.observation_space
     family = next((c for prefix, c in CONVENTIONS.items() if f"/{prefix}/" in f"/{dataset_id}"), Convention())
     if family.obs_keys:  # AntMaze and Kitchen need gymnasium-robotics' environments registered
         import gymnasium_robotics
         gym.register_envs(gymnasium_robotics)
-    space = dataset.action_space
-    if not isinstance(space, gym.spaces.Box) or not np.all(np.isfinite(space.low)) or not np.all(np.isfinite(space.high)):
+    if not isinstance(space, gym.spaces.Box) or not np.isfinite(space.low).all() or not np.isfinite(space.high).all():
         raise ValueError(f"dataset {dataset_id}: action space {space} is not a bounded Box; OFQL needs bounded "
                          "continuous actions")
-    if not family.obs_keys and not isinstance(dataset.observation_space, gym.spaces.Box):
-        raise ValueError(f"dataset {dataset_id}: observation space {dataset.observation_space} is not a Box")
-    obs_space = dataset.observation_space
+    if not family.obs_keys and not isinstance(obs_space, gym.spaces.Box):
+        raise ValueError(f"dataset {dataset_id}: observation space {obs_space} is not a Box")
     obs_dim = sum(obs_space[k].shape[0] for k in family.obs_keys) if family.obs_keys else obs_space.shape[0]
     low, high = space.low.astype(np.float64), space.high.astype(np.float64)
     meta = dataset.storage.metadata
@@ -699,9 +636,7 @@ def load_task(env_name: str, mujoco_data: str = "d4rl", with_data: bool = True, 
     return task, data
 
 
-# ---------------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------------
+# ---- Networks ------------------------------------------------------------------------------
 def sigmoid_and_tanh_softplus(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """sigmoid(x) and tanh(softplus(x)) from one sigmoid: with s = sigmoid(x) and n = s (2 - s),
     tanh(softplus(x)) = n / (2 - n). Same fp32 result as aten::mish, ~3x faster on CPU."""
@@ -743,10 +678,8 @@ def mish(x: torch.Tensor) -> torch.Tensor:
     return x * sigmoid_and_tanh_softplus(x)[1]  # inference: no autograd.Function overhead (~60 us a call)
 
 
-def mish_derivative(x, s=None, tanh_sp=None):
-    """d/dx [x tanh(softplus(x))] = tanh(sp) + x sigmoid(x) (1 - tanh(sp)^2)."""
-    if s is None:
-        s, tanh_sp = sigmoid_and_tanh_softplus(x)
+def mish_derivative(x, s, tanh_sp):
+    """d/dx [x tanh(softplus(x))] = tanh(sp) + x sigmoid(x) (1 - tanh(sp)^2), from s = sigmoid(x) and tanh(sp)."""
     return tanh_sp + x * s * (1 - tanh_sp * tanh_sp)
 
 
@@ -756,9 +689,8 @@ class MishLayer(nn.Module):
 
 
 def mlp_with_tangent(layers: nn.Sequential, x: torch.Tensor, tangent: torch.Tensor):
-    """Forward an MLP of Linear/Mish layers and push a tangent through it (dual numbers).
-    The primal keeps its autograd graph; the tangent is computed without one (it only feeds a
-    stop-gradient target), which costs one extra GEMM per layer and no extra backward."""
+    """Forward an MLP of Linear/Mish layers and push a tangent through it (dual numbers). The primal keeps its
+    autograd graph; the tangent, which only feeds a stop-gradient target, is computed without one."""
     for layer in layers:
         if isinstance(layer, nn.Linear):
             x = layer(x)
@@ -773,9 +705,7 @@ def mlp_with_tangent(layers: nn.Sequential, x: torch.Tensor, tangent: torch.Tens
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers += [nn.Linear(sizes[i], sizes[i + 1]), MishLayer()]
+    layers = [layer for n_in, n_out in zip(sizes, sizes[1:]) for layer in (nn.Linear(n_in, n_out), MishLayer())]
     return nn.Sequential(*layers[:-1])
 
 
@@ -812,7 +742,7 @@ def resolve_kernels(requested: str, device: torch.device) -> str:
 class MeanFlowActor(nn.Module):
     """u(z, r, t; s): cat[z, emb(r), emb(t), s] -> 3 x 256 Mish MLP -> average velocity."""
 
-    backend = "torch"  # "triton": du/dt and no-grad actions from kernels.py (set once by OFQL from --kernels)
+    backend = "torch"  # "triton": du/dt and no-grad actions from kernels.py (set by Args.make_actor, --kernels)
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, time_dim: int = 16, time_scale: float = 1.0):
         super().__init__()
@@ -824,8 +754,7 @@ class MeanFlowActor(nn.Module):
         return self.net(torch.cat([z, self.emb_r(r), self.emb_t(t), obs], -1))
 
     def velocity_and_dudt(self, z, r, t, obs, v):
-        """u(z, r, t) with its graph, and du/dt = v . d_z u + d_t u (JVP, tangents (v, 0, 1) for (z, r, t))
-        without one."""
+        """u(z, r, t) with its graph, and du/dt = v . d_z u + d_t u (JVP, tangents (v, 0, 1) for (z, r, t)) without."""
         if self.backend == "triton":  # one fused pass for du/dt; the primal keeps its torch graph
             return self(z, r, t, obs), kernels.fused_velocity(self, z, r, t, obs, v)[1]
         emb_t, demb_t = self.emb_t.forward_with_tangent(t)
@@ -836,7 +765,7 @@ class MeanFlowActor(nn.Module):
         return mlp_with_tangent(self.net, x, tangent)
 
     def bc_loss(self, obs, action, args: Args) -> torch.Tensor:
-        """OFQL.update's BC term; every --policy's actor provides one (baselines.py)."""
+        """The BC term of OFQL.actor_loss (see Args.make_actor for what an actor provides)."""
         return meanflow_bc_loss(self, obs, action, args)
 
     def act(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -846,20 +775,21 @@ class MeanFlowActor(nn.Module):
         if self.backend == "triton" and not torch.is_grad_enabled():  # TD target and evaluation: one fused pass
             ones = torch.ones(obs.shape[0], device=obs.device)
             return (noise - kernels.fused_velocity(self, noise, 0 * ones, ones, obs)[0]).clamp(-1.0, 1.0)
-        ones = torch.ones(1, device=obs.device)
-        emb = torch.cat([self.emb_r(0 * ones), self.emb_t(ones)], -1).expand(obs.shape[0], -1)
+        emb = self.one_step_times(obs.device).expand(obs.shape[0], -1)
         return (noise - self.net(torch.cat([noise, emb, obs], -1))).clamp(-1.0, 1.0)
+
+    def one_step_times(self, device) -> torch.Tensor:
+        """[emb(r = 0), emb(t = 1)] [1, 2 * time_dim]: the time input of every one-step action."""
+        one = torch.ones(1, device=device)
+        return torch.cat([self.emb_r(0 * one), self.emb_t(one)], -1)
 
     @torch.no_grad()
     def folded(self) -> "FoldedActor":
         """The inference policy with r = 0 and t = 1 folded into the first layer's bias."""
-        first = self.net[0]
-        time_dim = self.emb_r.freqs.numel() * 2
-        one = torch.ones(1, device=first.weight.device)
-        emb = torch.cat([self.emb_r(0 * one), self.emb_t(one)], -1)[0]
-        w_noise, w_time, w_obs = first.weight.split([self.act_dim, 2 * time_dim, first.in_features - self.act_dim - 2 * time_dim], 1)
+        first, emb = self.net[0], self.one_step_times(self.net[0].weight.device)[0]
+        w_noise, w_time, w_obs = first.weight.split([self.act_dim, len(emb), first.in_features - self.act_dim - len(emb)], 1)
         layers = copy.deepcopy(self.net)
-        layers[0] = nn.Linear(first.in_features - 2 * time_dim, first.out_features).to(first.weight.device)
+        layers[0] = nn.Linear(first.in_features - len(emb), first.out_features).to(first.weight.device)
         layers[0].weight.copy_(torch.cat([w_noise, w_obs], 1))
         layers[0].bias.copy_(first.bias + w_time @ emb)
         return FoldedActor(layers, self.act_dim)
@@ -906,16 +836,13 @@ class EnsembleLayerNorm(nn.Module):
 
 
 class TwinCritic(nn.Module):
-    """Two Q heads (3 x 256 Mish MLPs over [s, a], optionally LayerNorm after each hidden activation)
-    evaluated together; returns [2, B]."""
+    """Two Q heads (3 x 256 Mish MLPs over [s, a], optional LayerNorm after each hidden activation) as one; [2, B]."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, layer_norm: bool = False):
         super().__init__()
-        dims = [obs_dim + act_dim, hidden, hidden, hidden, 1]
-        layers = []
-        for i in range(3):
-            layers += [EnsembleLinear(2, dims[i], dims[i + 1]), MishLayer()]
-            layers += [EnsembleLayerNorm(2, dims[i + 1])] if layer_norm else []
+        dims, layers = [obs_dim + act_dim, hidden, hidden, hidden], []
+        for n_in, n_out in zip(dims, dims[1:]):
+            layers += [EnsembleLinear(2, n_in, n_out), MishLayer()] + ([EnsembleLayerNorm(2, n_out)] if layer_norm else [])
         self.net = nn.Sequential(*layers, EnsembleLinear(2, hidden, 1))
 
     def forward(self, obs, action):
@@ -923,9 +850,7 @@ class TwinCritic(nn.Module):
         return self.net(x.expand(2, *x.shape)).squeeze(-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------
+# ---- Losses --------------------------------------------------------------------------------
 def draw_times(shape: tuple[int, ...], args: Args, device, generator=None) -> torch.Tensor:
     """Independent times in (0, 1) from --time-sampler."""
     if args.time_sampler == "logit-normal":
@@ -937,10 +862,8 @@ def sample_times(n: int, args: Args, device, generator=None) -> tuple[torch.Tens
     """(r, t) with r <= t: t = max and r = min of two draws; the first round(flow_ratio * n) rows get
     r = t (rows of a batch are i.i.d., so this is a random subset of exactly that size)."""
     draws = draw_times((2, n), args, device, generator)
-    t, r = draws.max(0).values, draws.min(0).values
-    n_equal = round(args.flow_ratio * n)
-    r = torch.cat([t[:n_equal], r[n_equal:]])
-    return r, t
+    t, r, n_equal = draws.max(0).values, draws.min(0).values, round(args.flow_ratio * n)
+    return torch.cat([t[:n_equal], r[n_equal:]]), t
 
 
 def meanflow_bc_loss(actor: MeanFlowActor, obs, action, args: Args, generator=None) -> torch.Tensor:
@@ -970,34 +893,12 @@ def td_target(actor, critic_target, batch, args: Args) -> torch.Tensor:
         return batch["reward"] + args.gamma * batch["mask"] * q_next.min(0).values
 
 
-# ---------------------------------------------------------------------------------------------
-# Agent: networks, optimisers and one gradient step
-# ---------------------------------------------------------------------------------------------
-ActorFactory = Callable[[int, int, Args], nn.Module]  # (obs_dim, act_dim, args) -> the actor of args.policy
-# --policy -> actor. This file trains OFQL's only: baselines.py passes `train` and `OFQL` this table plus its
-# comparison actors, so imports run one way (baselines.py imports ofql.py, never the reverse)
-ACTORS: dict[str, ActorFactory] = {
-    "meanflow": lambda obs_dim, act_dim, args: MeanFlowActor(obs_dim, act_dim, args.hidden_dim,
-                                                             time_scale=args.time_emb_scale),
-}
-
-
-def check_policy(args: Args, actors: dict[str, ActorFactory]):
-    """--policy must have an actor in `actors`; the baselines' are given by baselines.py."""
-    if args.policy not in actors:
-        raise ValueError(f"--policy {args.policy} is a comparison baseline that ofql.py does not train; run "
-                         f"`python baselines.py train --policy {args.policy} --env {args.env}` with your other flags")
-
-
+# ---- Agent: networks, optimisers and one gradient step -------------------------------------
 class OFQL:
-    def __init__(self, task: Task, args: Args, device: torch.device, actors: dict[str, ActorFactory] = ACTORS):
-        check_policy(args, actors)
+    def __init__(self, task: Task, args: Args, device: torch.device):
         self.args = args
-        self.actor = actors[args.policy](task.obs_dim, task.act_dim, args).to(device)
-        if isinstance(self.actor, MeanFlowActor):  # the fused kernels serve OFQL's actor (set before the EMA copy)
-            self.actor.backend = resolve_kernels(args.kernels, device)
-        # evaluation's sampler: the one-step policy, or a baseline's with --eval-policy-steps
-        self.evaluation_act = self.actor.act if args.policy == "meanflow" else self.actor.sampler(args.eval_policy_steps)
+        self.actor = args.make_actor(task.obs_dim, task.act_dim, device)
+        self.evaluation_act = getattr(self.actor, "evaluation_act", self.actor.act)  # what evaluation samples
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False) if args.ema_actor else self.actor
         self.critic = TwinCritic(task.obs_dim, task.act_dim, args.hidden_dim, args.critic_layer_norm).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
@@ -1039,8 +940,7 @@ class OFQL:
             sched.step()
 
     def update(self, batch: dict[str, torch.Tensor], swap_heads: bool) -> dict[str, torch.Tensor]:
-        """One gradient step of critic then actor (DQL order), then the targets; returns detached metrics
-        (no host sync)."""
+        """One gradient step of critic then actor (DQL order), then the targets; detached metrics (no host sync)."""
         critic_loss, critic_metrics = self.critic_loss(batch)
         self.optimise(critic_loss, self.critic, self.critic_opt, self.critic_sched)
         actor_loss, actor_metrics = self.actor_loss(batch, swap_heads)
@@ -1053,27 +953,23 @@ class OFQL:
                 torch._foreach_lerp_(list(self.actor_target.parameters()), list(self.actor.parameters()), 1 - decay)
         return critic_metrics | actor_metrics
 
+    STATE = ("actor", "actor_target", "critic", "critic_target", "actor_opt", "critic_opt", "actor_sched",
+             "critic_sched")  # what a checkpoint holds, with the step
+
     def state_dict(self) -> dict:
-        return {k: getattr(self, k).state_dict() for k in
-                ("actor", "actor_target", "critic", "critic_target", "actor_opt", "critic_opt", "actor_sched",
-                 "critic_sched")} \
-            | {"step": self.step}
+        return {k: getattr(self, k).state_dict() for k in self.STATE} | {"step": self.step}
 
     def load_state_dict(self, state: dict):
-        for key, value in state.items():
-            if key == "step":
-                self.step = value
-                continue
+        self.step = state["step"]
+        for key in self.STATE:
             try:
-                getattr(self, key).load_state_dict(value)
+                getattr(self, key).load_state_dict(state[key])
             except (RuntimeError, ValueError, KeyError) as err:  # shapes from another task or width
                 raise ValueError(f"checkpoint does not fit this task/network ({key}): it was trained with other "
                                  f"observation/action sizes or --hidden-dim. {str(err).splitlines()[0]}") from err
 
 
-# ---------------------------------------------------------------------------------------------
-# Acting and evaluation
-# ---------------------------------------------------------------------------------------------
+# ---- Acting and evaluation -----------------------------------------------------------------
 class Normalizer:
     """Observation standardisation; its statistics travel with every checkpoint."""
 
@@ -1082,9 +978,7 @@ class Normalizer:
 
     @classmethod
     def fit(cls, obs: np.ndarray, enabled: bool) -> "Normalizer":
-        if not enabled:
-            return cls(np.zeros(obs.shape[1]), np.ones(obs.shape[1]))
-        return cls(obs.mean(0), obs.std(0) + 1e-3)
+        return cls(obs.mean(0), obs.std(0) + 1e-3) if enabled else cls(np.zeros(obs.shape[1]), np.ones(obs.shape[1]))
 
     def __call__(self, obs):
         return (obs - self.mean) / self.std
@@ -1092,34 +986,30 @@ class Normalizer:
 
 @torch.no_grad()
 def sample_actions(agent: OFQL, obs: torch.Tensor, args: Args) -> torch.Tensor:
-    """Actions for normalised observations by --eval-select: one sample of the evaluation policy, or
-    `eval_samples` candidates per observation scored by the min of the target critics, then one drawn with
-    probability softmax(Q x temperature) (DQL's sample_action) or the argmax."""
+    """Actions for normalised observations by --eval-select: one sample of the evaluation policy, or `eval_samples`
+    candidates per observation scored by the min of the target critics, then one drawn with probability
+    softmax(Q x temperature) (DQL's sample_action) or the argmax."""
     if args.eval_select == "one":
         return agent.evaluation_act(obs)
     n = args.eval_samples
     repeated = obs.repeat_interleave(n, 0)
     actions = agent.evaluation_act(repeated)
     q = agent.critic_target(repeated, actions).min(0).values.view(-1, n)
-    if args.eval_select == "softmax":
-        choice = torch.multinomial(torch.softmax(q * args.eval_temperature, 1), 1)[:, 0]
-    else:
-        choice = q.argmax(1)
+    softmax = args.eval_select == "softmax"
+    choice = torch.multinomial(torch.softmax(q * args.eval_temperature, 1), 1)[:, 0] if softmax else q.argmax(1)
     return actions[choice + torch.arange(len(obs), device=obs.device) * n]
 
 
 def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episodes: int, seed: int,
              frames: list | None = None) -> dict:
     """Normalized score x 100 over `episodes` episodes run side by side (one batched policy call per step): of the
-    return, or of info[task.score_key] at each episode's end (OGBench: success).
-    With `frames` (a list), the first episode is rendered into it as RGB arrays."""
+    return, or of info[task.score_key] at each episode's end (OGBench: success). With `frames` (a list), the first
+    episode is rendered into it as RGB arrays."""
     device = next(agent.actor.parameters()).device
     agent.actor.eval()
     if task.make_env is None:  # bandit: score = mean reward of one-step samples
         obs = torch.zeros(1000, task.obs_dim, device=device)
-        actions = sample_actions(agent, obs, args).cpu().numpy()
-        rewards = bandit_reward(actions)
-        returns = outcome = rewards
+        returns = outcome = bandit_reward(sample_actions(agent, obs, args).cpu().numpy())
     else:
         envs = [task.make_env(**({"render_mode": "rgb_array"} if frames is not None and i == 0 else {}))
                 for i in range(episodes)]
@@ -1128,8 +1018,7 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
         while alive.any():
             idx = np.flatnonzero(alive)
             obs_t = torch.as_tensor(normalizer(obs[idx]), dtype=torch.float32, device=device)
-            actions = sample_actions(agent, obs_t, args).cpu().numpy()
-            for i, action in zip(idx, actions):
+            for i, action in zip(idx, sample_actions(agent, obs_t, args).cpu().numpy()):
                 obs[i], reward, term, trunc, info = envs[i].step(action)
                 returns[i] += reward
                 if task.score_key:
@@ -1142,9 +1031,8 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
         outcome = final if task.score_key else returns
     agent.actor.train()
     scores = 100 * (outcome - task.ref_min) / (task.ref_max - task.ref_min)
-    return {"return_mean": float(returns.mean()), "return_std": float(returns.std()),
-            "score_mean": float(scores.mean()), "score_std": float(scores.std()), "ref_source": task.ref_source,
-            "scores": scores.tolist()}
+    return {"return_mean": float(returns.mean()), "return_std": float(returns.std()), "score_mean": float(scores.mean()),
+            "score_std": float(scores.std()), "ref_source": task.ref_source, "scores": scores.tolist()}
 
 
 def plot_bandit(agent: OFQL, path: Path, n: int = 2000):
@@ -1153,12 +1041,10 @@ def plot_bandit(agent: OFQL, path: Path, n: int = 2000):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = make_bandit_data(n)["action"]
     with torch.no_grad():
         samples = agent.evaluation_act(torch.zeros(n, 1, device=next(agent.actor.parameters()).device)).cpu().numpy()
-    policy = "OFQL, one step" if agent.args.policy == "meanflow" else f"--policy {agent.args.policy}"
     fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
-    for ax, pts, title in ((axes[0], data, "offline data"), (axes[1], samples, policy)):
+    for ax, pts, title in zip(axes, (make_bandit_data(n)["action"], samples), ("offline data", agent.args.label)):
         ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
         ax.set_title(title)
         ax.set_aspect("equal")
@@ -1166,9 +1052,7 @@ def plot_bandit(agent: OFQL, path: Path, n: int = 2000):
     plt.close(fig)
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
+# ---- Checkpoints ---------------------------------------------------------------------------
 CHECKPOINT_FORMAT = "ofql-checkpoint-v2"  # v1 pickled numpy/python objects; v2 holds tensors and plain values only
 # what unpickling a v1 checkpoint imports (its numpy arrays), to tell an old file from a hostile one
 V1_GLOBALS = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}
@@ -1198,19 +1082,17 @@ def set_rng_state(rng: dict, generator: torch.Generator):
 
 def save_checkpoint(path: Path, agent: OFQL, args: Args, normalizer: Normalizer, generator: torch.Generator,
                     history: list[dict]):
-    """One file with everything a resume needs, written to a temp file then renamed (atomic). It holds
-    tensors and plain Python values only, so `load_checkpoint` can read it without running pickled code."""
-    state = {
-        "format": CHECKPOINT_FORMAT, "args": dataclasses.asdict(args), "agent": agent.state_dict(),
-        "obs_mean": torch.from_numpy(normalizer.mean), "obs_std": torch.from_numpy(normalizer.std),
-        "history": history, "rng": rng_state(generator),
-    }
+    """One file with everything a resume needs, tensors and plain values only (so `load_checkpoint` runs no pickled
+    code), written to a temp file then renamed: a kill before the rename leaves the previous checkpoint untouched."""
+    state = {"format": CHECKPOINT_FORMAT, "args": dataclasses.asdict(args), "agent": agent.state_dict(),
+             "obs_mean": torch.from_numpy(normalizer.mean), "obs_std": torch.from_numpy(normalizer.std),
+             "history": history, "rng": rng_state(generator)}
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as file:
         torch.save(state, file)
         file.flush()
         os.fsync(file.fileno())
-    os.replace(tmp, path)  # a kill before this line leaves the previous checkpoint untouched
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -1240,43 +1122,34 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
+# ---- Training ------------------------------------------------------------------------------
 class DivergenceError(RuntimeError):
     """Raised when the critic or a loss diverges (see --divergence-margin)."""
 
 
 def make_run_dir(args: Args) -> Path:
-    """A fresh run folder: an existing one is never reused (a suffix is added instead); or exactly
-    `args.run_dir`, which must not hold a checkpoint (that run is continued with --resume)."""
-    if args.run_dir is not None:
-        run_dir = Path(args.run_dir)
-        if (run_dir / "checkpoint.pt").exists():
-            raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir / 'checkpoint.pt'} "
-                             "or pass another --run-dir")
+    """Exactly `args.run_dir`, which must not hold a checkpoint (that run continues with --resume), or a fresh
+    folder under out_dir: an existing one is never reused (a suffix is added instead)."""
+    exact = args.run_dir is not None
+    name = f"{args.env.strip('/').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    base = Path(args.run_dir) if exact else Path(args.out_dir) / name
+    if exact and (base / "checkpoint.pt").exists():
+        raise ValueError(f"{base} already holds a run; continue it with --resume {base / 'checkpoint.pt'} or pass "
+                         "another --run-dir")
+    for run_dir in [base] if exact else [base] + [base.with_name(f"{base.name}_{i}") for i in range(1, 1000)]:
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ValueError(f"cannot create the run folder {run_dir} ({err.strerror}); pass a writable --run-dir") from err
-        return run_dir
-    base = Path(args.out_dir) / f"{args.env.strip('/').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    for suffix in range(1000):
-        run_dir = base.with_name(base.name + (f"_{suffix}" if suffix else ""))
-        try:
-            run_dir.mkdir(parents=True, exist_ok=False)
+            run_dir.mkdir(parents=True, exist_ok=exact)
             return run_dir
-        except FileExistsError:
-            continue
         except OSError as err:
-            raise ValueError(f"cannot create the run folder {run_dir} ({err.strerror}); pass a writable --out-dir") from err
+            if exact or not isinstance(err, FileExistsError):
+                raise ValueError(f"cannot create the run folder {run_dir} ({err.strerror}); pass a writable "
+                                 f"{'--run-dir' if exact else '--out-dir'}") from err
     raise ValueError(f"too many runs named {base}*; pass another --exp-name")
 
 
 def check_divergence(values: dict[str, float], q_bound: float) -> str | None:
     """A message when a logged loss is not finite or |Q| left the bound, else None."""
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if bad:
+    if bad := [k for k, v in values.items() if not math.isfinite(v)]:
         return f"non-finite {', '.join(bad)}"
     q = max(abs(values["charts/q_mean"]), abs(values["charts/target_q_mean"]))
     if q > q_bound:
@@ -1284,17 +1157,19 @@ def check_divergence(values: dict[str, float], q_bound: float) -> str | None:
     return None
 
 
-def train(args: Args, actors: dict[str, ActorFactory] = ACTORS) -> dict:
-    """Train the actor of --policy (from `actors`: OFQL's, or baselines.py's table) on args.env; returns the
-    summary also written to <run_dir>/summary.json."""
+def train(args: Args) -> dict:
+    """Train the actor of `args` (OFQL's, or with baselines.py's BaselineArgs a comparison baseline's) on args.env;
+    returns the summary also written to <run_dir>/summary.json."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     resumed = load_checkpoint(args.resume) if args.resume else None
-    if resumed is not None:
-        args = dataclasses.replace(Args(**resumed["args"]), resume=args.resume)
-    args = resolve_args(args)
-    check_policy(args, actors)  # before any data is read or downloaded
+    if resumed is not None:  # rebuilt with the class of `args`: baselines.py's BaselineArgs knows its extra fields
+        if unknown := set(resumed["args"]) - {f.name for f in dataclasses.fields(args)}:
+            raise ValueError(f"{args.resume} has options that {type(args).__name__} lacks ({', '.join(sorted(unknown))}): "
+                             f"a baselines.py run; continue it with python baselines.py train --resume {args.resume}")
+        args = dataclasses.replace(type(args)(**resumed["args"]), resume=args.resume)
+    args = args.resolved()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if args.threads:
@@ -1309,24 +1184,21 @@ def train(args: Args, actors: dict[str, ActorFactory] = ACTORS) -> dict:
     task, data = load_task(args.env, args.mujoco_data, d4rl_mirror=args.d4rl_mirror)
     if args.batch_size > len(data["obs"]):
         raise ValueError(f"--batch-size {args.batch_size} is larger than the dataset ({len(data['obs'])} transitions)")
-    normalizer = Normalizer.fit(data["obs"], args.normalize_obs)
-    if resumed is not None:
-        normalizer = Normalizer(resumed["obs_mean"].numpy(), resumed["obs_std"].numpy())
+    normalizer = (Normalizer(resumed["obs_mean"].numpy(), resumed["obs_std"].numpy()) if resumed is not None
+                  else Normalizer.fit(data["obs"], args.normalize_obs))
     data["obs"], data["next_obs"] = normalizer(data["obs"]), normalizer(data["next_obs"])
     data["reward"] = (data["reward"] + args.reward_bias) * args.reward_scale
     buffer = ReplayBuffer(data, device, generator)
-    agent = OFQL(task, args, device, actors)
+    agent = OFQL(task, args, device)
     history: list[dict] = []
-
     if resumed is not None:
-        run_dir = Path(args.resume).parent
+        run_dir, history = Path(args.resume).parent, resumed["history"]
         agent.load_state_dict(resumed["agent"])
-        history = resumed["history"]
         set_rng_state(resumed["rng"], generator)
         print(f"resumed {args.resume} at step {agent.step}")
     else:
         run_dir = make_run_dir(args)
-    print(f"--policy {args.policy} on {args.env}, {args.total_steps} steps; run folder: {run_dir}", flush=True)
+    print(f"{args.label} on {args.env}, {args.total_steps} steps; run folder: {run_dir}", flush=True)
     writer = SummaryWriter(str(run_dir))
     if args.track:
         import wandb
@@ -1346,8 +1218,7 @@ def train(args: Args, actors: dict[str, ActorFactory] = ACTORS) -> dict:
             for key, value in values.items():
                 writer.add_scalar(key, value, done)
             progress.set_postfix(bc=f"{values['losses/bc_loss']:.3f}", q=f"{values['charts/q_mean']:.1f}")
-            problem = check_divergence(values, q_bound)
-            if problem is not None:
+            if (problem := check_divergence(values, q_bound)) is not None:
                 save_checkpoint(run_dir / f"diverged_{done}.pt", agent, args, normalizer, generator, history)
                 message = (f"divergence at step {done}: {problem}. Diagnostic checkpoint: {run_dir}/diverged_{done}.pt. "
                            "Try a smaller --lr/--eta or a --grad-norm, or --continue-on-divergence to go on.")
@@ -1370,18 +1241,17 @@ def train(args: Args, actors: dict[str, ActorFactory] = ACTORS) -> dict:
         plot_bandit(agent, run_dir / "bandit_samples.png")
 
     wall = time.time() - t0
-    summary = {
-        "env": args.env, "steps": agent.step, "wall_time_s": wall, "steps_per_second": (agent.step - start) / max(wall, 1e-9),
-        "final_score": history[-1]["score_mean"] if history else None,
-        "best_score": max(h["score_mean"] for h in history) if history else None,
-        "score_source": task.ref_source, "history": history, "run_dir": str(run_dir),
-        "checkpoint": str(ckpt_path), "args": dataclasses.asdict(args),
-    }
+    scores = [h["score_mean"] for h in history]
+    summary = {"env": args.env, "steps": agent.step, "wall_time_s": wall,
+               "steps_per_second": (agent.step - start) / max(wall, 1e-9),
+               "final_score": scores[-1] if scores else None, "best_score": max(scores) if scores else None,
+               "score_source": task.ref_source, "history": history, "run_dir": str(run_dir),
+               "checkpoint": str(ckpt_path), "args": dataclasses.asdict(args)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     writer.close()
     if args.track:
         wandb.finish()
-    score = lambda value: "none" if value is None else f"{value:.1f}"
+    score = lambda value: "none" if value is None else f"{value:.1f}"  # noqa: E731
     print(f"done: final normalized score {score(summary['final_score'])}, best {score(summary['best_score'])}; "
           f"{summary['steps_per_second']:.1f} steps/s, {wall:.1f} s; summary {run_dir / 'summary.json'}, checkpoint "
           f"{ckpt_path}, TensorBoard {run_dir}; evaluate: python eval.py --checkpoint {ckpt_path}")

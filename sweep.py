@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import tyro
 
-import baselines
 import ofql
+from baselines import BaselineArgs
 
 # The OFQL paper's normalized scores (x 100; DESIGN.md section 5): per task where published, and the
 # domain averages (MuJoCo over its 9 tasks, AntMaze over 6, Kitchen over 3).
@@ -60,14 +60,15 @@ def domain_of(task: str) -> str | None:
 # Command line
 # ---------------------------------------------------------------------------------------------
 def parse_cli(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """sweep.py's own flags, and the rest (ofql.py flags, validated later by tyro against ofql.Args)."""
+    """sweep.py's own flags, and the rest (ofql.py flags, validated later by tyro against BaselineArgs)."""
     parser = argparse.ArgumentParser(
         description="Run ofql.train over tasks x seeds x grid points as Ray tasks; any other flag goes to every "
                     "run (see `python ofql.py --help`).", allow_abbrev=False)
     parser.add_argument("--env", nargs="+", metavar="TASK", help="tasks (ofql.py --env names)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="N", help="seeds (default: 0)")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                        help="an ofql.Args field and its values; repeat for a cartesian product")
+                        help="a BaselineArgs field (ofql.py's flags, baselines.py's --policy...) and its values; repeat "
+                             "for a cartesian product")
     parser.add_argument("--out", help="sweep folder (default: sweeps/sweep-<hash of the arguments>)")
     parser.add_argument("--address", help="join this Ray cluster (e.g. `auto`, host:6379); default: start Ray here")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all of this machine)")
@@ -79,18 +80,19 @@ def parse_cli(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
-def ofql_args_from(flags: list[str]) -> ofql.Args:
-    """ofql.Args from pass-through flags; tyro reports a typo or a bad value (and exits) before anything starts."""
+def ofql_args_from(flags: list[str]) -> BaselineArgs:
+    """BaselineArgs (ofql.py's flags, --policy...) from pass-through flags; tyro reports a typo or a bad value (and
+    exits) before anything starts."""
     owned = [f for f in flags if f.startswith("--") and f[2:].split("=")[0].replace("-", "_") in SWEEP_OWNED_FLAGS]
     if owned:
         name = owned[0][2:].split("=")[0].replace("-", "_")
         raise ValueError(f"{owned[0]} is set by sweep.py; use {SWEEP_OWNED_FLAGS[name]} instead")
-    return tyro.cli(ofql.Args, args=flags, prog="sweep.py [ofql.py flags]")
+    return tyro.cli(BaselineArgs, args=flags, prog="sweep.py [ofql.py flags]")
 
 
 def parse_grid(specs: list[str], base_flags: list[str]) -> list[dict[str, object]]:
-    """`--grid key=v1,v2` options -> the cartesian product of {field: value}, values typed by ofql.Args."""
-    fields = {f.name: f for f in dataclasses.fields(ofql.Args)}
+    """`--grid key=v1,v2` options -> the cartesian product of {field: value}, values typed by BaselineArgs."""
+    fields = {f.name: f for f in dataclasses.fields(BaselineArgs)}
     given = {f[2:].split("=")[0].replace("-", "_") for f in base_flags if f.startswith("--")}
     axes: list[list[dict[str, object]]] = []
     for spec in specs:
@@ -100,7 +102,7 @@ def parse_grid(specs: list[str], base_flags: list[str]) -> list[dict[str, object
             raise ValueError(f"--grid {spec!r}: write KEY=V1,V2 (e.g. --grid eta=0.01,0.1)")
         if key not in fields:
             close = ", ".join(difflib.get_close_matches(key, fields, n=3)) or "see python ofql.py --help"
-            raise ValueError(f"--grid {spec!r}: ofql.Args has no field '{key}' (did you mean: {close})")
+            raise ValueError(f"--grid {spec!r}: BaselineArgs has no field '{key}' (did you mean: {close})")
         if key in SWEEP_OWNED_FLAGS:
             raise ValueError(f"--grid {spec!r}: '{key}' is set by sweep.py; use {SWEEP_OWNED_FLAGS[key]}")
         if key in given:
@@ -120,7 +122,7 @@ def typed_value(key: str, raw: str, annotation) -> object:
         argv = [flag if raw == "True" else "--no-" + key.replace("_", "-")]
     else:
         argv = [flag, raw]
-    return getattr(tyro.cli(ofql.Args, args=argv, prog=f"sweep.py --grid {key}=..."), key)
+    return getattr(tyro.cli(BaselineArgs, args=argv, prog=f"sweep.py --grid {key}=..."), key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +133,7 @@ class Run:
     task: str
     seed: int
     point: dict[str, object]  # grid point {field: value}
-    args: ofql.Args
+    args: BaselineArgs
 
     @property
     def name(self) -> str:
@@ -140,14 +142,14 @@ class Run:
         return "__".join(filter(None, (self.task.strip("/").replace("/", "_"), point, f"seed{self.seed}")))
 
 
-def plan_runs(tasks: list[str], seeds: list[int], points: list[dict], base: ofql.Args, threads: int) -> list[Run]:
+def plan_runs(tasks: list[str], seeds: list[int], points: list[dict], base: BaselineArgs, threads: int) -> list[Run]:
     """One Run per (task, grid point, seed); repeated ones (`--seeds 0 0`, `eta=0.1,0.10`) once."""
     runs = {}
     for task, point, seed in itertools.product(tasks, points, seeds):
         args = dataclasses.replace(base, env=task, seed=seed, **point)
         if args.threads is None:
             args = dataclasses.replace(args, threads=threads)
-        ofql.resolve_args(args)  # invalid values (a negative eta in the grid...) fail before anything starts
+        args.resolved()  # invalid values (a negative eta in the grid...) fail before anything starts
         run = Run(task, seed, point, args)
         runs.setdefault(run.name, run)
     return list(runs.values())
@@ -162,7 +164,7 @@ def read_summary(run_dir: Path) -> dict | None:
     return summary if isinstance(summary, dict) and "history" in summary else None
 
 
-def run_one(run_dir: str, args: ofql.Args, session: str = "", kill_marker: str | None = None) -> dict:
+def run_one(run_dir: str, args: BaselineArgs, session: str = "", kill_marker: str | None = None) -> dict:
     """Body of one Ray task: finish the run in `run_dir` (skip, resume or start) and return its status.
 
     Deterministic failures (bad input, divergence) are returned as status "failed"; anything else is
@@ -179,9 +181,9 @@ def run_one(run_dir: str, args: ofql.Args, session: str = "", kill_marker: str |
                                   "pid": os.getpid(), "start_step": start_step}) + "\n")
         if kill_marker and not Path(kill_marker).exists():
             arm_kill_after_checkpoint(kill_marker)
-        run_args = ofql.Args(resume=str(ckpt)) if ckpt.exists() else dataclasses.replace(args, run_dir=str(run_dir))
+        run_args = BaselineArgs(resume=str(ckpt)) if ckpt.exists() else dataclasses.replace(args, run_dir=str(run_dir))
         with open(run_dir / "train.log", "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            ofql.train(run_args, baselines.ACTORS)  # baselines.py's table: --policy flow|diffusion sweep too
+            ofql.train(run_args)  # BaselineArgs: --policy flow|diffusion sweep too
     except (ValueError, FileNotFoundError, ofql.DivergenceError) as err:
         message = f"{type(err).__name__}: {err}"
         (run_dir / "error.txt").write_text(message + "\n")
@@ -209,7 +211,7 @@ def arm_kill_after_checkpoint(marker: str):
 # ---------------------------------------------------------------------------------------------
 # The sweep
 # ---------------------------------------------------------------------------------------------
-def planned_before(sweep_dir: Path, base: ofql.Args) -> list[str]:
+def planned_before(sweep_dir: Path, base: BaselineArgs) -> list[str]:
     """The runs an earlier start of this sweep planned (from <sweep>/sweep.json); a restart must pass the
     same ofql.py flags (it may add tasks, seeds or grid points)."""
     record = sweep_dir / "sweep.json"
@@ -247,7 +249,7 @@ def start_ray(opts: argparse.Namespace):
     return ray
 
 
-def run_sweep(runs: list[Run], base: ofql.Args, sweep_dir: Path, opts: argparse.Namespace) -> dict[str, dict]:
+def run_sweep(runs: list[Run], base: BaselineArgs, sweep_dir: Path, opts: argparse.Namespace) -> dict[str, dict]:
     """Run every unfinished run as a Ray task; returns {run name: status}. Nothing is written before the
     flags, the tasks, their datasets and Ray have been checked."""
     planned = planned_before(sweep_dir, base)

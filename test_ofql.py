@@ -36,7 +36,12 @@ def _isolated_minari(tmp_path, monkeypatch):
 
 
 def small_args(**overrides) -> ofql.Args:
-    return ofql.resolve_args(dataclasses.replace(ofql.Args(env="bandit-8modes"), **overrides))
+    return dataclasses.replace(ofql.Args(env="bandit-8modes"), **overrides).resolved()
+
+
+def baseline_args(**overrides) -> baselines.BaselineArgs:
+    """small_args of `python baselines.py train` (its --policy meanflow: a plain ofql.Args)."""
+    return baselines.BaselineArgs(env="bandit-8modes", **overrides).resolved()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,14 +222,14 @@ def test_candidate_selection_draws_by_softmax_of_min_target_q_or_takes_the_argma
 def test_eval_protocol_fills_selection_and_eval_py_replaces_it(tmp_path):
     import eval as ofql_eval
 
-    paper = ofql.resolve_args(ofql.Args(env="hopper-medium-v2"))
+    paper = ofql.Args(env="hopper-medium-v2").resolved()
     assert (paper.eval_select, paper.eval_samples, paper.eval_temperature) == ("softmax", 50, 1.0)
-    assert ofql.resolve_args(ofql.Args(env="hopper-medium-v2", eval_protocol="one")).eval_samples == 1
-    assert ofql.resolve_args(ofql.Args(env="hopper-medium-v2", eval_select="argmax", eval_samples=10)).eval_samples == 10
+    assert ofql.Args(env="hopper-medium-v2", eval_protocol="one").resolved().eval_samples == 1
+    assert ofql.Args(env="hopper-medium-v2", eval_select="argmax", eval_samples=10).resolved().eval_samples == 10
     with pytest.raises(ValueError, match="eval-temperature"):
-        ofql.resolve_args(ofql.Args(env="hopper-medium-v2", eval_temperature=0.0))
+        ofql.Args(env="hopper-medium-v2", eval_temperature=0.0).resolved()
     cfg = ofql_eval.EvalArgs(checkpoint="unused", eval_protocol="paper")
-    bandit = ofql.resolve_args(ofql.Args(env="bandit-8modes"))
+    bandit = ofql.Args(env="bandit-8modes").resolved()
     assert bandit.eval_select == "one"
     replaced = ofql_eval.with_eval_selection(bandit, cfg)
     assert (replaced.eval_select, replaced.eval_samples) == ("softmax", 50)
@@ -432,7 +437,7 @@ def test_train_prints_its_run_folder_first_and_where_everything_is_last(tmp_path
     lines = capsys.readouterr().out.strip().splitlines()
     run_dir, ckpt = Path(summary["run_dir"]), summary["checkpoint"]
     print("\n".join(lines))
-    assert lines[0] == f"--policy meanflow on bandit-8modes, 3 steps; run folder: {run_dir}"
+    assert lines[0] == f"OFQL, one step on bandit-8modes, 3 steps; run folder: {run_dir}"
     last = lines[-1]
     assert last.startswith(f"done: final normalized score {summary['final_score']:.1f}, "
                            f"best {summary['best_score']:.1f}; {summary['steps_per_second']:.1f} steps/s, "
@@ -694,7 +699,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
 
     monkeypatch.setattr(torch, "save", dies_midway)
     state = ofql.load_checkpoint(summary["checkpoint"])
-    agent = ofql.OFQL(ofql.load_task("test/hopper/tiny-v0")[0], ofql.resolve_args(ofql.Args(**state["args"])),
+    agent = ofql.OFQL(ofql.load_task("test/hopper/tiny-v0")[0], ofql.Args(**state["args"]).resolved(),
                       torch.device("cpu"))
     with pytest.raises(KeyboardInterrupt):
         ofql.save_checkpoint(ofql.Path(summary["checkpoint"]), agent, ofql.Args(**state["args"]),
@@ -726,7 +731,7 @@ def test_unwritable_output_folder_is_a_clear_error(tmp_path):
 
 
 def test_run_folders_are_never_reused(tmp_path):
-    args = ofql.resolve_args(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path)))
+    args = ofql.Args(env="bandit-8modes", out_dir=str(tmp_path)).resolved()
     assert ofql.make_run_dir(args) != ofql.make_run_dir(args)
 
 
@@ -757,7 +762,7 @@ def test_checkpoint_from_another_task_is_refused(tmp_path):
                                    hidden_dim=32))
     state = ofql.load_checkpoint(summary["checkpoint"])
     other = ofql.Task("other", 11, 3, None, 0.0, 1.0, "")
-    agent = ofql.OFQL(other, ofql.resolve_args(ofql.Args(env="other", hidden_dim=32)), torch.device("cpu"))
+    agent = ofql.OFQL(other, ofql.Args(env="other", hidden_dim=32).resolved(), torch.device("cpu"))
     with pytest.raises(ValueError, match="does not fit this task"):
         agent.load_state_dict(state["agent"])
 
@@ -982,7 +987,7 @@ def test_antmaze_dict_observations_are_flattened_and_relabelled():
     task_only, no_data = ofql.load_task("antmaze-umaze-v0", with_data=False)  # what eval.py loads
     assert no_data is None and (task_only.obs_dim, task_only.act_dim) == (29, 8)
     assert task_only.make_env().reset(seed=0)[0].shape == (29,)
-    args = ofql.resolve_args(ofql.Args(env="antmaze-umaze-v0"))
+    args = ofql.Args(env="antmaze-umaze-v0").resolved()
     assert (args.reward_bias, args.reward_scale) == (-0.5, 4.0)  # DQL's (r - 0.5) * 4
 
 
@@ -1108,7 +1113,7 @@ def test_ogbench_trains_briefly_and_scores_success_at_episode_end_not_return(tmp
     result = ofql.evaluate(agent, task, normalizer, args, episodes=2, seed=0)
     assert result["scores"] == [0.0, 100.0] and result["score_mean"] == 50.0
     assert result["return_mean"] == -501.5  # (-1000 - 3) / 2
-    assert ofql.resolve_args(ofql.Args(env="ogbench/humanoidmaze-medium-navigate-singletask-v0")).gamma == 0.995
+    assert ofql.Args(env="ogbench/humanoidmaze-medium-navigate-singletask-v0").resolved().gamma == 0.995
 
 
 @needs_ogbench
@@ -1345,10 +1350,12 @@ def test_sweep_report_puts_paper_numbers_and_domain_averages_beside_d4rl_tasks(t
 
 
 def test_sweep_run_trains_a_baseline_policy(tmp_path):
-    """sweep.py hands ofql.train baselines.py's actors: a --policy flow run finishes as a flow run."""
+    """sweep.py hands ofql.train baselines.py's BaselineArgs: a --policy flow run finishes as a flow run, and
+    `--grid policy=...` sweeps the policy classes."""
     import sweep
 
-    args = ofql.Args(env="bandit-8modes", policy="flow", total_steps=2, eval_every=2, hidden_dim=8)
+    assert sweep.parse_grid(["policy=diffusion,flow"], []) == [{"policy": "diffusion"}, {"policy": "flow"}]
+    args = baselines.BaselineArgs(env="bandit-8modes", policy="flow", total_steps=2, eval_every=2, hidden_dim=8)
     assert sweep.run_one(str(tmp_path / "run"), args)["status"] == "done"
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["args"]["policy"] == "flow"
 
@@ -1585,19 +1592,19 @@ def test_each_policy_class_learns_checkpoints_and_acts_in_bounds(tmp_path, polic
     import eval as ofql_eval
 
     torch.manual_seed(0)
-    args = small_args(policy=policy, eval_policy_steps=eval_steps, hidden_dim=64, total_steps=150, eval_every=150)
+    args = baseline_args(policy=policy, eval_policy_steps=eval_steps, hidden_dim=64, total_steps=150, eval_every=150)
     task, data = ofql.load_task("bandit-8modes")
     buffer = ofql.ReplayBuffer(data, torch.device("cpu"), torch.Generator().manual_seed(0))
-    agent = ofql.OFQL(task, args, torch.device("cpu"), baselines.ACTORS)
+    agent = ofql.OFQL(task, args, torch.device("cpu"))
     bc = [agent.update(buffer.sample(256), swap_heads=i % 2 == 0)["losses/bc_loss"].item() for i in range(150)]
     print(f"{policy}: BC loss {np.mean(bc[:20]):.3f} -> {np.mean(bc[-20:]):.3f}")
     assert agent.step == 150 and np.mean(bc[-20:]) < 0.9 * np.mean(bc[:20])
     assert (agent.actor_target is not agent.actor) == (policy == "diffusion")  # DQL's EMA actor by default
 
-    summary = ofql.train(dataclasses.replace(args, out_dir=str(tmp_path), total_steps=3, eval_every=3),
-                         baselines.ACTORS)
+    summary = ofql.train(dataclasses.replace(args, out_dir=str(tmp_path), total_steps=3, eval_every=3))
+    assert summary["args"].get("policy") == (None if policy == "meanflow" else policy)  # OFQL's: ofql.py's args
     loaded, *_ = ofql_eval.load_agent(summary["checkpoint"], torch.device("cpu"))
-    assert loaded.args.policy == policy and type(loaded.actor) is type(agent.actor)
+    assert type(loaded.actor) is type(agent.actor) and type(loaded.args) is type(args)
     torch.manual_seed(1)
     two = dataclasses.replace(loaded.args, eval_select="softmax", eval_samples=2)
     actions = ofql.sample_actions(loaded, torch.zeros(500, 1), two)
@@ -1700,42 +1707,55 @@ def test_ddpm_and_ddim_recover_x0_from_a_perfect_noise_predictor():
 
 
 def test_policy_flags_are_checked_and_defaulted():
-    assert small_args(policy="diffusion").policy_steps == 5 and small_args(policy="diffusion").ema_actor
-    assert small_args(policy="flow").policy_steps == 5 and not small_args(policy="flow").ema_actor
-    assert small_args().policy_steps == 1 and not small_args().ema_actor
+    assert baseline_args(policy="diffusion").policy_steps == 5 and baseline_args(policy="diffusion").ema_actor
+    assert baseline_args(policy="flow").policy_steps == 5 and not baseline_args(policy="flow").ema_actor
+    assert not small_args().ema_actor and not hasattr(small_args(), "policy_steps")
+    assert baseline_args() == small_args() and type(baseline_args()) is ofql.Args  # meanflow: ofql.py's run
+    assert baseline_args(ema_actor=True) == small_args(ema_actor=True)
     with pytest.raises(ValueError, match="--policy meanflow acts in one step"):
-        small_args(policy_steps=5)
+        baseline_args(policy_steps=5)
     with pytest.raises(ValueError, match="DDIM strides over the trained schedule"):
-        small_args(policy="diffusion", policy_steps=5, eval_policy_steps=10)
+        baseline_args(policy="diffusion", policy_steps=5, eval_policy_steps=10)
     with pytest.raises(ValueError, match="must be >= 1"):
-        small_args(policy="flow", policy_steps=0)
+        baseline_args(policy="flow", policy_steps=0)
 
 
 def test_comparison_rows_take_dqls_settings_as_the_paper_ran_them():
     """--policy diffusion/flow: DQL's eta for the task (1.0 on MuJoCo, on the same mean-reduced loss), DQL's EMA
     actor for diffusion, DQL's inference (50 candidates, softmax); OFQL keeps its own measured eta."""
     for policy in ("diffusion", "flow"):
-        args = ofql.resolve_args(ofql.Args(env="hopper-medium-expert-v2", policy=policy))
+        args = baselines.BaselineArgs(env="hopper-medium-expert-v2", policy=policy).resolved()
         assert args.eta == 1.0 and (args.eval_select, args.eval_samples) == ("softmax", 50)
-    assert ofql.resolve_args(ofql.Args(env="hopper-medium-expert-v2", policy="diffusion")).ema_actor
-    assert ofql.resolve_args(ofql.Args(env="antmaze-large-play-v0", policy="diffusion")).eta == 4.5
-    assert ofql.resolve_args(ofql.Args(env="hopper-medium-expert-v2")).eta == ofql.MUJOCO_ETA
-    assert ofql.resolve_args(ofql.Args(env="hopper-medium-expert-v2", policy="flow", eta=0.2)).eta == 0.2
+    assert baselines.BaselineArgs(env="hopper-medium-expert-v2", policy="diffusion").resolved().ema_actor
+    assert baselines.BaselineArgs(env="antmaze-large-play-v0", policy="diffusion").resolved().eta == 4.5
+    assert baselines.BaselineArgs(env="pendulum-swingup", policy="flow").resolved().eta == 3.0
+    assert baselines.BaselineArgs(env="ogbench/cube-single-play-singletask-v0", policy="flow").resolved().eta == 1.0
+    assert ofql.Args(env="hopper-medium-expert-v2").resolved().eta == ofql.MUJOCO_ETA
+    assert baselines.BaselineArgs(env="hopper-medium-expert-v2").resolved().eta == ofql.MUJOCO_ETA
+    assert baselines.BaselineArgs(env="hopper-medium-expert-v2", policy="flow", eta=0.2).resolved().eta == 0.2
 
 
-def test_ofql_py_names_the_baselines_command_for_a_baseline_policy(monkeypatch):
-    """ofql.py trains OFQL only: --policy flow is one clear error naming baselines.py's command, raised before
-    any data is read; with baselines.py's ACTORS the same OFQL builds the baseline's actor."""
+def test_ofql_py_knows_no_baseline_and_names_the_baselines_command(tmp_path, monkeypatch):
+    """ofql.py trains OFQL only: its Args have no --policy (its --help names baselines.py), and resuming a baseline's
+    checkpoint with it is one clear error naming baselines.py's command, raised before any data is read; with
+    baselines.py's BaselineArgs the same OFQL builds the baseline's actor and resumes the run."""
+    import subprocess
+
+    assert not {"policy", "policy_steps", "eval_policy_steps"} & {f.name for f in dataclasses.fields(ofql.Args)}
+    help_text = subprocess.run([sys.executable, "ofql.py", "--help"], capture_output=True, text=True,
+                               cwd=os.path.dirname(ofql.__file__), timeout=120).stdout
+    assert "python baselines.py train --help" in help_text and "--policy {" not in help_text
     task = ofql.Task("bandit", 1, 2, None, 0.0, 1.0, "")
-    ofql.OFQL(task, small_args(hidden_dim=8), torch.device("cpu"))
-    command = "python baselines.py train --policy flow --env bandit-8modes"
-    with pytest.raises(ValueError, match=command):
-        ofql.OFQL(task, small_args(policy="flow", hidden_dim=8), torch.device("cpu"))
-    monkeypatch.setattr(ofql, "load_task", lambda *_, **__: pytest.fail("data read before the --policy check"))
-    with pytest.raises(ValueError, match=command):
-        ofql.train(ofql.Args(env="bandit-8modes", policy="flow"))
-    agent = ofql.OFQL(task, small_args(policy="flow", hidden_dim=8), torch.device("cpu"), baselines.ACTORS)
-    assert type(agent.actor) is baselines.FlowActor
+    assert type(ofql.OFQL(task, baseline_args(policy="flow", hidden_dim=8), torch.device("cpu")).actor) \
+        is baselines.FlowActor
+    flow = baselines.BaselineArgs(env="bandit-8modes", policy="flow", total_steps=2, eval_every=2, hidden_dim=8,
+                                  out_dir=str(tmp_path))
+    ckpt = ofql.train(flow)["checkpoint"]
+    with monkeypatch.context() as patch:
+        patch.setattr(ofql, "load_task", lambda *_, **__: pytest.fail("data read before the args check"))
+        with pytest.raises(ValueError, match=f"python baselines.py train --resume {ckpt}"):
+            ofql.train(ofql.Args(resume=ckpt))
+    assert ofql.train(baselines.BaselineArgs(resume=ckpt))["args"]["policy"] == "flow"
 
 
 def test_toy_figure_writes_its_png_and_json_with_mode_coverage(tmp_path):

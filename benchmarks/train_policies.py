@@ -43,9 +43,9 @@ class Config:
 
 
 def make_agent(policy: str, steps: int, batch_size: int) -> ofql.OFQL:
-    args = ofql.resolve_args(ofql.Args(env="hopper-medium-v2", batch_size=batch_size, policy=policy,
-                                       policy_steps=steps))
-    return ofql.OFQL(HOPPER_SHAPES, args, torch.device("cpu"), baselines.ACTORS)
+    args = baselines.BaselineArgs(env="hopper-medium-v2", batch_size=batch_size, policy=policy,
+                                  policy_steps=steps).resolved()
+    return ofql.OFQL(HOPPER_SHAPES, args, torch.device("cpu"))
 
 
 def seconds_per_step(agent: ofql.OFQL, buffer: ofql.ReplayBuffer, batch_size: int, min_time: float) -> float:

@@ -76,7 +76,7 @@ def variant(agent, name: str):
 def main(cfg: Config) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
-    args = ofql.resolve_args(ofql.Args(env="hopper-medium-v2", batch_size=cfg.batch_size))
+    args = ofql.Args(env="hopper-medium-v2", batch_size=cfg.batch_size).resolved()
     agent = ofql.OFQL(HOPPER_SHAPES, args, torch.device("cpu"))
     buffer = random_hopper_buffer()
     names = ["ofql", "func.jvp", "func.jvp+aten"]
