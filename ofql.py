@@ -165,10 +165,7 @@ class Args:
 
     def resolved(self) -> Args:
         """A new Args with every None field filled from the task preset and the eval protocol, values checked."""
-        preset, ogbench = PRESETS.get(self.env, Preset()), self.env.removeprefix("ogbench/")
-        if ogbench != self.env:  # FQL's: discount 0.995 on the giant and humanoid mazes and antsoccer, one-sample eval
-            preset = Preset(gamma=0.995 if ogbench.startswith(("humanoidmaze-", "antsoccer-")) or "maze-giant-" in ogbench
-                            else 0.99, eval_protocol="one")  # eta: MuJoCo's, unmeasured on OGBench (docs/ogbench.md)
+        preset = ogbench_preset(self.env) if self.env.startswith("ogbench/") else PRESETS.get(self.env, Preset())
         args = dataclasses.replace(self, **{f.name: getattr(preset, f.name) for f in dataclasses.fields(Preset)
                                             if getattr(self, f.name) is None})
         select, samples, temperature = EVAL_PROTOCOLS[args.eval_protocol]
@@ -178,12 +175,15 @@ class Args:
             args, save_every=args.eval_every if args.save_every is None else args.save_every, eval_select=select,
             eval_samples=1 if select == "one" else args.eval_samples or samples,
             eval_temperature=temperature if args.eval_temperature is None else args.eval_temperature)
-        problems = [problem for bad, problem in (
-            (not 0.0 <= args.flow_ratio <= 1.0, f"--flow-ratio {args.flow_ratio} must be in [0, 1]"),
-            (args.eta < 0, f"--eta {args.eta} must be >= 0"),
-            (min(args.batch_size, args.total_steps, args.eval_samples) < 1,
-             "--batch-size, --total-steps and --eval-samples must be >= 1"),
-            (args.eval_temperature <= 0, f"--eval-temperature {args.eval_temperature} must be > 0")) if bad]
+        problems = []
+        if not 0.0 <= args.flow_ratio <= 1.0:
+            problems.append(f"--flow-ratio {args.flow_ratio} must be in [0, 1]")
+        if args.eta < 0:
+            problems.append(f"--eta {args.eta} must be >= 0")
+        if min(args.batch_size, args.total_steps, args.eval_samples) < 1:
+            problems.append("--batch-size, --total-steps and --eval-samples must be >= 1")
+        if args.eval_temperature <= 0:
+            problems.append(f"--eval-temperature {args.eval_temperature} must be > 0")
         if problems:
             raise ValueError("invalid arguments: " + "; ".join(problems))
         return args
@@ -243,6 +243,16 @@ PRESETS: dict[str, Preset] = {
                             eval_every=500, hidden_dim=128, eval_protocol="one"),
     "pendulum-swingup": Preset(eta=3.0, grad_norm=9.0, total_steps=6000, eval_every=1000),
 }
+
+
+
+def ogbench_preset(env: str) -> Preset:
+    """`ogbench/<dataset>`: what carries over from FQL (docs/ogbench.md). Discount 0.995 where FQL used it (antmaze-
+    giant, humanoidmaze-medium/large, antsoccer-arena), extended to the other giant and humanoid mazes and
+    antsoccer-medium, else 0.99; one-sample evaluation (FQL's). eta: MuJoCo's, unmeasured on OGBench."""
+    name = env.removeprefix("ogbench/")
+    return Preset(gamma=0.995 if name.startswith(("humanoidmaze-", "antsoccer-")) or "maze-giant-" in name else 0.99,
+                  eval_protocol="one")
 
 
 EVAL_PROTOCOLS = {"paper": ("softmax", 50, 1.0), "one": ("one", 1, 1.0)}  # -> (eval_select, samples, temperature)
@@ -319,20 +329,24 @@ def flatten_obs(obs, keys: tuple[str, ...]) -> np.ndarray:
 def episodes_to_transitions(episodes, obs_keys: tuple[str, ...] = (), source: str = "dataset") -> dict[str, np.ndarray]:
     """Minari episodes (N + 1 observations each) -> flat transitions; truncation is never a terminal (the last
     transition of a time-limited episode bootstraps). NaN/Inf is refused with its count and first episode."""
-    parts, bad = {"obs": [], "action": [], "reward": [], "next_obs": [], "mask": []}, {}  # bad: key -> [count, first]
+    parts = {"obs": [], "action": [], "reward": [], "next_obs": [], "mask": []}
+    bad_count, first_bad = {}, {}
     for ep in episodes:
         obs = flatten_obs(ep.observations, obs_keys)
         fields = {"obs": obs, "action": np.asarray(ep.actions, dtype=np.float64).reshape(len(ep.actions), -1),
                   "reward": np.asarray(ep.rewards, dtype=np.float64)}
         for key, value in fields.items():
             if count := int((~np.isfinite(value)).sum()):
-                bad.setdefault(key, [0, ep.id])[0] += count
-        for key, value in zip(parts, (obs[:-1], fields["action"], fields["reward"], obs[1:],
-                                      1.0 - np.asarray(ep.terminations, dtype=np.float64))):
-            parts[key].append(value)
-    if bad:
-        problems = (f"'{k}' has {n} NaN/Inf values (first in episode {first})" for k, (n, first) in bad.items())
-        raise ValueError(f"{source}: {'; '.join(problems)}; clean the dataset before training")
+                bad_count[key] = bad_count.get(key, 0) + count
+                first_bad.setdefault(key, ep.id)
+        parts["obs"].append(obs[:-1])
+        parts["next_obs"].append(obs[1:])
+        parts["action"].append(fields["action"])
+        parts["reward"].append(fields["reward"])
+        parts["mask"].append(1.0 - np.asarray(ep.terminations, dtype=np.float64))
+    if bad_count:
+        raise ValueError(f"{source}: " + "; ".join(f"'{k}' has {n} NaN/Inf values (first in episode {first_bad[k]})"
+                                                   for k, n in bad_count.items()) + "; clean the dataset before training")
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -1128,22 +1142,28 @@ class DivergenceError(RuntimeError):
 
 
 def make_run_dir(args: Args) -> Path:
-    """Exactly `args.run_dir`, which must not hold a checkpoint (that run continues with --resume), or a fresh
-    folder under out_dir: an existing one is never reused (a suffix is added instead)."""
-    exact = args.run_dir is not None
-    name = f"{args.env.strip('/').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    base = Path(args.run_dir) if exact else Path(args.out_dir) / name
-    if exact and (base / "checkpoint.pt").exists():
-        raise ValueError(f"{base} already holds a run; continue it with --resume {base / 'checkpoint.pt'} or pass "
-                         "another --run-dir")
-    for run_dir in [base] if exact else [base] + [base.with_name(f"{base.name}_{i}") for i in range(1, 1000)]:
+    """A fresh run folder: an existing one is never reused (a suffix is added instead); or exactly
+    `args.run_dir`, which must not hold a checkpoint (that run is continued with --resume)."""
+    if args.run_dir is not None:
+        run_dir = Path(args.run_dir)
+        if (run_dir / "checkpoint.pt").exists():
+            raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir / 'checkpoint.pt'} "
+                             "or pass another --run-dir")
         try:
-            run_dir.mkdir(parents=True, exist_ok=exact)
-            return run_dir
+            run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            if exact or not isinstance(err, FileExistsError):
-                raise ValueError(f"cannot create the run folder {run_dir} ({err.strerror}); pass a writable "
-                                 f"{'--run-dir' if exact else '--out-dir'}") from err
+            raise ValueError(f"cannot create the run folder {run_dir} ({err.strerror}); pass a writable --run-dir") from err
+        return run_dir
+    base = Path(args.out_dir) / f"{args.env.strip('/').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    for suffix in range(1000):
+        run_dir = base.with_name(base.name + (f"_{suffix}" if suffix else ""))
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise ValueError(f"cannot create the run folder {run_dir} ({err.strerror}); pass a writable --out-dir") from err
     raise ValueError(f"too many runs named {base}*; pass another --exp-name")
 
 
