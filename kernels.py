@@ -54,6 +54,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -136,33 +137,45 @@ class LaunchConfig:
     num_stages: int  # software pipelining of the k loops (cp.async prefetch of the next weight tile)
 
 
-# (smallest batch of the bucket, config). Why these: a program must read every weight of the network (layers
-# depend on each other), ~540 KB fp32 at hidden 256, so a call costs at least one weight read by one SM whatever
-# its rows; more programs add L2 traffic, not speed, once that read dominates. So:
-# - batch < 16: one row per program, fp32 FMA. A tensor-core tile has 16 rows; batch 1 would pay for 15 padding
-#   rows (and their registers). Each row gets its own program, so up to 15 rows run side by side in the time of
-#   one. 8 warps: more loads in flight for the one weight read that bounds the time.
-# - 16 <= batch < 2048 (training batch 256, evaluation): 16-row tiles on tensor cores (mma.sync m16), 4 warps;
-#   batch 256 -> 16 programs each reading the weights once (L2: 16 x 540 KB).
-# - batch >= 2048 (max-Q backup, 10 x 256 next actions; large evaluations): 64-row tiles (sm_90: one warpgroup's
-#   wgmma), a quarter of the weight traffic per row; 2048 rows still make 32 programs.
-# num_stages = 2 lets Triton prefetch the next weight tile while the current one is multiplied; it needs a
-# second tile buffer in shared memory (build_analysis checks it fits). Values are predictions from the compiled
-# code (build_analysis), not measurements: no GPU has run these kernels.
-LAUNCH_TABLE: tuple[tuple[int, LaunchConfig], ...] = (
-    (1, LaunchConfig(block_b=1, block_n=64, block_k=32, num_warps=8, num_stages=2)),
-    (16, LaunchConfig(block_b=16, block_n=64, block_k=32, num_warps=4, num_stages=2)),
-    (2048, LaunchConfig(block_b=64, block_n=64, block_k=32, num_warps=4, num_stages=2)),
+# (smallest batch of the bucket, precisions, config): launch_config takes the last row that fits. Why these: a
+# program must read every weight of the network (layers depend on each other), ~540 KB fp32 at hidden 256, so a
+# call costs at least one weight read by one SM whatever its rows; more programs add L2 traffic, not speed, once
+# that read dominates. So:
+# - batch < 16: one row per program, fp32 FMA (any precision: the kernels are launched as ieee). A tensor-core
+#   tile has 16 rows; batch 1 would pay for 15 padding rows (and their registers). Each row gets its own
+#   program, so up to 15 rows run side by side in the time of one. 8 warps: more loads in flight for the one
+#   weight read that bounds the time. 1 stage: Triton pipelines only loads that feed tl.dot (a 2-stage build of
+#   this path has the same code, no async copies).
+# - 16 <= batch (training batch 256, evaluation): 16-row tiles, tl.dot (tensor cores in tf32 / bf16: mma.sync
+#   m16), 4 warps, 2 stages (the next weight tile is copied to shared memory while the current one is multiplied).
+#   Batch 256 -> 16 programs, each reading the weights once (L2: 16 x 540 KB). ieee (exact FFMA, for tests) takes
+#   [16, 64] k-steps instead of [32, 64]: with 32 the act build spills on sm_80 and sm_90 (build_analysis).
+# - batch >= 2048 in tf32 / bf16 (max-Q backup, 10 x 256 next actions; large evaluations): 64-row tiles (sm_90:
+#   wgmma), a quarter of the weight traffic per row; 2048 rows still make 32 programs. 8 warps: with 4, the u +
+#   du/dt build needs 255 registers and spills. ieee stays at 16 rows there: its FFMA tiles of 64 rows spill.
+# Values are predictions from the compiled code (build_analysis), not measurements: no GPU has run these kernels.
+TENSOR_CORES = ("tf32", "bf16")
+LAUNCH_TABLE: tuple[tuple[int, tuple[str, ...], LaunchConfig], ...] = (
+    (1, PRECISIONS, LaunchConfig(block_b=1, block_n=64, block_k=32, num_warps=8, num_stages=1)),
+    (16, TENSOR_CORES, LaunchConfig(block_b=16, block_n=64, block_k=32, num_warps=4, num_stages=2)),
+    (16, ("ieee",), LaunchConfig(block_b=16, block_n=64, block_k=16, num_warps=4, num_stages=2)),
+    (2048, TENSOR_CORES, LaunchConfig(block_b=64, block_n=64, block_k=32, num_warps=8, num_stages=2)),
 )
 
 
-def launch_config(batch: int) -> LaunchConfig:
-    """The row block, tile sizes, warps and stages for a call on `batch` rows (LAUNCH_TABLE)."""
-    config = LAUNCH_TABLE[0][1]
-    for smallest, candidate in LAUNCH_TABLE:
-        if batch >= smallest:
+def launch_config(batch: int, precision: str = "tf32") -> LaunchConfig:
+    """The row block, tile sizes, warps and stages for a call on `batch` rows in `precision` (LAUNCH_TABLE)."""
+    config = LAUNCH_TABLE[0][2]
+    for smallest, precisions, candidate in LAUNCH_TABLE:
+        if batch >= smallest and precision in precisions:
             config = candidate
     return config
+
+
+def kernel_precision(config: LaunchConfig, precision: str) -> str:
+    """The PRECISION a kernel is launched with: one-row blocks multiply in fp32 FMA whatever was asked, so they
+    are launched (and built, once) as ieee."""
+    return precision if config.block_b >= 16 else "ieee"
 
 
 def time_embedding_config(batch: int) -> LaunchConfig:
@@ -534,7 +547,8 @@ def time_embedding_triton(emb, time: torch.Tensor, out: torch.Tensor | None = No
     config = time_embedding_config(B)
     _time_embedding_kernel[(triton.cdiv(B, config.block_b),)](
         time, *params, out, B, dim, **_time_embedding_pads(dim), BLOCK_B=config.block_b,
-        PRECISION=resolve_precision(precision, device), num_warps=config.num_warps, num_stages=config.num_stages)
+        PRECISION=kernel_precision(config, resolve_precision(precision, device)), num_warps=config.num_warps,
+        num_stages=config.num_stages)
     return out
 
 
@@ -588,7 +602,8 @@ def _time_embedding_backward(params: list[torch.Tensor], dim: int, time: torch.T
     grad_time = torch.empty(B, device=device)
     partial = torch.empty(grid[0], 4 * dim * dim + 3 * dim, device=device)
     _time_embedding_backward_kernel[grid](time, grad, *params, grad_time, partial, B, dim, **_time_embedding_pads(dim),
-                                          BLOCK_B=config.block_b, PRECISION=precision, num_warps=config.num_warps,
+                                          BLOCK_B=config.block_b, PRECISION=kernel_precision(config, precision),
+                                          num_warps=config.num_warps,
                                           num_stages=config.num_stages)
     sizes = [p.numel() for p in params[1:]]
     return grad_time, [g.view_as(p) for g, p in zip(partial.sum(0).split(sizes), params[1:])]
@@ -685,11 +700,11 @@ def _launch_act(weights, obs: torch.Tensor, noise: torch.Tensor, out: torch.Tens
     B = obs.shape[0] if obs.dim() == 2 else -1
     out = torch.empty(B, A, device=device) if out is None else out
     _check_inputs(device, ("obs", obs, (B, S)), ("noise", noise, (B, A)), ("out", out, (B, A)))
-    config, pads = launch_config(B), weights.pads
+    config, pads = launch_config(B, weights.precision), weights.pads
     grid, plane = _plane(B, config, pads["H_PAD"])
     _act_kernel[(grid,)](noise, obs, *weights.act_tensors, out, weights.scratch(3 * plane), B, A, S, weights.H,
                          weights.DIM, plane, **pads, BLOCK_B=config.block_b, BLOCK_N=min(config.block_n, pads["H_PAD"]),
-                         BLOCK_K=min(config.block_k, pads["H_PAD"]), PRECISION=weights.precision,
+                         BLOCK_K=min(config.block_k, pads["H_PAD"]), PRECISION=kernel_precision(config, weights.precision),
                          num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
@@ -796,14 +811,14 @@ def _launch_velocity(weights: ActorWeights, z, r, t, obs, v, out=None, keep: boo
     u, dudt = out if out is not None else (torch.empty(B, A, device=device), torch.empty(B, A, device=device))
     _check_inputs(device, ("z", z, (B, A)), ("r", r, (B,)), ("t", t, (B,)), ("obs", obs, (B, S)), ("v", v, (B, A)),
                   ("out u", u, (B, A)), ("out du/dt", dudt, (B, A)))
-    config, pads = launch_config(B), weights.pads
+    config, pads = launch_config(B, weights.precision), weights.pads
     grid, plane = _plane(B, config, pads["H_PAD"])
     numel, emb_numel = HIDDEN_PLANES * plane, B * 2 * weights.DIM
     buffer = torch.empty(numel + emb_numel, device=device) if keep else weights.scratch(numel + emb_numel)
     hidden, emb = buffer[:numel], buffer[numel:numel + emb_numel].view(B, 2 * weights.DIM)
     _velocity_kernel[(grid,)](z, r, t, obs, v, *weights.tensors, u, dudt, emb, hidden, B, A, S, weights.H, weights.DIM,
                               plane, **pads, BLOCK_B=config.block_b, BLOCK_N=min(config.block_n, pads["H_PAD"]),
-                              BLOCK_K=min(config.block_k, pads["H_PAD"]), PRECISION=weights.precision,
+                              BLOCK_K=min(config.block_k, pads["H_PAD"]), PRECISION=kernel_precision(config, weights.precision),
                               num_warps=config.num_warps, num_stages=config.num_stages)
     return u, dudt, emb, hidden.view(HIDDEN_PLANES, -1, pads["H_PAD"])
 
@@ -881,7 +896,7 @@ KERNEL_BUILDS = {  # name: the kernel (one build per launch config and precision
     "time embedding backward": "_time_embedding_backward_kernel",
 }
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block (CUDA guide)
-TENSOR_CORE_SASS = ("HMMA", "HGMMA")  # mma.sync / wgmma in SASS
+TENSOR_CORE_SASS = ("HMMA", "HGMMA")  # mma.sync / wgmma (sm_90) in SASS
 
 
 def _bundled_tool(name: str) -> str:
@@ -910,9 +925,13 @@ def compile_kernel(name: str, capability: int, config: LaunchConfig, precision: 
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
+def _weight_tile_line() -> int:
+    return next(i for i, text in enumerate(_SOURCE_LINES, 1) if "return tl.load(w_ptr + n * row_stride" in text)
+
+
 def _weight_tile_loads(ttir: str) -> int:
     """tt.load operations of the compiled kernel's TTIR (loops not unrolled) whose location is _weight_tile's load."""
-    line = next(i for i, text in enumerate(_SOURCE_LINES, 1) if "return tl.load(w_ptr + n * row_stride" in text)
+    line = _weight_tile_line()
     locs = dict(re.findall(r"^(#loc\d+) = loc\((.*)\)$", ttir, re.M))
 
     def innermost_line(ref: str) -> int | None:
@@ -942,31 +961,41 @@ def analyse_build(compiled) -> dict:
                                check=True).stdout
         sass = subprocess.run([_bundled_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
                               check=True).stdout
+        annotated = subprocess.run([_bundled_tool("nvdisasm"), "--print-line-info", f.name], capture_output=True,
+                                   text=True, check=True).stdout
+    line, weight_line_loads = None, 0  # SASS global loads attributed to _weight_tile's line (-lineinfo builds)
+    for text in annotated.splitlines():
+        m = re.match(r'\s*//## File ".*kernels\.py", line (\d+)', text)
+        if m:
+            line = int(m.group(1))
+        elif line == _weight_tile_line() and re.search(r"\bLDG(STS)?\b", text):
+            weight_line_loads += 1
     fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
     opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass)
     count = lambda *names: sum(op in names for op in opcodes)  # noqa: E731
     return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]), "local_bytes": int(fields["LOCAL"]),
             "spill_instructions": count("LDL", "STL"), "shared_bytes": compiled.metadata.shared,
-            "tensor_core_instructions": count(*TENSOR_CORE_SASS), "ffma": count("FFMA"),
+            "tensor_core_instructions": count(*TENSOR_CORE_SASS), "hmma": count("HMMA"), "hgmma": count("HGMMA"),
+            "ffma": count("FFMA"),
             "global_loads": count("LDG", "LDGSTS"), "async_copies": count("LDGSTS"),
-            "weight_tile_loads": _weight_tile_loads(compiled.asm["ttir"])}
+            "weight_tile_loads": _weight_tile_loads(compiled.asm["ttir"]), "weight_tile_sass_loads": weight_line_loads}
 
 
 def shipped_builds(names=tuple(KERNEL_BUILDS), precisions=PRECISIONS) -> list[tuple[str, int, LaunchConfig, str]]:
     """(kernel name, smallest batch, config, precision) of every build the launchers can ask for: each LAUNCH_TABLE
-    bucket (time_embedding_config's for the time-embedding kernels), each precision; one-row blocks use fp32 FMA
-    whatever the precision, so their ieee build stands for all three."""
+    row (time_embedding_config's for the time-embedding kernels) in each of its precisions, as launched
+    (kernel_precision: one-row blocks are one ieee build)."""
     builds = []
     for name in names:
-        config_of = time_embedding_config if name.startswith("time embedding") else launch_config
         seen = set()
-        for smallest, _ in LAUNCH_TABLE:
-            config = config_of(smallest)
-            for precision in precisions:
-                key = (config, precision if config.block_b >= 16 else "ieee")
+        for smallest, row_precisions, _ in LAUNCH_TABLE:
+            for precision in (p for p in precisions if p in row_precisions):
+                config = (time_embedding_config(smallest) if name.startswith("time embedding")
+                          else launch_config(smallest, precision))
+                key = (config, kernel_precision(config, precision))
                 if key not in seen:
                     seen.add(key)
-                    builds.append((name, smallest, config, key[1]))
+                    builds.append((name, smallest, *key))
     return builds
 
 
@@ -976,20 +1005,23 @@ def build_analysis(capabilities=(90, 80), precisions=PRECISIONS, names=tuple(KER
     Triton in ~/.triton."""
     if INTERPRETED:
         raise RuntimeError("build_analysis needs TRITON_INTERPRET unset before kernels is imported")
-    rows = []
-    for capability in capabilities:
-        for name, smallest, config, precision in shipped_builds(names, precisions):
-            compiled = compile_kernel(name, capability, config, precision, **dims)
-            rows.append({"kernel": name, "arch": f"sm_{capability}", "batch_from": smallest, "block_b": config.block_b,
-                         "num_warps": config.num_warps, "num_stages": config.num_stages, "precision": precision,
-                         **analyse_build(compiled)})
-    return rows
+    jobs = [(capability, *build) for capability in capabilities for build in shipped_builds(names, precisions)]
+    with ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # ptxas is the slow part
+        return list(pool.map(_analyse_one, jobs, [dims] * len(jobs)))
+
+
+def _analyse_one(job: tuple, dims: dict) -> dict:
+    capability, name, smallest, config, precision = job
+    compiled = compile_kernel(name, capability, config, precision, **dims)
+    return {"kernel": name, "arch": f"sm_{capability}", "batch_from": smallest, "block_b": config.block_b,
+            "num_warps": config.num_warps, "num_stages": config.num_stages, "precision": precision,
+            **analyse_build(compiled)}
 
 
 def print_build_analysis(rows: list[dict]):
     keys = ["kernel", "arch", "batch_from", "block_b", "num_warps", "num_stages", "precision", "registers",
-            "spill_instructions", "stack_bytes", "shared_bytes", "tensor_core_instructions", "ffma", "global_loads",
-            "async_copies", "weight_tile_loads"]
+            "spill_instructions", "stack_bytes", "local_bytes", "shared_bytes", "hmma", "hgmma", "ffma", "global_loads",
+            "async_copies", "weight_tile_loads", "weight_tile_sass_loads"]
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:
