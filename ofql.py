@@ -67,8 +67,11 @@ class Args:
     device: str = "auto"
     """`auto` (CUDA if available, else CPU), `cpu` or `cuda`"""
     kernels: Literal["auto", "triton", "torch"] = "auto"
-    """actor kernels for du/dt and no-grad actions: `triton` = kernels.py's fused ones (CUDA), `torch` = the plain
+    """actor kernels for u + du/dt and no-grad actions: `triton` = kernels.py's fused ones (CUDA), `torch` = the plain
     reference, `auto` = triton where CUDA and triton are usable"""
+    kernel_precision: Literal["auto", "ieee", "tf32", "bf16"] = "auto"
+    """inputs of the Triton kernels' matrix products (fp32 accumulation): `ieee` exact fp32, `tf32` / `bf16` tensor
+    cores (sm_80+; error bounds in docs/kernels.md), `auto` = tf32 where the GPU has it, else ieee"""
     threads: int | None = None
     """torch CPU threads (None: torch's default)"""
     track: bool = False
@@ -192,7 +195,7 @@ class Args:
         """OFQL's one-step actor. An actor provides bc_loss(obs, action, args), a differentiable act(obs, noise=None)
         for the Q term and the TD target, and optionally evaluation_act(obs) (default: act)."""
         actor = MeanFlowActor(obs_dim, act_dim, self.hidden_dim, time_scale=self.time_emb_scale).to(device)
-        actor.backend = resolve_kernels(self.kernels, device)
+        actor.backend, actor.precision = resolve_kernels(self.kernels, device), self.kernel_precision
         return actor
 
 
@@ -756,7 +759,9 @@ def resolve_kernels(requested: str, device: torch.device) -> str:
 class MeanFlowActor(nn.Module):
     """u(z, r, t; s): cat[z, emb(r), emb(t), s] -> 3 x 256 Mish MLP -> average velocity."""
 
-    backend = "torch"  # "triton": du/dt and no-grad actions from kernels.py (set by Args.make_actor, --kernels)
+    backend = "torch"  # "triton": u + du/dt and no-grad actions from kernels.py (set by Args.make_actor, --kernels)
+    precision = "auto"  # the kernels' --kernel-precision (set with backend)
+    _kernel_weights = None  # kernels.ActorWeights, built on first use (see kernel_weights)
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, time_dim: int = 16, time_scale: float = 1.0):
         super().__init__()
@@ -767,10 +772,22 @@ class MeanFlowActor(nn.Module):
     def forward(self, z, r, t, obs):
         return self.net(torch.cat([z, self.emb_r(r), self.emb_t(t), obs], -1))
 
+    def kernel_weights(self) -> "kernels.ActorWeights":
+        """The Triton kernels' view of this actor's parameters, validated once and kept: it holds the Parameter
+        objects, so optimiser steps and load_state_dict (in place) show without a rebuild; .to() drops it (_apply)
+        and a deepcopy (the EMA target) builds its own."""
+        if self._kernel_weights is None or self._kernel_weights.requested_precision != self.precision:
+            self._kernel_weights = kernels.ActorWeights(self, self.precision)
+        return self._kernel_weights
+
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel_weights = None  # .to() / .float() / .cuda() may move the storage the kernels read
+        return super()._apply(fn, *args, **kwargs)
+
     def velocity_and_dudt(self, z, r, t, obs, v):
         """u(z, r, t) with its graph, and du/dt = v . d_z u + d_t u (JVP, tangents (v, 0, 1) for (z, r, t)) without."""
-        if self.backend == "triton":  # one fused pass for du/dt; the primal keeps its torch graph
-            return self(z, r, t, obs), kernels.fused_velocity(self, z, r, t, obs, v)[1]
+        if self.backend == "triton":  # one fused launch for u and du/dt; u's backward is torch over saved activations
+            return kernels.velocity_and_dudt(self.kernel_weights(), z, r, t, obs, v)
         emb_t, demb_t = self.emb_t.forward_with_tangent(t)
         emb_r = self.emb_r(r)
         x = torch.cat([z, emb_r, emb_t, obs], -1)
@@ -786,9 +803,8 @@ class MeanFlowActor(nn.Module):
         """One-step policy a = clip(e - u(e, 0, 1; s), -1, 1)."""
         if noise is None:
             noise = torch.randn(obs.shape[0], self.act_dim, device=obs.device)
-        if self.backend == "triton" and not torch.is_grad_enabled():  # TD target and evaluation: one fused pass
-            ones = torch.ones(obs.shape[0], device=obs.device)
-            return (noise - kernels.fused_velocity(self, noise, 0 * ones, ones, obs)[0]).clamp(-1.0, 1.0)
+        if self.backend == "triton" and not torch.is_grad_enabled():  # TD target and evaluation: the act kernel
+            return kernels.act(self.kernel_weights(), obs, noise)
         emb = self.one_step_times(obs.device).expand(obs.shape[0], -1)
         return (noise - self.net(torch.cat([noise, emb, obs], -1))).clamp(-1.0, 1.0)
 

@@ -37,6 +37,8 @@ class Config:
     """torch CPU threads"""
     compile: bool = True
     """include the torch.compile column"""
+    precision: str = "auto"
+    """Triton kernels' input precision: auto (tf32 on sm_80+), ieee, tf32, bf16"""
     min_time: float = 0.2
     """seconds per timed run"""
     json: str | None = None
@@ -52,15 +54,20 @@ def main(cfg: Config) -> dict:
     actor = ofql.MeanFlowActor(cfg.obs_dim, cfg.act_dim, cfg.hidden).to(device).requires_grad_(False)
     folded = actor.folded()
     skip = kernels.triton_unusable_reason(device) if not kernels.INTERPRETED else "the CPU interpreter is not timed"
+    if not skip:
+        weights = kernels.ActorWeights(actor, cfg.precision)
+        policy = kernels.folded_policy(folded, "triton", cfg.precision)
     rows = []
     for batch in cfg.batches:
         obs, noise = torch.randn(batch, cfg.obs_dim, device=device), torch.randn(batch, cfg.act_dim, device=device)
         t = torch.rand(batch, device=device)
         r = t * torch.rand(batch, device=device)
-        ops = {  # name: (torch reference, Triton launcher)
-            "folded actor (inference)": (lambda: folded(obs, noise), lambda: kernels.folded_actor_triton(folded, obs, noise)),
+        ops = {  # name: (torch reference, Triton launcher: weight sets built once, as in training and deployment)
+            "folded actor (inference)": (lambda: folded(obs, noise), lambda: policy(obs, noise)),
+            "act (TD target, r = 0 and t = 1 folded in-kernel)": (lambda: actor.act(obs, noise),
+                                                                 lambda: kernels.act(weights, obs, noise)),
             "u and du/dt (JVP target)": (lambda: actor.velocity_and_dudt(noise, r, t, obs, noise),
-                                         lambda: kernels.fused_velocity(actor, noise, r, t, obs, noise)),
+                                         lambda: kernels.velocity(weights, noise, r, t, obs, noise)),
             "time embedding": (lambda: actor.emb_t(t), lambda: kernels.time_embedding_triton(actor.emb_t, t)),
         }
         for name, (reference, fused) in ops.items():
