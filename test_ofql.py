@@ -1277,11 +1277,14 @@ def test_sweep_interrupted_with_ctrl_c_resumes_its_run_when_restarted(tmp_path):
     out = tmp_path / "s"
     flags = ["--env", "bandit-8modes", "--total-steps", "600", "--eval-every", "300", "--save-every", "50",
              "--hidden-dim", "32", "--num-cpus", "1", "--out", str(out)]
+    # a shell's background job (`.ci/run &`) starts with SIGINT ignored, which the child would inherit
     proc = subprocess.Popen([sys.executable, "sweep.py", *flags], cwd=os.path.dirname(ofql.__file__),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    checkpoint, deadline = out / "bandit-8modes__seed0" / "checkpoint.pt", time.time() + 180
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    checkpoint, deadline = out / "bandit-8modes__seed0" / "checkpoint.pt", time.time() + 300
     while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
+    assert checkpoint.exists(), "the sweep wrote no checkpoint in 300 s (or exited first)"
     proc.send_signal(signal.SIGINT)
     try:
         _, err = proc.communicate(timeout=60)
