@@ -74,6 +74,9 @@ class Args:
     cores (sm_80+; error bounds in docs/kernels.md), `auto` = tf32 where the GPU has it, else ieee"""
     threads: int | None = None
     """torch CPU threads (None: torch's default)"""
+    compile: bool = False
+    """torch.compile the gradient step (critic, actor, critic target); CUDA graphs too on CUDA (mode
+    reduce-overhead). The first two steps compile (about a minute on a CPU); docs/flags.md has what it gains"""
     track: bool = False
     """log to Weights & Biases as well (needs `wandb`)"""
     wandb_project: str = "ofql"
@@ -687,9 +690,18 @@ class Mish(torch.autograd.Function):
         return tangent * mish_derivative(*ctx.saved_tensors), None, None
 
 
+def mish_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mish(x) with its detached sigmoid(x) and tanh(softplus(x)). Under torch.compile plain ops, which inductor
+    fuses with their backward (Dynamo cannot trace the custom jvp: one graph break per layer)."""
+    if torch.compiler.is_compiling():
+        s, tanh_sp = sigmoid_and_tanh_softplus(x)
+        return x * tanh_sp, s.detach(), tanh_sp.detach()
+    return Mish.apply(x)
+
+
 def mish(x: torch.Tensor) -> torch.Tensor:
     if x.requires_grad:
-        return Mish.apply(x)[0]
+        return mish_parts(x)[0]
     if x.numel() < 4096:  # small inference batches: one aten call beats seven cheaper ones (2 vs 12 us at 256)
         return F.mish(x)
     return x * sigmoid_and_tanh_softplus(x)[1]  # inference: no autograd.Function overhead (~60 us a call)
@@ -715,7 +727,7 @@ def mlp_with_tangent(layers: nn.Sequential, x: torch.Tensor, tangent: torch.Tens
                 tangent = tangent @ layer.weight.T
         else:  # Mish: the sigmoid of the primal also gives the derivative for the tangent
             pre = x
-            x, s, tanh_sp = Mish.apply(pre)
+            x, s, tanh_sp = mish_parts(pre)
             with torch.no_grad():
                 tangent = mish_derivative(pre.detach(), s, tanh_sp) * tangent
     return x, tangent
@@ -937,6 +949,12 @@ class OFQL:
         self.actor_sched, self.critic_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.total_steps)
                                                for opt in (self.actor_opt, self.critic_opt))
         self.step = 0
+        self.gradient_step = self.compiled_gradient_step(device) if args.compile else self.eager_gradient_step
+
+    def compiled_gradient_step(self, device: torch.device):
+        """eager_gradient_step under torch.compile: step count, lr schedules and EMA stay outside (Python state would
+        recompile it); the changing float lr does not (torch 2.13 traces floats as inputs after their first change)."""
+        return torch.compile(self.eager_gradient_step, mode="reduce-overhead" if device.type == "cuda" else None)
 
     def critic_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """TD error of both heads against r + gamma * mask * min_i Q'_i(s', a')."""
@@ -960,28 +978,35 @@ class OFQL:
         return loss, {"losses/bc_loss": bc_loss.detach(), "losses/q_loss": q_loss.detach(),
                       "losses/actor_loss": loss.detach()}
 
-    def optimise(self, loss: torch.Tensor, net: nn.Module, opt: torch.optim.Optimizer, sched):
+    def optimise(self, loss: torch.Tensor, net: nn.Module, opt: torch.optim.Optimizer):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.args.grad_norm > 0:
             nn.utils.clip_grad_norm_(net.parameters(), self.args.grad_norm)
         opt.step()
-        if self.args.lr_decay:
-            sched.step()
 
-    def update(self, batch: dict[str, torch.Tensor], swap_heads: bool) -> dict[str, torch.Tensor]:
-        """One gradient step of critic then actor (DQL order), then the targets; detached metrics (no host sync)."""
+    def eager_gradient_step(self, batch: dict[str, torch.Tensor], swap_heads: bool) -> dict[str, torch.Tensor]:
+        """Critic then actor (DQL order), then the critic target; what --compile compiles."""
         critic_loss, critic_metrics = self.critic_loss(batch)
-        self.optimise(critic_loss, self.critic, self.critic_opt, self.critic_sched)
+        self.optimise(critic_loss, self.critic, self.critic_opt)
         actor_loss, actor_metrics = self.actor_loss(batch, swap_heads)
-        self.optimise(actor_loss, self.actor, self.actor_opt, self.actor_sched)
-        self.step += 1
+        self.optimise(actor_loss, self.actor, self.actor_opt)
         with torch.no_grad():
             torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), self.args.tau)
+        return critic_metrics | actor_metrics
+
+    def update(self, batch: dict[str, torch.Tensor], swap_heads: bool) -> dict[str, torch.Tensor]:
+        """One gradient step, the lr schedules, the EMA actor; detached metrics (no host sync)."""
+        metrics = self.gradient_step(batch, swap_heads)
+        if self.args.lr_decay:
+            self.actor_sched.step()
+            self.critic_sched.step()
+        self.step += 1
+        with torch.no_grad():
             if self.args.ema_actor and self.step % self.args.ema_every == 0:
                 decay = self.args.ema_decay if self.step >= self.args.ema_start else 0.0
                 torch._foreach_lerp_(list(self.actor_target.parameters()), list(self.actor.parameters()), 1 - decay)
-        return critic_metrics | actor_metrics
+        return metrics
 
     STATE = ("actor", "actor_target", "critic", "critic_target", "actor_opt", "critic_opt", "actor_sched",
              "critic_sched")  # what a checkpoint holds, with the step
@@ -1235,6 +1260,8 @@ def train(args: Args) -> dict:
     else:
         run_dir = make_run_dir(args)
     print(f"{args.label} on {args.env}, {args.total_steps} steps; run folder: {run_dir}", flush=True)
+    if args.compile:
+        print("--compile: the first two gradient steps compile (about a minute on a CPU)", flush=True)
     writer = SummaryWriter(str(run_dir))
     if args.track:
         import wandb

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -415,6 +416,41 @@ def test_resume_is_exact(tmp_path):
     for net in ("actor", "actor_target", "critic", "critic_target"):
         for key in a[net]:
             assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs after resume"
+
+
+def test_compiled_gradient_step_matches_eager_and_compiles_once_per_head_order(tmp_path):
+    """--compile: 20 updates with cosine lr decay and an EMA actor end within 1e-5 of eager (inductor told to draw
+    random numbers as eager does); after the first two steps (one per head order) no step compiles again, though
+    the lr changes at every step."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    task, data = ofql.load_task("bandit-8modes")
+    batches = ofql.ReplayBuffer(data, torch.device("cpu"), torch.Generator().manual_seed(0))
+    batches = [batches.sample(64) for _ in range(20)]
+    agents = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        args = small_args(hidden_dim=32, eta=0.3, grad_norm=1.0, lr_decay=True, total_steps=20, ema_actor=True,
+                          ema_start=4, ema_every=2, compile=compiled)
+        agents[compiled] = ofql.OFQL(task, args, torch.device("cpu"))
+        initial = {net: {k: v.clone() for k, v in getattr(agents[compiled], net).state_dict().items()}
+                   for net in ("actor", "actor_target", "critic", "critic_target")}
+        torch.manual_seed(1)
+        with torch._inductor.config.patch(fallback_random=True):
+            for i, batch in enumerate(batches):
+                if compiled and i == 2:
+                    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                agents[compiled].update(batch, swap_heads=i % 2 == 1)
+    assert graphs > 0 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "recompiled, or never compiled"
+    eager, compiled = agents[False], agents[True]
+    for net in ("actor", "actor_target", "critic", "critic_target"):
+        for (name, a), b in zip(getattr(eager, net).named_parameters(), getattr(compiled, net).parameters()):
+            error = (a - b).abs().max().item()
+            print(f"{net}.{name}: max |eager - compiled| = {error:.1e}")
+            assert error < 1e-5, f"{net}.{name}"
+            assert not torch.equal(a, initial[net][name]), f"{net}.{name} never moved"
+    assert compiled.actor_opt.param_groups[0]["lr"] == pytest.approx(eager.actor_opt.param_groups[0]["lr"])
 
 
 def test_dataset_folder_path_is_accepted(tmp_path):
@@ -1772,6 +1808,31 @@ def test_gpu_du_dt_kernel_loads_each_weight_tile_once(gpu_builds):
     unpipelined = {(r["kernel"], r["arch"]): r["weight_tile_sass_loads"] for r in gpu_builds if r["block_b"] == 1}
     for arch in ("sm_90", "sm_80"):
         assert unpipelined[("velocity + du/dt", arch)] == unpipelined[("act", arch)] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU check; a GPU runs the real thing")
+def test_gpu_benchmark_dry_run_exercises_every_step_and_skips_only_cuda_rows(tmp_path, monkeypatch):
+    """benchmarks/gpu.py --dry-run on this CPU: kernel tests collected, one build analysed, decisions/s and
+    training speed timed at toy size, the projection computed; only the CUDA-only rows are skipped, and one
+    JSON + one markdown file are written. Without --dry-run and without CUDA it refuses plainly."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "benchmarks"))
+    import gpu
+
+    with pytest.raises(SystemExit, match="no CUDA device here.*--dry-run"):
+        gpu.main(gpu.Config(out=str(tmp_path)))
+    result = gpu.main(gpu.Config(dry_run=True, out=str(tmp_path)))
+    steps = result["steps"]
+    assert not [name for name, step in steps.items() if isinstance(step, dict) and "error" in step], steps
+    assert re.search(r"\d+/\d+ tests collected", steps["kernel_tests"]["summary"])
+    assert [(r["kernel"], r["arch"], r["spill_instructions"]) for r in steps["build_analysis"]][0] == ("act", "sm_90", 0)
+    assert {r["batch"] for r in steps["decision_frequency"]["rows"]} == {1, 3}
+    speed = steps["training_speed"]
+    assert set(speed["steps_per_second"]) == {"eager", "compile"} and all(v > 0 for v in speed["steps_per_second"].values())
+    assert set(speed["skipped"]) == set(gpu.train_speed.CUDA_VARIANTS)
+    assert steps["projection"]["hours_per_1M_steps"]["eager"] == pytest.approx(1e6 / speed["steps_per_second"]["eager"] / 3600)
+    [json_file] = tmp_path.glob("gpu-dry-run-*.json")
+    assert json.loads(json_file.read_text())["dry_run"] is True
+    assert "DRY RUN, not a measurement" in json_file.with_suffix(".md").read_text()
 
 
 def test_cli_kernels_triton_without_a_gpu_is_one_clear_error():

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 MUTATIONS = {
     "TD target max over heads": ("q_next.min(0).values", "q_next.max(0).values"),
     "Polyak with 1 - tau": ("list(self.critic.parameters()), self.args.tau)", "list(self.critic.parameters()), 1 - self.args.tau)"),
-    "critic optimiser never stepped": ("self.optimise(critic_loss, self.critic, self.critic_opt, self.critic_sched)", "critic_loss.backward()"),
+    "critic optimiser never stepped": ("self.optimise(critic_loss, self.critic, self.critic_opt)", "critic_loss.backward()"),
     "eta normaliser not detached": ("q_norm.abs().mean().detach()", "q_norm.abs().mean()"),
     "r and t swapped in the BC call": ("actor.velocity_and_dudt(z, r, t, obs, v)", "actor.velocity_and_dudt(z, t, r, obs, v)"),
     "JVP tangent on r instead of t": (

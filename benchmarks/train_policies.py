@@ -59,7 +59,7 @@ def seconds_per_step(agent: ofql.OFQL, buffer: ofql.ReplayBuffer, batch_size: in
 def main(cfg: Config) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
-    buffer = random_hopper_buffer()
+    buffer = random_hopper_buffer(torch.device("cpu"))
     agents = {}
     for name in cfg.variants:
         policy, _, steps = name.rpartition("-")
