@@ -1228,7 +1228,8 @@ def train(args: Args) -> dict:
     if resumed is not None:  # rebuilt with the class of `args`: baselines.py's BaselineArgs knows its extra fields
         if unknown := set(resumed["args"]) - {f.name for f in dataclasses.fields(args)}:
             raise ValueError(f"{args.resume} has options that {type(args).__name__} lacks ({', '.join(sorted(unknown))}): "
-                             f"a baselines.py run; continue it with python baselines.py train --resume {args.resume}")
+                             f"written by baselines.py or an older ofql.py; continue it with python baselines.py train "
+                             f"--resume {args.resume}")
         args = dataclasses.replace(type(args)(**resumed["args"]), resume=args.resume)
     args = args.resolved()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
