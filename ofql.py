@@ -954,7 +954,8 @@ class OFQL:
     def compiled_gradient_step(self, device: torch.device):
         """eager_gradient_step under torch.compile: step count, lr schedules and EMA stay outside (Python state would
         recompile it); the changing float lr does not (torch 2.13 traces floats as inputs after their first change)."""
-        return torch.compile(self.eager_gradient_step, mode="reduce-overhead" if device.type == "cuda" else None)
+        return torch.compile(self.eager_gradient_step, dynamic=False,  # static shapes: one batch size per run
+                             mode="reduce-overhead" if device.type == "cuda" else None)
 
     def critic_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """TD error of both heads against r + gamma * mask * min_i Q'_i(s', a')."""

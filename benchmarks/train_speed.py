@@ -79,7 +79,7 @@ def make_agent(name: str, args: ofql.Args, device: torch.device) -> ofql.OFQL:
     torch.manual_seed(0)
     agent = ofql.OFQL(HOPPER_SHAPES, args, device)
     if name == "compile":  # torch.compile without CUDA graphs, whatever the device
-        agent.gradient_step = torch.compile(agent.eager_gradient_step)
+        agent.gradient_step = torch.compile(agent.eager_gradient_step, dynamic=False)
     return agent
 
 
