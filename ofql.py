@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,9 @@ class Args:
     """step after which the EMA actor starts tracking (before: a plain copy)"""
     ema_every: int = 5
     """steps between EMA updates"""
+    eval_ema: Annotated[bool, tyro.conf.FlagConversionOff] = False
+    """evaluate with an EMA copy of the actor (decay, start, every as --ema-*), as generative models sample from
+    averaged weights; training is unchanged unless --ema-actor also uses the copy for next actions"""
     normalize_obs: bool = True
     """standardise observations with dataset mean/std (statistics are saved in the checkpoint)"""
     reward_scale: float | None = None
@@ -161,6 +165,8 @@ class Args:
     """gradient steps between TensorBoard scalars (the only host syncs of the loop)"""
     save_every: int | None = None
     """gradient steps between checkpoints (None: at every evaluation)"""
+    keep_checkpoints: bool = False
+    """also keep each checkpoint as checkpoint_<step>.pt (re-scoring earlier evaluations with eval.py)"""
     divergence_margin: float = 3.0
     """stop when |Q| > margin * max|reward| / (1 - gamma) or a loss is NaN/Inf (checked every log_every steps)"""
     continue_on_divergence: bool = False
@@ -940,8 +946,11 @@ class OFQL:
     def __init__(self, task: Task, args: Args, device: torch.device):
         self.args = args
         self.actor = args.make_actor(task.obs_dim, task.act_dim, device)
-        self.evaluation_act = getattr(self.actor, "evaluation_act", self.actor.act)  # what evaluation samples
-        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False) if args.ema_actor else self.actor
+        keep_ema = args.ema_actor or args.eval_ema
+        self.actor_ema = copy.deepcopy(self.actor).requires_grad_(False) if keep_ema else self.actor
+        self.actor_target = self.actor_ema if args.ema_actor else self.actor  # next actions of the TD target
+        evaluated = self.actor_ema if args.eval_ema else self.actor
+        self.evaluation_act = getattr(evaluated, "evaluation_act", evaluated.act)  # what evaluation samples
         self.critic = TwinCritic(task.obs_dim, task.act_dim, args.hidden_dim, args.critic_layer_norm).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.lr, fused=True)
@@ -1004,22 +1013,24 @@ class OFQL:
             self.critic_sched.step()
         self.step += 1
         with torch.no_grad():
-            if self.args.ema_actor and self.step % self.args.ema_every == 0:
+            if self.actor_ema is not self.actor and self.step % self.args.ema_every == 0:
                 decay = self.args.ema_decay if self.step >= self.args.ema_start else 0.0
-                torch._foreach_lerp_(list(self.actor_target.parameters()), list(self.actor.parameters()), 1 - decay)
+                torch._foreach_lerp_(list(self.actor_ema.parameters()), list(self.actor.parameters()), 1 - decay)
         return metrics
 
-    STATE = ("actor", "actor_target", "critic", "critic_target", "actor_opt", "critic_opt", "actor_sched",
-             "critic_sched")  # what a checkpoint holds, with the step
+    # what a checkpoint holds, with the step: file key -> attribute ("actor_target": the EMA copy, else the actor)
+    STATE = {"actor": "actor", "actor_target": "actor_ema", "critic": "critic", "critic_target": "critic_target",
+             "actor_opt": "actor_opt", "critic_opt": "critic_opt", "actor_sched": "actor_sched",
+             "critic_sched": "critic_sched"}
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k).state_dict() for k in self.STATE} | {"step": self.step}
+        return {key: getattr(self, attr).state_dict() for key, attr in self.STATE.items()} | {"step": self.step}
 
     def load_state_dict(self, state: dict):
         self.step = state["step"]
-        for key in self.STATE:
+        for key, attr in self.STATE.items():
             try:
-                getattr(self, key).load_state_dict(state[key])
+                getattr(self, attr).load_state_dict(state[key])
             except (RuntimeError, ValueError, KeyError) as err:  # shapes from another task or width
                 raise ValueError(f"checkpoint does not fit this task/network ({key}): it was trained with other "
                                  f"observation/action sizes or --hidden-dim. {str(err).splitlines()[0]}") from err
@@ -1301,6 +1312,8 @@ def train(args: Args) -> dict:
                            f"(return {result['return_mean']:.1f}, refs: {result['ref_source']})")
         if done % args.save_every == 0 or done == args.total_steps:
             save_checkpoint(ckpt_path, agent, args, normalizer, generator, history)
+            if args.keep_checkpoints:
+                shutil.copyfile(ckpt_path, run_dir / f"checkpoint_{done}.pt")
     progress.close()
     if task.make_env is None:
         plot_bandit(agent, run_dir / "bandit_samples.png")
