@@ -56,6 +56,11 @@ class EvalArgs:
     """candidates per decision for softmax/argmax (replaces the checkpoint's)"""
     eval_temperature: float | None = None
     """softmax temperature (replaces the checkpoint's)"""
+    eval_noise_scale: float | None = None
+    """std of the policy's noise draws (replaces the checkpoint's --eval-noise-scale)"""
+    eval_ema: bool | None = None
+    """evaluate the checkpoint's EMA copy of the actor (True) or its live actor (False); None: the checkpoint's
+    --eval-ema. True needs a run trained with --eval-ema or --ema-actor"""
     eval_policy_steps: int | None = None
     """network calls per action for a --policy flow/diffusion checkpoint: Euler steps, or DDIM steps
     (None: the checkpoint's --eval-policy-steps)"""
@@ -91,13 +96,19 @@ class EvalArgs:
     instead of evaluating (inputs obs [B, obs_dim] raw and noise [B, act_dim] ~ N(0, I); output action)"""
 
 
-def load_agent(path: str, device: torch.device, kernels: str = "auto", eval_policy_steps: int | None = None):
+def load_agent(path: str, device: torch.device, kernels: str = "auto", eval_policy_steps: int | None = None,
+               eval_ema: bool | None = None):
     """(agent, task, normalizer, args) from a checkpoint, with clear errors for anything that does not fit;
-    `kernels` and `eval_policy_steps` (when given) replace the checkpoint's."""
+    `kernels`, `eval_policy_steps` and `eval_ema` (when given) replace the checkpoint's."""
     state = ofql.load_checkpoint(path)
     args = dataclasses.replace(baselines.BaselineArgs(**state["args"]), kernels=kernels)  # every kind of checkpoint
     if eval_policy_steps is not None:
         args = dataclasses.replace(args, eval_policy_steps=eval_policy_steps)
+    if eval_ema is not None:
+        if eval_ema and not (args.ema_actor or args.eval_ema):
+            raise ValueError(f"{path} holds no EMA copy of the actor (trained without --eval-ema and --ema-actor); "
+                             "evaluate its live actor (--eval-ema False) or retrain with --eval-ema True")
+        args = dataclasses.replace(args, eval_ema=eval_ema)
     args = args.resolved()  # an OFQL checkpoint's: a plain ofql.Args
     task, _ = ofql.load_task(args.env, args.mujoco_data, with_data=False)
     if state["obs_mean"].shape != (task.obs_dim,):
@@ -112,6 +123,8 @@ def with_eval_selection(args: ofql.Args, cfg: EvalArgs) -> ofql.Args:
     """The checkpoint's args with the action selection asked for on eval.py's command line."""
     fields = ("eval_select", "eval_samples", "eval_temperature")
     given = {name: getattr(cfg, name) for name in fields if getattr(cfg, name) is not None}
+    if cfg.eval_noise_scale is not None:
+        args = dataclasses.replace(args, eval_noise_scale=cfg.eval_noise_scale)
     if cfg.eval_protocol is not None:  # a protocol replaces the whole selection, then explicit fields refine it
         return dataclasses.replace(args, eval_protocol=cfg.eval_protocol,
                                    **{name: None for name in fields} | given).resolved()
@@ -130,7 +143,7 @@ def write_gif(path: Path, frames: list[np.ndarray], fps: int):
 
 def evaluate_checkpoint(cfg: EvalArgs) -> dict:
     agent, task, normalizer, args = load_agent(cfg.checkpoint, torch.device(cfg.device), cfg.kernels,
-                                               cfg.eval_policy_steps)
+                                               cfg.eval_policy_steps, cfg.eval_ema)
     args = with_eval_selection(args, cfg)
     per_seed = []
     for seed in tqdm(cfg.seeds, desc="seeds", unit="seed"):
@@ -154,7 +167,8 @@ def evaluate_checkpoint(cfg: EvalArgs) -> dict:
     summary = {
         "checkpoint": cfg.checkpoint, "env": args.env, "episodes_per_seed": cfg.episodes, "seeds": cfg.seeds,
         "eval_protocol": args.eval_protocol, "eval_select": args.eval_select, "eval_samples": args.eval_samples,
-        "eval_temperature": args.eval_temperature, "policy": getattr(args, "policy", "meanflow"),
+        "eval_temperature": args.eval_temperature, "eval_noise_scale": args.eval_noise_scale,
+        "eval_ema": args.eval_ema, "policy": getattr(args, "policy", "meanflow"),
         "eval_policy_steps": getattr(args, "eval_policy_steps", None),
         "score_mean": float(scores.mean()), "score_std_episodes": float(scores.std()),
         "score_std_seeds": float(seed_means.std()), "return_mean": float(np.mean([r["return_mean"] for r in per_seed])),

@@ -161,6 +161,9 @@ class Args:
     """candidate actions per decision for softmax/argmax (paper: 50)"""
     eval_temperature: float | None = None
     """softmax temperature multiplying Q (DQL: 1; the authors' later code: 100-300 on normalised rewards)"""
+    eval_noise_scale: float = 1.0
+    """std of the evaluation policy's noise draws (1 = the trained N(0, I); below 1 a sampling temperature that trades
+    the behaviour's spread for its centre; ours, not the paper's)"""
     log_every: int = 1000
     """gradient steps between TensorBoard scalars (the only host syncs of the loop)"""
     save_every: int | None = None
@@ -196,6 +199,8 @@ class Args:
             problems.append("--batch-size, --total-steps and --eval-samples must be >= 1")
         if args.eval_temperature <= 0:
             problems.append(f"--eval-temperature {args.eval_temperature} must be > 0")
+        if args.eval_noise_scale < 0:
+            problems.append(f"--eval-noise-scale {args.eval_noise_scale} must be >= 0")
         if problems:
             raise ValueError("invalid arguments: " + "; ".join(problems))
         return args
@@ -1029,6 +1034,8 @@ class OFQL:
     def load_state_dict(self, state: dict):
         self.step = state["step"]
         for key, attr in self.STATE.items():
+            if attr == "actor_ema" and self.actor_ema is self.actor:
+                continue  # this agent keeps no EMA copy: the file's (EMA or actor) must not overwrite the actor
             try:
                 getattr(self, attr).load_state_dict(state[key])
             except (RuntimeError, ValueError, KeyError) as err:  # shapes from another task or width
@@ -1053,14 +1060,21 @@ class Normalizer:
 
 @torch.no_grad()
 def sample_actions(agent: OFQL, obs: torch.Tensor, args: Args) -> torch.Tensor:
-    """Actions for normalised observations by --eval-select: one sample of the evaluation policy, or `eval_samples`
+    """Actions for normalised observations by --eval-select: one sample of the evaluation policy (its noise scaled by
+    --eval-noise-scale), or `eval_samples`
     candidates per observation scored by the min of the target critics, then one drawn with probability
     softmax(Q x temperature) (DQL's sample_action) or the argmax."""
+    def draw(rows):
+        if args.eval_noise_scale == 1.0:
+            return agent.evaluation_act(rows)
+        return agent.evaluation_act(rows, args.eval_noise_scale * torch.randn(len(rows), agent.actor.act_dim,
+                                                                             device=rows.device))
+
     if args.eval_select == "one":
-        return agent.evaluation_act(obs)
+        return draw(obs)
     n = args.eval_samples
     repeated = obs.repeat_interleave(n, 0)
-    actions = agent.evaluation_act(repeated)
+    actions = draw(repeated)
     q = agent.critic_target(repeated, actions).min(0).values.view(-1, n)
     softmax = args.eval_select == "softmax"
     choice = torch.multinomial(torch.softmax(q * args.eval_temperature, 1), 1)[:, 0] if softmax else q.argmax(1)

@@ -841,6 +841,61 @@ def test_eval_checkpoint_gives_finite_scores_per_seed(tmp_path):
     assert json.loads(out.read_text())["episodes_per_seed"] == 3
 
 
+def test_eval_ema_tracks_an_averaged_actor_evaluates_it_and_eval_py_switches_it(tmp_path):
+    """--eval-ema: the EMA copy follows ema_decay (checked against the closed-form lerp), evaluation samples it and
+    not the live actor, checkpoints keep both, eval.py picks either and refuses an EMA a run never had."""
+    import eval as ofql_eval
+
+    args = small_args(out_dir=str(tmp_path), total_steps=40, eval_every=20, eval_ema=True, ema_start=10, ema_every=5,
+                      keep_checkpoints=True)
+    task, data = ofql.load_task(args.env)
+    agent = ofql.OFQL(task, args, torch.device("cpu"))
+    assert agent.actor_ema is not agent.actor and agent.actor_target is agent.actor  # TD target: the live actor
+    buffer = ofql.ReplayBuffer(data, torch.device("cpu"), torch.Generator().manual_seed(0))
+    for _ in range(14):
+        agent.update(buffer.sample(64), swap_heads=False)
+    before = [p.clone() for p in agent.actor_ema.parameters()]
+    agent.update(buffer.sample(64), swap_heads=False)  # step 15: an EMA update with decay ema_decay
+    for old, ema, live in zip(before, agent.actor_ema.parameters(), agent.actor.parameters()):
+        torch.testing.assert_close(ema, args.ema_decay * old + (1 - args.ema_decay) * live)
+    assert any((ema - live).abs().max() > 1e-4 for ema, live in zip(agent.actor_ema.parameters(), agent.actor.parameters()))
+    obs, noise = torch.zeros(5, task.obs_dim), torch.randn(5, task.act_dim)
+    torch.manual_seed(1)
+    evaluated = ofql.sample_actions(agent, obs, args)
+    torch.manual_seed(1)
+    torch.testing.assert_close(evaluated, agent.actor_ema.act(obs))
+    assert not torch.allclose(agent.actor_ema.act(obs, noise), agent.actor.act(obs, noise))
+
+    summary = ofql.train(args)
+    run = Path(summary["run_dir"])
+    assert (run / "checkpoint_20.pt").exists() and (run / "checkpoint_40.pt").exists()
+    ema, *_ = ofql_eval.load_agent(summary["checkpoint"], torch.device("cpu"))
+    live, *_ = ofql_eval.load_agent(summary["checkpoint"], torch.device("cpu"), eval_ema=False)
+    assert ema.evaluation_act.__self__ is ema.actor_ema and live.actor_ema is live.actor
+    torch.testing.assert_close(ema.actor.act(obs, noise), live.evaluation_act(obs, noise))  # the live actor is intact
+    assert not torch.allclose(ema.evaluation_act(obs, noise), live.evaluation_act(obs, noise))
+    plain = ofql.train(small_args(out_dir=str(tmp_path), total_steps=20, eval_every=20))
+    with pytest.raises(ValueError, match="no EMA copy"):
+        ofql_eval.load_agent(plain["checkpoint"], torch.device("cpu"), eval_ema=True)
+
+
+def test_eval_noise_scale_scales_the_policy_noise():
+    """--eval-noise-scale s: candidates are the policy at s * e; s = 0 is the deterministic map of e = 0."""
+    args = small_args()
+    task, _ = ofql.load_task(args.env, with_data=False)
+    agent = ofql.OFQL(task, args, torch.device("cpu"))
+    obs = torch.zeros(7, task.obs_dim)
+    for scale in (0.0, 0.5):
+        torch.manual_seed(3)
+        picked = ofql.sample_actions(agent, obs, dataclasses.replace(args, eval_noise_scale=scale))
+        torch.manual_seed(3)
+        torch.testing.assert_close(picked, agent.actor.act(obs, scale * torch.randn(7, task.act_dim)))
+    zero = ofql.sample_actions(agent, obs, dataclasses.replace(args, eval_noise_scale=0.0))
+    assert torch.allclose(zero, zero[:1].expand_as(zero))
+    with pytest.raises(ValueError, match="eval-noise-scale"):
+        small_args(eval_noise_scale=-1.0)
+
+
 def test_eval_video_records_the_first_episode_as_a_gif(tmp_path):
     """Pendulum renders without OpenGL (pygame): one GIF per seed with every other frame of episode 1."""
     import eval as ofql_eval
