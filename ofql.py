@@ -108,6 +108,9 @@ class Args:
     """TD target from the max over `max_q_samples` next actions per head (None: task preset)"""
     max_q_samples: int = 10
     """next-action samples for the max-Q backup (DQL: 10)"""
+    target_noise_scale: float = 1.0
+    """std of the noise behind the TD target's next actions (1 = the policy as trained, the paper's; below 1 the
+    critic values a less noisy policy, closer to the one that candidate selection acts with; ours)"""
     ema_actor: Annotated[bool, tyro.conf.FlagConversionOff] = False
     """use an EMA copy of the actor for next actions (DQL's); the paper's OFQL uses the current actor"""
     ema_decay: float = 0.995
@@ -199,8 +202,8 @@ class Args:
             problems.append("--batch-size, --total-steps and --eval-samples must be >= 1")
         if args.eval_temperature <= 0:
             problems.append(f"--eval-temperature {args.eval_temperature} must be > 0")
-        if args.eval_noise_scale < 0:
-            problems.append(f"--eval-noise-scale {args.eval_noise_scale} must be >= 0")
+        if min(args.eval_noise_scale, args.target_noise_scale) < 0:
+            problems.append("--eval-noise-scale and --target-noise-scale must be >= 0")
         if problems:
             raise ValueError("invalid arguments: " + "; ".join(problems))
         return args
@@ -934,13 +937,15 @@ def meanflow_bc_loss(actor: MeanFlowActor, obs, action, args: Args, generator=No
 
 
 def td_target(actor, critic_target, batch, args: Args) -> torch.Tensor:
-    """r + gamma * mask * min_i Q'_i(s', a'), a' from the (EMA) one-step policy; with max-Q backup,
+    """r + gamma * mask * min_i Q'_i(s', a'), a' from the (EMA) one-step policy (noise std --target-noise-scale); with max-Q backup,
     max over `max_q_samples` next actions per head before the min over heads."""
     with torch.no_grad():
         next_obs = batch["next_obs"]
         if args.max_q_backup:
             next_obs = next_obs.repeat_interleave(args.max_q_samples, 0)
-        q_next = critic_target(next_obs, actor.act(next_obs))
+        noise = None if args.target_noise_scale == 1.0 else args.target_noise_scale * torch.randn(
+            len(next_obs), batch["action"].shape[-1], device=next_obs.device)
+        q_next = critic_target(next_obs, actor.act(next_obs, noise))
         if args.max_q_backup:
             q_next = q_next.view(2, -1, args.max_q_samples).max(-1).values
         return batch["reward"] + args.gamma * batch["mask"] * q_next.min(0).values

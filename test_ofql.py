@@ -258,6 +258,25 @@ def test_td_target_is_reward_plus_discounted_min_over_heads_masked_by_terminals(
     torch.testing.assert_close(target, torch.tensor([0.5 + 0.9 * 1.0, 1.0 + 0.9 * 4.0, 2.0]))
 
 
+def test_td_target_next_actions_use_the_target_noise_scale():
+    """--target-noise-scale s: a' = policy(s', s * e), the same noise draw scaled (s = 0: the map of e = 0)."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, obs, action):
+            seen.append(action)
+            return torch.zeros(2, len(obs))
+
+    actor, next_obs = ofql.MeanFlowActor(3, 2, hidden=8), torch.randn(5, 3)
+    batch = {"next_obs": next_obs, "reward": torch.zeros(5), "mask": torch.ones(5), "action": torch.zeros(5, 2)}
+    for scale in (0.0, 0.3):
+        torch.manual_seed(0)
+        ofql.td_target(actor, Recorder(), batch, small_args(target_noise_scale=scale))
+        torch.manual_seed(0)
+        torch.testing.assert_close(seen[-1], actor.act(next_obs, scale * torch.randn(5, 2)))
+    assert not torch.allclose(seen[0], seen[1])
+
+
 def test_polyak_update_moves_the_targets_by_tau():
     args = small_args(tau=0.1, hidden_dim=16)
     task, data = ofql.load_task("bandit-8modes")
@@ -894,6 +913,8 @@ def test_eval_noise_scale_scales_the_policy_noise():
     assert torch.allclose(zero, zero[:1].expand_as(zero))
     with pytest.raises(ValueError, match="eval-noise-scale"):
         small_args(eval_noise_scale=-1.0)
+    with pytest.raises(ValueError, match="target-noise-scale"):
+        small_args(target_noise_scale=-1.0)
 
 
 def test_eval_video_records_the_first_episode_as_a_gif(tmp_path):
