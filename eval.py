@@ -47,7 +47,7 @@ class EvalArgs:
     """episodes per seed"""
     seeds: list[int] = field(default_factory=lambda: [0])
     """evaluation seeds (environment resets and policy noise)"""
-    eval_protocol: Literal["paper", "one"] | None = None
+    eval_protocol: Literal["paper", "one", "deterministic"] | None = None
     """action selection (see ofql.py --eval-protocol); given, it replaces the checkpoint's selection, samples and
     temperature (None: the checkpoint's)"""
     eval_select: Literal["one", "softmax", "argmax"] | None = None
@@ -121,10 +121,8 @@ def load_agent(path: str, device: torch.device, kernels: str = "auto", eval_poli
 
 def with_eval_selection(args: ofql.Args, cfg: EvalArgs) -> ofql.Args:
     """The checkpoint's args with the action selection asked for on eval.py's command line."""
-    fields = ("eval_select", "eval_samples", "eval_temperature")
+    fields = ("eval_select", "eval_samples", "eval_temperature", "eval_noise_scale")
     given = {name: getattr(cfg, name) for name in fields if getattr(cfg, name) is not None}
-    if cfg.eval_noise_scale is not None:
-        args = dataclasses.replace(args, eval_noise_scale=cfg.eval_noise_scale)
     if cfg.eval_protocol is not None:  # a protocol replaces the whole selection, then explicit fields refine it
         return dataclasses.replace(args, eval_protocol=cfg.eval_protocol,
                                    **{name: None for name in fields} | given).resolved()
@@ -393,7 +391,7 @@ def candidate_policy(sampler, critic: torch.nn.Module, n: int):
     """policy(obs, noise) that draws `n` candidates per observation from `sampler` (its own noise; the given
     noise is unused) and picks one by softmax over the min of the two critics: ofql.sample_actions's path."""
     agent = SimpleNamespace(evaluation_act=sampler, critic_target=critic)
-    args = ofql.Args(eval_select="softmax", eval_samples=n, eval_temperature=1.0)
+    args = ofql.Args(eval_select="softmax", eval_samples=n, eval_temperature=1.0, eval_noise_scale=1.0)
     return lambda obs, noise=None: ofql.sample_actions(agent, obs, args)
 
 

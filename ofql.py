@@ -154,9 +154,10 @@ class Args:
     """gradient steps between evaluations (None: task preset)"""
     eval_episodes: int = 10
     """episodes per evaluation (paper: 150 per task at the end)"""
-    eval_protocol: Literal["paper", "one"] | None = None
-    """action selection at evaluation, filling the three fields below where unset (None: task preset): `paper` = DQL's
-    `sample_action` (50 candidates, one drawn by softmax(min target-Q)); `one` = one sample, no critic"""
+    eval_protocol: Literal["paper", "one", "deterministic"] | None = None
+    """action selection at evaluation, filling the four fields below where unset (None: task preset): `paper` = DQL's
+    `sample_action` (50 candidates, one drawn by softmax(min target-Q)); `one` = one sample, no critic;
+    `deterministic` = the one-step action of e = 0, no critic (ours; docs/algorithm.md#action-selection)"""
     eval_select: Literal["one", "softmax", "argmax"] | None = None
     """`one` sample, or `eval_samples` candidates and the one drawn by softmax(Q x temperature) or argmax Q (Q: min
     of the two target critics)"""
@@ -164,9 +165,9 @@ class Args:
     """candidate actions per decision for softmax/argmax (paper: 50)"""
     eval_temperature: float | None = None
     """softmax temperature multiplying Q (DQL: 1; the authors' later code: 100-300 on normalised rewards)"""
-    eval_noise_scale: float = 1.0
-    """std of the evaluation policy's noise draws (1 = the trained N(0, I); below 1 a sampling temperature that trades
-    the behaviour's spread for its centre; ours, not the paper's)"""
+    eval_noise_scale: float | None = None
+    """std of the evaluation policy's noise draws (None: the protocol's; 1 = the trained N(0, I); below 1 a sampling
+    temperature that trades the behaviour's spread for its centre; 0 = e = 0)"""
     log_every: int = 1000
     """gradient steps between TensorBoard scalars (the only host syncs of the loop)"""
     save_every: int | None = None
@@ -186,13 +187,14 @@ class Args:
         preset = ogbench_preset(self.env) if self.env.startswith("ogbench/") else PRESETS.get(self.env, Preset())
         args = dataclasses.replace(self, **{f.name: getattr(preset, f.name) for f in dataclasses.fields(Preset)
                                             if getattr(self, f.name) is None})
-        select, samples, temperature = EVAL_PROTOCOLS[args.eval_protocol]
+        select, samples, temperature, noise_scale = EVAL_PROTOCOLS[args.eval_protocol]
         if args.eval_select not in (None, select):  # a changed selection: the paper's 50 candidates
             select, samples = args.eval_select, EVAL_PROTOCOLS["paper"][1]
         args = dataclasses.replace(
             args, save_every=args.eval_every if args.save_every is None else args.save_every, eval_select=select,
             eval_samples=1 if select == "one" else args.eval_samples or samples,
-            eval_temperature=temperature if args.eval_temperature is None else args.eval_temperature)
+            eval_temperature=temperature if args.eval_temperature is None else args.eval_temperature,
+            eval_noise_scale=noise_scale if args.eval_noise_scale is None else args.eval_noise_scale)
         problems = []
         if not 0.0 <= args.flow_ratio <= 1.0:
             problems.append(f"--flow-ratio {args.flow_ratio} must be in [0, 1]")
@@ -275,7 +277,8 @@ def ogbench_preset(env: str) -> Preset:
                   eval_protocol="one")
 
 
-EVAL_PROTOCOLS = {"paper": ("softmax", 50, 1.0), "one": ("one", 1, 1.0)}  # -> (eval_select, samples, temperature)
+# --eval-protocol -> (eval_select, eval_samples, eval_temperature, eval_noise_scale)
+EVAL_PROTOCOLS = {"paper": ("softmax", 50, 1.0, 1.0), "one": ("one", 1, 1.0, 1.0), "deterministic": ("one", 1, 1.0, 0.0)}
 D4RL_MUJOCO = {f"{env}-{level}-v2": (env, level) for env in ("halfcheetah", "hopper", "walker2d")
                for level in ("medium", "medium-replay", "medium-expert")}
 D4RL_REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}

@@ -236,6 +236,14 @@ def test_eval_protocol_fills_selection_and_eval_py_replaces_it(tmp_path):
     assert (replaced.eval_select, replaced.eval_samples) == ("softmax", 50)
     refined = ofql_eval.with_eval_selection(paper, ofql_eval.EvalArgs(checkpoint="unused", eval_select="argmax"))
     assert (refined.eval_select, refined.eval_samples) == ("argmax", 50)
+    deterministic = ofql.Args(env="hopper-medium-v2", eval_protocol="deterministic").resolved()
+    assert (deterministic.eval_select, deterministic.eval_samples, deterministic.eval_noise_scale) == ("one", 1, 0.0)
+    assert paper.eval_noise_scale == 1.0
+    back = ofql_eval.with_eval_selection(deterministic, ofql_eval.EvalArgs(checkpoint="unused", eval_protocol="paper"))
+    assert (back.eval_select, back.eval_samples, back.eval_noise_scale) == ("softmax", 50, 1.0)
+    spread = ofql_eval.with_eval_selection(paper, ofql_eval.EvalArgs(checkpoint="unused", eval_protocol="paper",
+                                                                      eval_noise_scale=0.3))
+    assert (spread.eval_select, spread.eval_noise_scale) == ("softmax", 0.3)
 
 
 class FixedHeads(torch.nn.Module):
@@ -909,8 +917,9 @@ def test_eval_noise_scale_scales_the_policy_noise():
         picked = ofql.sample_actions(agent, obs, dataclasses.replace(args, eval_noise_scale=scale))
         torch.manual_seed(3)
         torch.testing.assert_close(picked, agent.actor.act(obs, scale * torch.randn(7, task.act_dim)))
-    zero = ofql.sample_actions(agent, obs, dataclasses.replace(args, eval_noise_scale=0.0))
+    zero = ofql.sample_actions(agent, obs, small_args(eval_protocol="deterministic"))
     assert torch.allclose(zero, zero[:1].expand_as(zero))
+    torch.testing.assert_close(zero, agent.actor.act(obs, torch.zeros(7, task.act_dim)))
     with pytest.raises(ValueError, match="eval-noise-scale"):
         small_args(eval_noise_scale=-1.0)
     with pytest.raises(ValueError, match="target-noise-scale"):

@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--eval-ema", nargs="+", default=["False"], choices=["True", "False"])
-    parser.add_argument("--noise", nargs="+", type=float, default=[1.0], help="--eval-noise-scale values")
-    parser.add_argument("--protocol", nargs="+", default=["paper"], choices=["paper", "one"])
+    parser.add_argument("--noise", nargs="+", type=float, default=[None], help="--eval-noise-scale values (default: the protocol's)")
+    parser.add_argument("--protocol", nargs="+", default=["paper"], choices=["paper", "one", "deterministic"])
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--json", help="write the rows here")
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cfg = ofql_eval.EvalArgs(checkpoint=checkpoint, episodes=cli.episodes, seeds=cli.seeds, eval_protocol=protocol,
                                  eval_noise_scale=noise, eval_ema=ema == "True")
         result = ofql_eval.evaluate_checkpoint(cfg)
-        rows.append({"checkpoint": checkpoint, "eval_ema": ema == "True", "eval_noise_scale": noise,
+        rows.append({"checkpoint": checkpoint, "eval_ema": ema == "True", "eval_noise_scale": result["eval_noise_scale"],
                      "eval_protocol": protocol, "score_mean": result["score_mean"],
                      "score_std_episodes": result["score_std_episodes"], "episodes": cli.episodes * len(cli.seeds)})
         if cli.json:  # written after every cell: a long grid that is stopped keeps what it measured
