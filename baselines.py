@@ -183,7 +183,8 @@ class BaselineArgs(Args):
 
     def resolved(self) -> Args:
         """--policy meanflow: a plain ofql.Args, so the run trains, checkpoints and resumes as ofql.py's. flow and
-        diffusion: DQL's eta for the task, K = 5 and (diffusion) DQL's EMA actor where not given, then ofql.py's
+        diffusion: DQL's eta for the task, K = 5, DQL's inference (`paper`) and (diffusion) DQL's EMA actor where not
+        given, then ofql.py's
         presets and checks, then the baselines' own."""
         if self.policy == "meanflow":
             if {self.policy_steps, self.eval_policy_steps} - {1, None}:
@@ -194,7 +195,8 @@ class BaselineArgs(Args):
         args = Args.resolved(dataclasses.replace(
             self, eta=dql_eta(self.env) if self.eta is None else self.eta,
             policy_steps=5 if self.policy_steps is None else self.policy_steps,
-            ema_actor=self.policy == "diffusion" if self.ema_actor is None else self.ema_actor))
+            ema_actor=self.policy == "diffusion" if self.ema_actor is None else self.ema_actor,
+            eval_protocol="paper" if self.eval_protocol is None else self.eval_protocol))  # DQL's sample_action
         problems = []
         if args.policy_steps < 1 or (args.eval_policy_steps or 1) < 1:
             problems.append("--policy-steps and --eval-policy-steps must be >= 1")

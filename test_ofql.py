@@ -223,8 +223,10 @@ def test_candidate_selection_draws_by_softmax_of_min_target_q_or_takes_the_argma
 def test_eval_protocol_fills_selection_and_eval_py_replaces_it(tmp_path):
     import eval as ofql_eval
 
-    paper = ofql.Args(env="hopper-medium-v2").resolved()
+    paper = ofql.Args(env="hopper-medium-v2", eval_protocol="paper").resolved()
     assert (paper.eval_select, paper.eval_samples, paper.eval_temperature) == ("softmax", 50, 1.0)
+    assert ofql.Args(env="hopper-medium-v2").resolved().eval_protocol == "deterministic"  # measured (calibration.md)
+    assert ofql.Args(env="antmaze-large-play-v0").resolved().eval_protocol == "paper"  # unmeasured: the paper's
     assert ofql.Args(env="hopper-medium-v2", eval_protocol="one").resolved().eval_samples == 1
     assert ofql.Args(env="hopper-medium-v2", eval_select="argmax", eval_samples=10).resolved().eval_samples == 10
     with pytest.raises(ValueError, match="eval-temperature"):
