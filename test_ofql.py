@@ -192,6 +192,11 @@ def test_q_guidance_picks_the_best_mode_and_earns_its_reward(tmp_path):
     assert summary["args"]["eval_select"] == "one"
     assert summary["final_score"] >= 90.0
     assert (tmp_path / summary["run_dir"].split("/")[-1] / "bandit_samples.png").stat().st_size > 1000
+    import eval as ofql_eval  # the deterministic action (e = 0) of the same policy sits on the best mode too
+
+    result = ofql_eval.evaluate_checkpoint(ofql_eval.EvalArgs(checkpoint=summary["checkpoint"], seeds=[0],
+                                                              eval_protocol="deterministic"))
+    assert result["eval_noise_scale"] == 0.0 and result["score_mean"] >= 90.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -937,9 +942,13 @@ def test_eval_video_records_the_first_episode_as_a_gif(tmp_path):
                                    eval_episodes=1, batch_size=16, hidden_dim=32))
     ofql_eval.main(ofql_eval.EvalArgs(checkpoint=summary["checkpoint"], episodes=2, seeds=[0, 1],
                                       video=str(tmp_path / "video")))
-    for seed in (0, 1):
+    for seed in (0, 1):  # 200 Pendulum steps, every other one at 25 fps (PIL merges identical frames, adding durations)
         with Image.open(tmp_path / "video" / f"seed{seed}.gif") as gif:
-            assert gif.n_frames == 100 and gif.size == (500, 500)  # 200 Pendulum steps, every other one
+            durations = []
+            for frame in range(gif.n_frames):
+                gif.seek(frame)
+                durations.append(gif.info["duration"])
+            assert sum(durations) == 100 * 40 and gif.n_frames > 50 and gif.size == (500, 500)
 
 
 def test_eval_benchmark_quick_mode_writes_json_and_png(tmp_path):
