@@ -943,8 +943,8 @@ def meanflow_bc_loss(actor: MeanFlowActor, obs, action, args: Args, generator=No
 
 
 def td_target(actor, critic_target, batch, args: Args) -> torch.Tensor:
-    """r + gamma * mask * min_i Q'_i(s', a'), a' from the (EMA) one-step policy (noise std --target-noise-scale); with max-Q backup,
-    max over `max_q_samples` next actions per head before the min over heads."""
+    """r + gamma * mask * min_i Q'_i(s', a'), a' from the (EMA) one-step policy (noise std --target-noise-scale);
+    with max-Q backup, max over `max_q_samples` next actions per head before the min over heads."""
     with torch.no_grad():
         next_obs = batch["next_obs"]
         if args.max_q_backup:
@@ -1071,10 +1071,10 @@ class Normalizer:
 
 @torch.no_grad()
 def sample_actions(agent: OFQL, obs: torch.Tensor, args: Args) -> torch.Tensor:
-    """Actions for normalised observations by --eval-select: one sample of the evaluation policy (its noise scaled by
-    --eval-noise-scale), or `eval_samples`
+    """Actions for normalised observations by --eval-select: one sample of the evaluation policy, or `eval_samples`
     candidates per observation scored by the min of the target critics, then one drawn with probability
-    softmax(Q x temperature) (DQL's sample_action) or the argmax."""
+    softmax(Q x temperature) (DQL's sample_action) or the argmax; the policy's noise has std --eval-noise-scale
+    (0: the deterministic action of e = 0)."""
     def draw(rows):
         if args.eval_noise_scale == 1.0:
             return agent.evaluation_act(rows)
