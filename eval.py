@@ -126,8 +126,8 @@ def with_eval_selection(args: ofql.Args, cfg: EvalArgs) -> ofql.Args:
     if cfg.eval_protocol is not None:  # a protocol replaces the whole selection, then explicit fields refine it
         return dataclasses.replace(args, eval_protocol=cfg.eval_protocol,
                                    **{name: None for name in fields} | given).resolved()
-    if "eval_select" in given and "eval_samples" not in given:
-        given["eval_samples"] = None
+    if "eval_select" in given:  # a new selection takes its candidates and noise from the protocol unless given
+        given = {"eval_samples": None, "eval_noise_scale": None} | given
     return dataclasses.replace(args, **given).resolved() if given else args
 
 

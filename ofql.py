@@ -188,8 +188,9 @@ class Args:
         args = dataclasses.replace(self, **{f.name: getattr(preset, f.name) for f in dataclasses.fields(Preset)
                                             if getattr(self, f.name) is None})
         select, samples, temperature, noise_scale = EVAL_PROTOCOLS[args.eval_protocol]
-        if args.eval_select not in (None, select):  # a changed selection: the paper's 50 candidates
-            select, samples = args.eval_select, EVAL_PROTOCOLS["paper"][1]
+        if args.eval_select not in (None, select):  # a changed selection: the paper's 50 candidates and noise
+            _, samples, _, noise_scale = EVAL_PROTOCOLS["paper"]
+            select = args.eval_select
         args = dataclasses.replace(
             args, save_every=args.eval_every if args.save_every is None else args.save_every, eval_select=select,
             eval_samples=1 if select == "one" else args.eval_samples or samples,
@@ -950,7 +951,7 @@ def td_target(actor, critic_target, batch, args: Args) -> torch.Tensor:
         if args.max_q_backup:
             next_obs = next_obs.repeat_interleave(args.max_q_samples, 0)
         noise = None if args.target_noise_scale == 1.0 else args.target_noise_scale * torch.randn(
-            len(next_obs), batch["action"].shape[-1], device=next_obs.device)
+            len(next_obs), actor.act_dim, device=next_obs.device)
         q_next = critic_target(next_obs, actor.act(next_obs, noise))
         if args.max_q_backup:
             q_next = q_next.view(2, -1, args.max_q_samples).max(-1).values

@@ -248,6 +248,10 @@ def test_eval_protocol_fills_selection_and_eval_py_replaces_it(tmp_path):
     assert paper.eval_noise_scale == 1.0
     back = ofql_eval.with_eval_selection(deterministic, ofql_eval.EvalArgs(checkpoint="unused", eval_protocol="paper"))
     assert (back.eval_select, back.eval_samples, back.eval_noise_scale) == ("softmax", 50, 1.0)
+    argmax = ofql.Args(env="hopper-medium-v2", eval_select="argmax").resolved()  # on the deterministic preset
+    assert (argmax.eval_select, argmax.eval_samples, argmax.eval_noise_scale) == ("argmax", 50, 1.0)
+    ranked = ofql_eval.with_eval_selection(deterministic, ofql_eval.EvalArgs(checkpoint="unused", eval_select="softmax"))
+    assert (ranked.eval_select, ranked.eval_samples, ranked.eval_noise_scale) == ("softmax", 50, 1.0)
     spread = ofql_eval.with_eval_selection(paper, ofql_eval.EvalArgs(checkpoint="unused", eval_protocol="paper",
                                                                       eval_noise_scale=0.3))
     assert (spread.eval_select, spread.eval_noise_scale) == ("softmax", 0.3)
