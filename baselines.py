@@ -32,6 +32,7 @@ import torch.nn as nn
 import tyro
 
 import ofql
+import ogbench_tasks  # noqa: F401  (adds --env ogbench/..., for every file above this one)
 from ofql import BANDIT_STD, Args, MeanFlowActor, TimeEmbedding, bandit_modes, draw_times, make_bandit_data, mlp
 
 
@@ -335,7 +336,4 @@ if __name__ == "__main__":
     if isinstance(config, ToyConfig):
         toy_figure(config)
     else:
-        try:
-            ofql.train(config)
-        except (ValueError, FileNotFoundError, ofql.DivergenceError) as error:
-            raise SystemExit(f"error: {error}")
+        ofql.main(config)

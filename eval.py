@@ -179,6 +179,37 @@ def evaluate_checkpoint(cfg: EvalArgs) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# The folded one-step policy: what every deployment path below runs
+# ------------------------------------------------------------------------------------------------
+class FoldedActor(torch.nn.Module):
+    """One-step policy as a plain MLP over [e, s] (what a robot runs): a = clip(e - mlp([e, s]), -1, 1)."""
+
+    def __init__(self, net: torch.nn.Sequential, act_dim: int):
+        super().__init__()
+        self.net, self.act_dim = net, act_dim
+        self.linears = [layer for layer in net if isinstance(layer, torch.nn.Linear)]
+
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([noise, obs], -1)
+        *hidden, last = self.linears  # called functionally: module calls cost ~13 us at batch 1
+        for layer in hidden:
+            x = ofql.mish(torch.nn.functional.linear(x, layer.weight, layer.bias))
+        return (noise - torch.nn.functional.linear(x, last.weight, last.bias)).clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def fold(actor: ofql.MeanFlowActor) -> FoldedActor:
+    """actor.act as a FoldedActor: r = 0 and t = 1 folded into the first layer's bias."""
+    first, emb = actor.net[0], actor.one_step_times(actor.net[0].weight.device)[0]
+    w_noise, w_time, w_obs = first.weight.split([actor.act_dim, len(emb), first.in_features - actor.act_dim - len(emb)], 1)
+    layers = copy.deepcopy(actor.net)
+    layers[0] = torch.nn.Linear(first.in_features - len(emb), first.out_features).to(first.weight.device)
+    layers[0].weight.copy_(torch.cat([w_noise, w_obs], 1))
+    layers[0].bias.copy_(first.bias + w_time @ emb)
+    return FoldedActor(layers, actor.act_dim)
+
+
+# ------------------------------------------------------------------------------------------------
 # Deployment path for a CPU control loop: the whole one-step policy as one compiled call (numba)
 # ------------------------------------------------------------------------------------------------
 _numba_forward = None
@@ -230,12 +261,12 @@ class NumbaPolicy:
     Observation normalisation and the r = 0, t = 1 time embeddings are folded into the first layer, so
     a decision is 4 BLAS matrix products, 3 Mish loops and a clip, compiled by numba (fp32).
 
-        policy = NumbaPolicy(agent.actor.folded(), normalizer)
+        policy = NumbaPolicy(fold(agent.actor), normalizer)
         action = policy(raw_obs)            # obs [obs_dim] or [batch, obs_dim]
 
     Fastest at small batches (the control-loop case); torch wins at large batches (its GEMMs)."""
 
-    def __init__(self, folded: ofql.FoldedActor, normalizer: ofql.Normalizer, seed: int = 0):
+    def __init__(self, folded: FoldedActor, normalizer: ofql.Normalizer, seed: int = 0):
         self.forward = numba_forward()
         weights = [layer.weight.detach().cpu().double().numpy().T for layer in folded.linears]
         biases = [layer.bias.detach().cpu().double().numpy() for layer in folded.linears]
@@ -267,7 +298,7 @@ class ExportablePolicy(torch.nn.Module):
     with F.mish (ONNX's Mish op; ofql.mish picks its kernel by tensor size, which export cannot trace
     for a dynamic batch) and the clip. Same function as folded(normalizer(obs), noise)."""
 
-    def __init__(self, folded: ofql.FoldedActor, normalizer: ofql.Normalizer):
+    def __init__(self, folded: FoldedActor, normalizer: ofql.Normalizer):
         super().__init__()
         self.linears = torch.nn.ModuleList(copy.deepcopy(folded.linears))  # a copy: export moves it to the CPU
         self.register_buffer("mean", torch.tensor(normalizer.mean))
@@ -281,7 +312,7 @@ class ExportablePolicy(torch.nn.Module):
         return (noise - last(x)).clamp(-1.0, 1.0)
 
 
-def export_onnx(folded: ofql.FoldedActor, normalizer: ofql.Normalizer, path: str | Path):
+def export_onnx(folded: FoldedActor, normalizer: ofql.Normalizer, path: str | Path):
     """Write the policy to `path`: inputs `obs` [batch, obs_dim] and `noise` [batch, act_dim] (float32),
     output `action` [batch, act_dim] in [-1, 1]; the batch axis is dynamic. Needs onnx and onnxscript."""
     policy = ExportablePolicy(folded, normalizer).cpu().eval()
@@ -323,7 +354,7 @@ def export_checkpoint(path: str, out: str) -> dict:
     if not isinstance(agent.actor, ofql.MeanFlowActor):
         raise ValueError(f"--export-onnx exports OFQL's one-step policy (--policy meanflow); {path} is --policy "
                          f"{args.policy}")
-    export_onnx(agent.actor.folded(), normalizer, out)
+    export_onnx(fold(agent.actor), normalizer, out)
     print(f"wrote {out}: obs [batch, {task.obs_dim}] (raw observations) and noise [batch, {task.act_dim}] "
           f"(standard normal) -> action [batch, {task.act_dim}] in [-1, 1]")
     return {"checkpoint": path, "onnx": out, "obs_dim": task.obs_dim, "act_dim": task.act_dim}
@@ -410,7 +441,7 @@ def benchmark(cfg: EvalArgs) -> dict:
         actor = ofql.MeanFlowActor(cfg.obs_dim, cfg.act_dim).to(device)
         normalizer = ofql.Normalizer(np.zeros(cfg.obs_dim), np.ones(cfg.obs_dim))
     actor.eval()
-    folded = actor.folded()
+    folded = fold(actor)
     obs_dim, act_dim, hidden = folded.net[0].in_features - actor.act_dim, actor.act_dim, folded.net[0].out_features
     # name -> (network calls per decision, policy(obs, noise), whether it takes "torch" or "numpy" inputs)
     policies = {"ofql-1 eager": (1, actor.act, "torch"), "ofql-1 folded": (1, folded, "torch")}

@@ -5,7 +5,7 @@ What is fused (each is ONE kernel launch per call; every weight tile is loaded o
 - `act` / `folded_policy` (inference): a = clip(e - u(e, 0, 1; s), -1, 1). `act` reads the unfolded actor's
   weights and folds r = 0, t = 1 into the first layer's bias inside the kernel (two one-row time embeddings per
   program), so the TD target and evaluation need no host-side folding; `folded_policy` runs the same kernel on
-  an ofql.FoldedActor (deployment).
+  an eval.FoldedActor (deployment).
 - `time_embedding`: sinusoidal embedding -> Linear -> Mish -> Linear of DQL's TimeEmbedding, and its backward
   (gradients for the times and the four weight tensors) in a second kernel.
 - `velocity` / `velocity_and_dudt`: the whole unfolded actor u(z, r, t; s) with both time embeddings and, given
@@ -207,12 +207,72 @@ def linear_reference(x, weight, bias, precision: str = "ieee"):
     return F.linear(round_operand(x, precision), round_operand(weight, precision), bias)
 
 
-def mish_and_slope_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """mish(x) and mish'(x) from one sigmoid (ofql.sigmoid_and_tanh_softplus / mish_derivative)."""
+def sigmoid_and_tanh_softplus(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sigmoid(x) and tanh(softplus(x)) from one sigmoid: with s = sigmoid(x) and n = s (2 - s),
+    tanh(softplus(x)) = n / (2 - n). Same fp32 result as aten::mish, ~3x faster on CPU."""
     s = torch.sigmoid(x)
     n = s * (2 - s)
-    tanh_sp = n / (2 - n)
-    return x * tanh_sp, tanh_sp + x * s * (1 - tanh_sp * tanh_sp)
+    return s, n / (2 - n)
+
+
+def mish_slope(x, s, tanh_sp):
+    """d/dx [x tanh(softplus(x))] = tanh(sp) + x sigmoid(x) (1 - tanh(sp)^2), from s = sigmoid(x) and tanh(sp)."""
+    return tanh_sp + x * s * (1 - tanh_sp * tanh_sp)
+
+
+def mish_and_slope_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mish(x) and mish'(x) from one sigmoid."""
+    s, tanh_sp = sigmoid_and_tanh_softplus(x)
+    return x * tanh_sp, mish_slope(x, s, tanh_sp)
+
+
+class Mish(torch.autograd.Function):
+    """mish(x) = x tanh(softplus(x)) whose backward and forward mode (torch.func.jvp) reuse the sigmoid and
+    tanh(softplus) of the forward pass: the torch path's Mish (ofql.py's, when this file is present)."""
+
+    @staticmethod
+    def forward(x):
+        s, tanh_sp = sigmoid_and_tanh_softplus(x)
+        return x * tanh_sp, s, tanh_sp
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, s, tanh_sp = output
+        ctx.mark_non_differentiable(s, tanh_sp)
+        ctx.save_for_backward(inputs[0], s, tanh_sp)
+        ctx.save_for_forward(inputs[0], s, tanh_sp)
+
+    @staticmethod
+    def backward(ctx, grad, _grad_s, _grad_tanh_sp):
+        return grad * mish_slope(*ctx.saved_tensors)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent * mish_slope(*ctx.saved_tensors), None, None
+
+
+def mish_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mish(x) with its detached sigmoid(x) and tanh(softplus(x)). Under torch.compile plain ops, which inductor
+    fuses with their backward (Dynamo cannot trace the custom jvp: one graph break per layer)."""
+    if torch.compiler.is_compiling():
+        s, tanh_sp = sigmoid_and_tanh_softplus(x)
+        return x * tanh_sp, s.detach(), tanh_sp.detach()
+    return Mish.apply(x)
+
+
+def mish(x: torch.Tensor) -> torch.Tensor:
+    if x.requires_grad:
+        return mish_parts(x)[0]
+    if x.numel() < 4096:  # small inference batches: one aten call beats seven cheaper ones (2 vs 12 us at 256)
+        return F.mish(x)
+    return x * sigmoid_and_tanh_softplus(x)[1]  # inference: no autograd.Function overhead (~60 us a call)
+
+
+def mish_and_slope(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mish(x) with its graph and mish'(x) without, from one sigmoid (ofql.mlp_with_tangent's Mish)."""
+    y, s, tanh_sp = mish_parts(x)
+    with torch.no_grad():
+        return y, mish_slope(x.detach(), s, tanh_sp)
 
 
 @triton.jit
@@ -481,7 +541,7 @@ class ActorWeights(_WeightSet):
 
 
 class FoldedWeights(_WeightSet):
-    """The kernels' view of an ofql.FoldedActor (r = 0, t = 1 already in the first bias), validated once."""
+    """The kernels' view of an eval.FoldedActor (r = 0, t = 1 already in the first bias), validated once."""
 
     def __init__(self, folded, precision: str = "auto"):
         linears = _linear_mish_stack(folded.net, 4)
@@ -647,7 +707,7 @@ def time_embedding(emb, time: torch.Tensor, backend: str = "auto", precision: st
 # 2. One-step actor (inference): reference, kernel, launchers
 # ---------------------------------------------------------------------------------------------
 def folded_actor_reference(noise, obs, w0, b0, w1, b1, w2, b2, w3, b3, precision: str = "ieee"):
-    """ofql.FoldedActor over raw tensors: a = clip(e - mlp([e, s]), -1, 1)."""
+    """eval.FoldedActor over raw tensors: a = clip(e - mlp([e, s]), -1, 1)."""
     x = torch.cat([noise, obs], -1)
     for w, b in ((w0, b0), (w1, b1), (w2, b2)):
         x = mish_and_slope_reference(linear_reference(x, w, b, precision))[0]
@@ -667,7 +727,7 @@ def _act_kernel(noise_ptr, obs_ptr, fr, wr1, br1, wr2, br2, ft, wt1, bt1, wt2, b
                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """a = clip(e - u(e, 0, 1; s), -1, 1) for one block of rows. w0 is the first layer over [e, emb(r), emb(t), s];
     the constant embeddings emb_r(0), emb_t(1) are computed here (one row) and folded into its bias. An
-    ofql.FoldedActor (embeddings already in its bias) runs with DIM = 0: every time-embedding tile is then masked
+    eval.FoldedActor (embeddings already in its bias) runs with DIM = 0: every time-embedding tile is then masked
     out (no load issued) and the same build serves both."""
     row0 = tl.program_id(0) * BLOCK_B
     noise = _rows(noise_ptr, row0, B, A, A_PAD, BLOCK_B)
@@ -717,7 +777,7 @@ def act(weights: ActorWeights, obs: torch.Tensor, noise: torch.Tensor, out: torc
 
 def folded_actor_triton(folded, obs: torch.Tensor, noise: torch.Tensor, out: torch.Tensor | None = None,
                         precision: str = "auto") -> torch.Tensor:
-    """Launcher of the inference actor for an ofql.FoldedActor (validates its weights at every call: for a hot
+    """Launcher of the inference actor for an eval.FoldedActor (validates its weights at every call: for a hot
     loop, use `folded_policy`); returns actions [B, A]."""
     return _launch_act(FoldedWeights(folded, precision), obs, noise, out)
 
@@ -725,7 +785,7 @@ def folded_actor_triton(folded, obs: torch.Tensor, noise: torch.Tensor, out: tor
 def folded_policy(folded, backend: str = "auto",
                   precision: str = "auto") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """policy(obs [B, S] float32, noise [B, A] float32) -> actions [B, A] in [-1, 1], no autograd graph,
-    on the device of `folded` (an ofql.FoldedActor). The backend is resolved and the weights are checked
+    on the device of `folded` (an eval.FoldedActor). The backend is resolved and the weights are checked
     once, here (per call only obs and noise are); the policy reads the current values of `folded`'s parameters at
     every call (in-place updates show, replaced tensors do not)."""
     device = next(folded.parameters()).device

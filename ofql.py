@@ -50,7 +50,7 @@ class Args:
 
     env: str = "pendulum-swingup"
     """task (docs/data.md): built-in (`bandit-8modes`, `pendulum-swingup`), a D4RL name of the paper
-    (`hopper-medium-v2`, ...), a Minari dataset id (`mujoco/hopper/medium-v0`) or folder, or `ogbench/<dataset>`"""
+    (`hopper-medium-v2`, ...), a Minari dataset id (`mujoco/hopper/medium-v0`) or folder; `ogbench/<dataset>` through ogbench_tasks.py"""
     mujoco_data: Literal["d4rl", "minari"] = "d4rl"
     """data of the D4RL MuJoCo names: `d4rl` = D4RL's v2 HDF5 files (the paper's data, evaluated on -v4 envs);
     `minari` = Minari's v5 regeneration (mujoco/<env>/<level>-v0; not comparable with published numbers)"""
@@ -184,7 +184,7 @@ class Args:
 
     def resolved(self) -> Args:
         """A new Args with every None field filled from the task preset and the eval protocol, values checked."""
-        preset = ogbench_preset(self.env) if self.env.startswith("ogbench/") else PRESETS.get(self.env, Preset())
+        preset = family[1](self.env) if (family := task_family(self.env)) else PRESETS.get(self.env, Preset())
         args = dataclasses.replace(self, **{f.name: getattr(preset, f.name) for f in dataclasses.fields(Preset)
                                             if getattr(self, f.name) is None})
         select, samples, temperature, noise_scale = EVAL_PROTOCOLS[args.eval_protocol]
@@ -272,13 +272,13 @@ PRESETS: dict[str, Preset] = {
 
 
 
-def ogbench_preset(env: str) -> Preset:
-    """`ogbench/<dataset>`: what carries over from FQL (docs/ogbench.md). Discount 0.995 where FQL used it (antmaze-
-    giant, humanoidmaze-medium/large, antsoccer-arena), extended to the other giant and humanoid mazes and
-    antsoccer-medium, else 0.99; one-sample evaluation (FQL's). eta: MuJoCo's, unmeasured on OGBench."""
-    name = env.removeprefix("ogbench/")
-    return Preset(gamma=0.995 if name.startswith(("humanoidmaze-", "antsoccer-")) or "maze-giant-" in name else 0.99,
-                  eval_protocol="one")
+# Task families that another file adds, by --env prefix: (load(name, with_data) -> (Task, data), preset(name)).
+# ogbench_tasks.py adds `ogbench/` (docs/ogbench.md).
+TASK_FAMILIES: dict[str, tuple[Callable[[str, bool], tuple], Callable[[str], Preset]]] = {}
+
+
+def task_family(env: str) -> tuple[Callable, Callable] | None:
+    return next((family for prefix, family in TASK_FAMILIES.items() if env.startswith(prefix)), None)
 
 
 # --eval-protocol -> (eval_select, eval_samples, eval_temperature, eval_noise_scale)
@@ -584,57 +584,22 @@ def make_bandit_data(n: int = 20_000, seed: int = 0, background: float = 0.1) ->
     return {"obs": obs, "action": actions, "reward": bandit_reward(actions), "next_obs": obs, "mask": np.zeros(n)}
 
 
-def load_ogbench(name: str, with_data: bool = True) -> tuple[Task, dict[str, np.ndarray] | None]:
-    """`ogbench/<dataset>` through ogbench.make_env_and_datasets, read as FQL reads it (docs/ogbench.md): its rewards
-    and `masks` (its `terminals` only end trajectories, never crossed by a transition); score 100 x info['success']
-    at episode end; files in OGBENCH_DATASET_DIR (default: ~/.ogbench/data), downloaded there when missing."""
-    try:
-        import ogbench
-    except ImportError as err:
-        raise ValueError(f"--env {name} needs the optional ogbench package ({err}). Fix: pip install -r "
-                         "requirements-ogbench.txt (Python <= 3.12: its dm_control needs labmaze wheels)") from err
-    dataset, parts = name.removeprefix("ogbench/"), name.removeprefix("ogbench/").split("-")
-    if "singletask" not in parts or parts[0] == "visual":
-        raise ValueError(f"'{name}' is not an OGBench state-based single-task dataset: names look like ogbench/"
-                         "<env>-<data>-singletask[-taskN]-v0, e.g. ogbench/cube-single-play-singletask-task1-v0")
-    make_env = lambda **kwargs: ogbench.make_env_and_datasets(dataset, env_only=True, **kwargs)  # noqa: E731
-    try:
-        env = make_env()
-    except gym.error.Error as err:
-        raise ValueError(f"'{name}': OGBench has no such environment ({err}); see docs/ogbench.md") from err
-    task = Task(name, env.observation_space.shape[0], env.action_space.shape[0], make_env, 0.0, 1.0,
-                "OGBench: 100 x success rate (info['success'] at episode end, as FQL reports)", "success")
-    env.close()
-    if not with_data:
-        return task, None
-    folder = Path(os.environ.get("OGBENCH_DATASET_DIR", "~/.ogbench/data")).expanduser()
-    try:
-        env, data, _ = ogbench.make_env_and_datasets(dataset, dataset_dir=str(folder))  # (env, train, validation)
-    except OSError as err:  # offline (URLError), a name the server lacks (HTTPError), an unwritable folder
-        stem = "-".join(parts[:parts.index("singletask")] + parts[-1:])  # ogbench's file: no singletask/taskN
-        raise FileNotFoundError(
-            f"OGBench dataset {stem} ({stem}.npz and {stem}-val.npz) is not in OGBENCH_DATASET_DIR={folder} and "
-            f"could not be downloaded ({err}). Fix: on a connected machine run `python -c \"import ogbench; "
-            f"ogbench.download_datasets(['{stem}'])\"` and copy both files from ~/.ogbench/data into {folder}, or "
-            f"fetch them from {ogbench.utils.DATASET_URL}/") from err
-    env.close()
-    return task, {"obs": data["observations"], "action": np.clip(data["actions"], -1, 1), "reward": data["rewards"],
-                  "next_obs": data["next_observations"], "mask": data["masks"]}
-
-
 def load_task(env_name: str, mujoco_data: str = "d4rl", with_data: bool = True, d4rl_mirror: str | None = None
               ) -> tuple[Task, dict[str, np.ndarray] | None]:
     """Task description and raw transitions (actions rescaled to [-1, 1]) for --env; with_data=False
     skips reading the episodes (evaluation needs only the task: seconds instead of minutes)."""
     if env_name == "bandit-8modes":
         return Task(env_name, 1, 2, None, 0.0, 1.0, "bandit: reward of the best mode"), make_bandit_data()
+    if family := task_family(env_name):
+        return family[0](env_name, with_data)
     if env_name.startswith("ogbench/"):
-        return load_ogbench(env_name, with_data)
+        raise ValueError(f"OGBench datasets load through ogbench_tasks.py (next to ofql.py): python ogbench_tasks.py "
+                         f"--env {env_name}, with any ofql.py flag (docs/ogbench.md)")
     source = MINARI_SOURCE.get(env_name, env_name)
     if env_name not in D4RL_MUJOCO and source == env_name and "/" not in env_name and not Path(env_name).exists():
         close = difflib.get_close_matches(env_name, PRESETS, n=1)
         raise ValueError(f"unknown task '{env_name}'" + (f"; did you mean '{close[0]}'?" if close else "") + " Known tasks: "
-                         f"{', '.join(sorted(PRESETS))}; or a Minari dataset id or folder, or ogbench/<dataset>.")
+                         f"{', '.join(sorted(PRESETS))}; or a Minari dataset id or folder, or ogbench/<dataset> (ogbench_tasks.py).")
     if env_name in D4RL_MUJOCO:
         dataset = load_d4rl_mujoco(env_name, d4rl_mirror) if mujoco_data == "d4rl" else load_mujoco_minari(env_name)
     else:
@@ -678,59 +643,16 @@ def load_task(env_name: str, mujoco_data: str = "d4rl", with_data: bool = True, 
 
 
 # ---- Networks ------------------------------------------------------------------------------
-def sigmoid_and_tanh_softplus(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """sigmoid(x) and tanh(softplus(x)) from one sigmoid: with s = sigmoid(x) and n = s (2 - s),
-    tanh(softplus(x)) = n / (2 - n). Same fp32 result as aten::mish, ~3x faster on CPU."""
-    s = torch.sigmoid(x)
-    n = s * (2 - s)
-    return s, n / (2 - n)
+def plain_mish_and_slope(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mish(x) with its graph, and mish'(x) = tanh(sp) + x sigmoid(x) (1 - tanh(sp)^2) without (sp = softplus(x))."""
+    with torch.no_grad():
+        tanh_sp = torch.tanh(F.softplus(x))
+        slope = tanh_sp + x * torch.sigmoid(x) * (1 - tanh_sp * tanh_sp)
+    return F.mish(x), slope
 
 
-class Mish(torch.autograd.Function):
-    """mish(x) = x tanh(softplus(x)) whose backward and forward mode (torch.func.jvp) reuse the
-    sigmoid and tanh(softplus) of the forward pass."""
-
-    @staticmethod
-    def forward(x):
-        s, tanh_sp = sigmoid_and_tanh_softplus(x)
-        return x * tanh_sp, s, tanh_sp
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, s, tanh_sp = output
-        ctx.mark_non_differentiable(s, tanh_sp)
-        ctx.save_for_backward(inputs[0], s, tanh_sp)
-        ctx.save_for_forward(inputs[0], s, tanh_sp)
-
-    @staticmethod
-    def backward(ctx, grad, _grad_s, _grad_tanh_sp):
-        return grad * mish_derivative(*ctx.saved_tensors)
-
-    @staticmethod
-    def jvp(ctx, tangent):
-        return tangent * mish_derivative(*ctx.saved_tensors), None, None
-
-
-def mish_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """mish(x) with its detached sigmoid(x) and tanh(softplus(x)). Under torch.compile plain ops, which inductor
-    fuses with their backward (Dynamo cannot trace the custom jvp: one graph break per layer)."""
-    if torch.compiler.is_compiling():
-        s, tanh_sp = sigmoid_and_tanh_softplus(x)
-        return x * tanh_sp, s.detach(), tanh_sp.detach()
-    return Mish.apply(x)
-
-
-def mish(x: torch.Tensor) -> torch.Tensor:
-    if x.requires_grad:
-        return mish_parts(x)[0]
-    if x.numel() < 4096:  # small inference batches: one aten call beats seven cheaper ones (2 vs 12 us at 256)
-        return F.mish(x)
-    return x * sigmoid_and_tanh_softplus(x)[1]  # inference: no autograd.Function overhead (~60 us a call)
-
-
-def mish_derivative(x, s, tanh_sp):
-    """d/dx [x tanh(softplus(x))] = tanh(sp) + x sigmoid(x) (1 - tanh(sp)^2), from s = sigmoid(x) and tanh(sp)."""
-    return tanh_sp + x * s * (1 - tanh_sp * tanh_sp)
+# kernels.py's Mish computes value and slope from one sigmoid, reused by backward and JVP (~3x faster on a CPU)
+mish, mish_and_slope = (kernels.mish, kernels.mish_and_slope) if kernels else (F.mish, plain_mish_and_slope)
 
 
 class MishLayer(nn.Module):
@@ -746,11 +668,10 @@ def mlp_with_tangent(layers: nn.Sequential, x: torch.Tensor, tangent: torch.Tens
             x = layer(x)
             with torch.no_grad():
                 tangent = tangent @ layer.weight.T
-        else:  # Mish: the sigmoid of the primal also gives the derivative for the tangent
-            pre = x
-            x, s, tanh_sp = mish_parts(pre)
+        else:  # Mish: its slope at the primal carries the tangent
+            x, slope = mish_and_slope(x)
             with torch.no_grad():
-                tangent = mish_derivative(pre.detach(), s, tanh_sp) * tangent
+                tangent = slope * tangent
     return x, tangent
 
 
@@ -845,33 +766,6 @@ class MeanFlowActor(nn.Module):
         """[emb(r = 0), emb(t = 1)] [1, 2 * time_dim]: the time input of every one-step action."""
         one = torch.ones(1, device=device)
         return torch.cat([self.emb_r(0 * one), self.emb_t(one)], -1)
-
-    @torch.no_grad()
-    def folded(self) -> "FoldedActor":
-        """The inference policy with r = 0 and t = 1 folded into the first layer's bias."""
-        first, emb = self.net[0], self.one_step_times(self.net[0].weight.device)[0]
-        w_noise, w_time, w_obs = first.weight.split([self.act_dim, len(emb), first.in_features - self.act_dim - len(emb)], 1)
-        layers = copy.deepcopy(self.net)
-        layers[0] = nn.Linear(first.in_features - len(emb), first.out_features).to(first.weight.device)
-        layers[0].weight.copy_(torch.cat([w_noise, w_obs], 1))
-        layers[0].bias.copy_(first.bias + w_time @ emb)
-        return FoldedActor(layers, self.act_dim)
-
-
-class FoldedActor(nn.Module):
-    """One-step policy as a plain MLP over [e, s] (what a robot runs): a = clip(e - mlp([e, s]), -1, 1)."""
-
-    def __init__(self, net: nn.Sequential, act_dim: int):
-        super().__init__()
-        self.net, self.act_dim = net, act_dim
-        self.linears = [layer for layer in net if isinstance(layer, nn.Linear)]
-
-    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([noise, obs], -1)
-        *hidden, last = self.linears  # called functionally: module calls cost ~13 us at batch 1
-        for layer in hidden:
-            x = mish(F.linear(x, layer.weight, layer.bias))
-        return (noise - F.linear(x, last.weight, last.bias)).clamp(-1.0, 1.0)
 
 
 class EnsembleLinear(nn.Module):
@@ -1362,8 +1256,13 @@ def train(args: Args) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+def main(args: Args):
+    """Train from a command line (ofql.py's, baselines.py's, ogbench_tasks.py's): a user error is one line."""
     try:
-        train(tyro.cli(Args))
+        train(args)
     except (ValueError, FileNotFoundError, DivergenceError) as error:
         raise SystemExit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import baselines
+import eval as ofql_eval
 import kernels  # needs triton (requirements.txt): missing, the kernel tests must fail, not skip
 import ofql
 
@@ -94,6 +95,13 @@ def test_mish_matches_torch_in_value_and_gradient():
     assert torch.allclose(y, ref, atol=1e-12)
     assert torch.allclose(ofql.mish(x.detach()), ref.detach(), atol=1e-12)  # the inference path
     assert torch.autograd.gradcheck(ofql.mish, (x[:20].detach().requires_grad_(),))
+    # mish'(x) for the tangent: kernels.py's one-sigmoid version and ofql.py's plain one (kernels.py absent)
+    slope_ref = torch.autograd.grad(ref.sum(), x)[0]
+    for name, mish_and_slope in (("kernels", ofql.mish_and_slope), ("plain", ofql.plain_mish_and_slope)):
+        value, slope = mish_and_slope(x)
+        err = max((value - ref).abs().max().item(), (slope - slope_ref).abs().max().item())
+        print(f"{name} mish and slope: max error {err:.2e}")
+        assert err < 1e-12 and value.requires_grad and not slope.requires_grad
 
 
 def test_bc_loss_is_zero_at_the_exact_average_velocity():
@@ -192,7 +200,6 @@ def test_q_guidance_picks_the_best_mode_and_earns_its_reward(tmp_path):
     assert summary["args"]["eval_select"] == "one"
     assert summary["final_score"] >= 90.0
     assert (tmp_path / summary["run_dir"].split("/")[-1] / "bandit_samples.png").stat().st_size > 1000
-    import eval as ofql_eval  # the deterministic action (e = 0) of the same policy sits on the best mode too
 
     result = ofql_eval.evaluate_checkpoint(ofql_eval.EvalArgs(checkpoint=summary["checkpoint"], seeds=[0],
                                                               eval_protocol="deterministic"))
@@ -226,7 +233,6 @@ def test_candidate_selection_draws_by_softmax_of_min_target_q_or_takes_the_argma
 
 
 def test_eval_protocol_fills_selection_and_eval_py_replaces_it(tmp_path):
-    import eval as ofql_eval
 
     paper = ofql.Args(env="hopper-medium-v2", eval_protocol="paper").resolved()
     assert (paper.eval_select, paper.eval_samples, paper.eval_temperature) == ("softmax", 50, 1.0)
@@ -504,7 +510,6 @@ def test_train_prints_its_run_folder_first_and_where_everything_is_last(tmp_path
     of summary.json, checkpoint and TensorBoard events, and an eval.py command that parses."""
     import tyro
 
-    import eval as ofql_eval
 
     summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=3, eval_every=3,
                                    hidden_dim=32))
@@ -857,7 +862,7 @@ def test_folded_actor_equals_the_one_step_policy():
     actor = ofql.MeanFlowActor(17, 6)
     obs, noise = torch.randn(9, 17), torch.randn(9, 6)
     with torch.no_grad():
-        err = (actor.folded()(obs, noise) - actor.act(obs, noise)).abs().max().item()
+        err = (ofql_eval.fold(actor)(obs, noise) - actor.act(obs, noise)).abs().max().item()
     print(f"folded vs unfolded max error {err:.2e}")
     assert err < 1e-5
 
@@ -866,7 +871,6 @@ def test_folded_actor_equals_the_one_step_policy():
 # eval.py
 # ------------------------------------------------------------------------------------------------
 def test_eval_checkpoint_gives_finite_scores_per_seed(tmp_path):
-    import eval as ofql_eval
 
     make_hopper_dataset("test/hopper/tiny-v0")
     summary = ofql.train(ofql.Args(env="test/hopper/tiny-v0", out_dir=str(tmp_path), total_steps=10, eval_every=10,
@@ -882,7 +886,6 @@ def test_eval_checkpoint_gives_finite_scores_per_seed(tmp_path):
 def test_eval_ema_tracks_an_averaged_actor_evaluates_it_and_eval_py_switches_it(tmp_path):
     """--eval-ema: the EMA copy follows ema_decay (checked against the closed-form lerp), evaluation samples it and
     not the live actor, checkpoints keep both, eval.py picks either and refuses an EMA a run never had."""
-    import eval as ofql_eval
 
     args = small_args(out_dir=str(tmp_path), total_steps=40, eval_every=20, eval_ema=True, ema_start=10, ema_every=5,
                       keep_checkpoints=True)
@@ -939,7 +942,6 @@ def test_eval_noise_scale_scales_the_policy_noise():
 
 def test_eval_video_records_the_first_episode_as_a_gif(tmp_path):
     """Pendulum renders without OpenGL (pygame): one GIF per seed with every other frame of episode 1."""
-    import eval as ofql_eval
     from PIL import Image
 
     summary = ofql.train(ofql.Args(env="pendulum-swingup", out_dir=str(tmp_path), total_steps=4, eval_every=4,
@@ -956,7 +958,6 @@ def test_eval_video_records_the_first_episode_as_a_gif(tmp_path):
 
 
 def test_eval_benchmark_quick_mode_writes_json_and_png(tmp_path):
-    import eval as ofql_eval
 
     result = ofql_eval.main(ofql_eval.EvalArgs(benchmark=True, batch_sizes=[1, 3], min_time=0.005, repeats=1,
                                                compile=False, json=str(tmp_path / "b.json"),
@@ -972,7 +973,6 @@ def test_eval_benchmark_quick_mode_writes_json_and_png(tmp_path):
 def test_numba_policy_matches_the_torch_policy_with_normalisation(batch, obs_dim, act_dim):
     """The compiled deployment policy (normalisation and time embeddings folded into the first layer,
     Mish via one exp) gives the actions of the torch one-step policy on normalised observations."""
-    import eval as ofql_eval
 
     torch.manual_seed(batch)
     rng = np.random.default_rng(batch)
@@ -982,7 +982,7 @@ def test_numba_policy_matches_the_torch_policy_with_normalisation(batch, obs_dim
     normalizer = ofql.Normalizer(rng.normal(size=obs_dim) * 5, rng.uniform(0.1, 3.0, size=obs_dim))
     obs = (rng.normal(size=(batch, obs_dim)) * 5).astype(np.float32)
     noise = rng.normal(size=(batch, act_dim)).astype(np.float32)
-    policy = ofql_eval.NumbaPolicy(actor.folded(), normalizer)
+    policy = ofql_eval.NumbaPolicy(ofql_eval.fold(actor), normalizer)
     with torch.no_grad():
         ref = actor.act(torch.as_tensor(normalizer(obs)), torch.as_tensor(noise)).numpy()
     out = policy(obs, noise)
@@ -994,8 +994,8 @@ def test_numba_policy_matches_the_torch_policy_with_normalisation(batch, obs_dim
         assert 0 < (np.abs(ref) == 1.0).mean() < 1
     # one raw observation in, one action out; drawn noise is seeded and in bounds
     assert policy(obs[0]).shape == (act_dim,)
-    first = ofql_eval.NumbaPolicy(actor.folded(), normalizer, seed=3)(obs)
-    again = ofql_eval.NumbaPolicy(actor.folded(), normalizer, seed=3)(obs)
+    first = ofql_eval.NumbaPolicy(ofql_eval.fold(actor), normalizer, seed=3)(obs)
+    again = ofql_eval.NumbaPolicy(ofql_eval.fold(actor), normalizer, seed=3)(obs)
     assert np.array_equal(first, again) and np.abs(first).max() <= 1.0 and not np.array_equal(first, out)
 
 
@@ -1003,7 +1003,6 @@ def test_numba_policy_matches_the_torch_policy_with_normalisation(batch, obs_dim
 def test_onnx_export_matches_the_torch_policy_with_normalisation(tmp_path, obs_dim, act_dim, hidden):
     """One exported file (dynamic batch axis) run by onnxruntime at batch 1, 7 and 257 gives the actions of
     the torch one-step policy on normalised observations (fp32: max error < 1e-5)."""
-    import eval as ofql_eval
 
     torch.manual_seed(obs_dim)
     rng = np.random.default_rng(obs_dim)
@@ -1011,7 +1010,7 @@ def test_onnx_export_matches_the_torch_policy_with_normalisation(tmp_path, obs_d
     for layer in actor.net[::2]:  # wide pre-activations: Mish's tails, and 35-65% of the actions clipped
         layer.weight.data *= 1.5
     normalizer = ofql.Normalizer(rng.normal(size=obs_dim) * 5, rng.uniform(0.1, 3.0, size=obs_dim))
-    ofql_eval.export_onnx(actor.folded(), normalizer, tmp_path / "policy.onnx")
+    ofql_eval.export_onnx(ofql_eval.fold(actor), normalizer, tmp_path / "policy.onnx")
     policy = ofql_eval.OnnxPolicy(tmp_path / "policy.onnx")
     for batch in (1, 7, 257):
         obs = (rng.normal(size=(batch, obs_dim)) * 5).astype(np.float32)
@@ -1029,7 +1028,6 @@ def test_onnx_export_matches_the_torch_policy_with_normalisation(tmp_path, obs_d
 
 def test_eval_exports_a_checkpoint_to_onnx(tmp_path):
     """`eval.py --checkpoint ... --export-onnx FILE`: the file acts like the checkpoint's policy on raw observations."""
-    import eval as ofql_eval
 
     summary = ofql.train(ofql.Args(env="bandit-8modes", total_steps=3, eval_every=3, out_dir=str(tmp_path)))
     out = tmp_path / "policy.onnx"
@@ -1047,7 +1045,6 @@ def test_eval_exports_a_checkpoint_to_onnx(tmp_path):
 
 def test_eval_runs_a_policy_trained_with_triton_kernels_on_torch(tmp_path):
     """The checkpoint's --kernels is replaced by eval.py's (auto: torch without CUDA)."""
-    import eval as ofql_eval
 
     summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=2, eval_every=2,
                                    hidden_dim=32))
@@ -1061,7 +1058,6 @@ def test_eval_runs_a_policy_trained_with_triton_kernels_on_torch(tmp_path):
 
 
 def test_eval_refuses_a_checkpoint_of_another_task(tmp_path):
-    import eval as ofql_eval
 
     summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=2, eval_every=2,
                                    hidden_dim=32))
@@ -1218,7 +1214,6 @@ def test_ogbench_dataset_loads_with_its_masks_rewards_and_trajectory_ends(name, 
 
 @needs_ogbench
 def test_ogbench_trains_briefly_and_scores_success_at_episode_end_not_return(tmp_path, monkeypatch):
-    import eval as ofql_eval
 
     no_ogbench_downloads(monkeypatch)
     write_ogbench_dataset(ANTMAZE_OG, lengths=(20, 20), success_rows=(5, 30))
@@ -1271,10 +1266,18 @@ def test_ogbench_cli_offline_is_one_line_without_traceback(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "https_proxy", "http_proxy")}
     env.update(https_proxy="http://127.0.0.1:9", OGBENCH_DATASET_DIR=str(tmp_path))  # a closed port: offline
-    result = subprocess.run([sys.executable, "ofql.py", "--env", ANTMAZE_OG, "--out-dir", str(tmp_path)], env=env,
+    result = subprocess.run([sys.executable, "ogbench_tasks.py", "--env", ANTMAZE_OG, "--out-dir", str(tmp_path)], env=env,
                             capture_output=True, text=True, cwd=os.path.dirname(ofql.__file__), timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: OGBench dataset antmaze-large-navigate-v0 ")
+
+
+def test_ofql_alone_points_ogbench_names_to_ogbench_tasks(monkeypatch):
+    """ofql.py knows no OGBench code: without ogbench_tasks.py's registration an ogbench/ name says where it loads."""
+    monkeypatch.setattr(ofql, "TASK_FAMILIES", {})
+    with pytest.raises(ValueError, match="load through ogbench_tasks.py.*python ogbench_tasks.py --env " + CUBE_OG):
+        ofql.load_task(CUBE_OG)
+    assert ofql.Args(env=CUBE_OG).resolved().gamma == 0.99  # the default preset, until the family is added
 
 
 def test_ogbench_without_the_package_is_one_clear_error(monkeypatch):
@@ -1570,7 +1573,7 @@ def test_kernel_references_match_ofql_modules(batch, obs_dim, act_dim, hidden):
     u_ref, dudt_ref = kernels.velocity_reference(tensors, z, r, t, obs, v)
     u, dudt = torch.func.jvp(lambda z_, r_, t_: actor(z_, r_, t_, obs), (z, r, t),
                              (v, torch.zeros_like(r), torch.ones_like(t)))
-    folded = actor.folded()
+    folded = ofql_eval.fold(actor)
     with torch.no_grad():
         errors = {"u": relative_error(u, u_ref), "du/dt": relative_error(dudt, dudt_ref),
                   "act": relative_error(actor.act(obs, z), kernels.act_reference(tensors, obs, z)),
@@ -1699,7 +1702,7 @@ def test_kernel_weight_set_is_validated_once_and_follows_the_actor(monkeypatch):
 @pytest.mark.parametrize("batch,obs_dim,act_dim,hidden", [(1, 59, 9, 256), (7, 17, 6, 256), (257, 29, 8, 48)])
 def test_triton_folded_actor_matches_torch(batch, obs_dim, act_dim, hidden):
     actor = random_actor(obs_dim, act_dim, hidden, seed=batch + obs_dim)
-    folded = actor.folded()
+    folded = ofql_eval.fold(actor)
     obs, noise = torch.randn(batch, obs_dim, device=KERNEL_DEVICE), 2 * torch.randn(batch, act_dim, device=KERNEL_DEVICE)
     out = kernels.folded_actor_triton(folded, obs, noise, out=nans(batch, act_dim), precision="ieee")
     with torch.no_grad():
@@ -1833,7 +1836,7 @@ def test_ofql_copied_alone_runs_without_kernels(tmp_path):
 
 @needs_triton
 def test_kernel_launchers_refuse_bad_inputs():
-    folded = random_actor(11, 3, 32, seed=0).folded()
+    folded = ofql_eval.fold(random_actor(11, 3, 32, seed=0))
     obs, noise = torch.randn(4, 11, device=KERNEL_DEVICE), torch.randn(4, 3, device=KERNEL_DEVICE)
     with pytest.raises(TypeError, match="float32"):
         kernels.folded_actor_triton(folded, obs.double(), noise)
@@ -1842,7 +1845,7 @@ def test_kernel_launchers_refuse_bad_inputs():
     with pytest.raises(ValueError, match=r"obs: expected shape \(4, 11\)"):
         kernels.folded_actor_triton(folded, obs[:, :10].contiguous(), noise)
     with pytest.raises(ValueError, match="4 Linear layers"):
-        kernels.folded_actor_triton(ofql.FoldedActor(ofql.mlp([14, 8, 3]), 3), obs, noise)
+        kernels.folded_actor_triton(ofql_eval.FoldedActor(ofql.mlp([14, 8, 3]), 3), obs, noise)
     weights = random_actor(11, 3, 32, seed=0).kernel_weights()
     with pytest.raises(ValueError, match=r"r: expected shape \(4,\)"):
         kernels.velocity(weights, noise, obs[:, 0].contiguous()[:3], obs[:, 1].contiguous(), obs)
@@ -1850,7 +1853,7 @@ def test_kernel_launchers_refuse_bad_inputs():
 
 @needs_triton
 def test_folded_policy_backends_agree():
-    folded = random_actor(17, 6, 64, seed=5).folded()
+    folded = ofql_eval.fold(random_actor(17, 6, 64, seed=5))
     obs, noise = torch.randn(7, 17, device=KERNEL_DEVICE), torch.randn(7, 6, device=KERNEL_DEVICE)
     torch_policy = kernels.folded_policy(folded, "torch")
     triton_policy = kernels.folded_policy(folded, "triton", precision="ieee")
@@ -1959,7 +1962,6 @@ def test_cli_kernels_triton_without_a_gpu_is_one_clear_error():
 def test_each_policy_class_learns_checkpoints_and_acts_in_bounds(tmp_path, policy, eval_steps):
     """A few gradient steps of the full OFQL update with each --policy: the BC loss falls, the checkpoint
     rebuilds the same class through eval.py, and its evaluation sampler gives actions in [-1, 1]."""
-    import eval as ofql_eval
 
     torch.manual_seed(0)
     args = baseline_args(policy=policy, eval_policy_steps=eval_steps, hidden_dim=64, total_steps=150, eval_every=150)
@@ -2139,9 +2141,9 @@ def test_toy_figure_writes_its_png_and_json_with_mode_coverage(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Architecture: imports run one way, kernels.py <- ofql.py <- baselines.py <- eval.py, sweep.py, benchmarks/
+# Architecture: imports run one way, kernels.py <- ofql.py <- ogbench_tasks.py <- baselines.py <- eval.py, sweep.py, benchmarks/
 # ------------------------------------------------------------------------------------------------
-IMPORT_RANKS = {"kernels": 0, "ofql": 1, "baselines": 2, "eval": 3, "sweep": 3}  # benchmarks/*: 3, tests: 4
+IMPORT_RANKS = {"kernels": 0, "ofql": 1, "ogbench_tasks": 1.5, "baselines": 2, "eval": 3, "sweep": 3}  # benchmarks/*: 3, tests: 4
 
 
 def import_violations(root: Path) -> list[str]:

@@ -21,7 +21,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 import ofql  # noqa: E402  (the torch references)
-from eval import time_calls  # noqa: E402
+from eval import fold, time_calls  # noqa: E402
 
 
 @dataclass
@@ -52,7 +52,7 @@ def main(cfg: Config) -> dict:
                           "cpu" if cfg.device == "auto" else cfg.device)
     torch.manual_seed(0)
     actor = ofql.MeanFlowActor(cfg.obs_dim, cfg.act_dim, cfg.hidden).to(device).requires_grad_(False)
-    folded = actor.folded()
+    folded = fold(actor)
     skip = kernels.triton_unusable_reason(device) if not kernels.INTERPRETED else "the CPU interpreter is not timed"
     if not skip:
         weights = kernels.ActorWeights(actor, cfg.precision)
