@@ -47,15 +47,18 @@ for name, (old, new) in MUTATIONS.items():
     if cli.names and name not in cli.names:
         continue
     with tempfile.TemporaryDirectory() as tmp:
-        for f in ("ofql.py", "baselines.py", "kernels.py", "test_ofql.py", "conftest.py", "pytest.ini"):
+        for f in [*(p.name for p in REPO.glob("*.py")), "pytest.ini"]:  # every file the tests import
             shutil.copy(REPO / f, tmp)
         src = (Path(tmp) / "ofql.py").read_text()
         assert src.count(old) == 1, name
         (Path(tmp) / "ofql.py").write_text(src.replace(old, new))
         failed, t0 = [], time.time()
         for subset in (FAST, SLOW):
-            out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_ofql.py", "-k", subset],
-                                 cwd=tmp, capture_output=True, text=True).stdout
+            run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_ofql.py", "-k", subset],
+                                 cwd=tmp, capture_output=True, text=True)
+            if run.returncode not in (0, 1):  # 2-5: collection or usage error, not a verdict on the mutation
+                sys.exit(f"{name}: pytest could not run the tests (exit {run.returncode}):\n{run.stdout[-2000:]}")
+            out = run.stdout
             failed = [l.split("::")[1].split(" ")[0] for l in out.splitlines() if l.startswith("FAILED")]
             if failed:
                 break
