@@ -50,7 +50,8 @@ class Args:
 
     env: str = "pendulum-swingup"
     """task (docs/data.md): built-in (`bandit-8modes`, `pendulum-swingup`), a D4RL name of the paper
-    (`hopper-medium-v2`, ...), a Minari dataset id (`mujoco/hopper/medium-v0`) or folder; `ogbench/<dataset>` through ogbench_tasks.py"""
+    (`hopper-medium-v2`, ...), a Minari dataset id (`mujoco/hopper/medium-v0`) or folder; `ogbench/<dataset>` through
+    ogbench_tasks.py"""
     mujoco_data: Literal["d4rl", "minari"] = "d4rl"
     """data of the D4RL MuJoCo names: `d4rl` = D4RL's v2 HDF5 files (the paper's data, evaluated on -v4 envs);
     `minari` = Minari's v5 regeneration (mujoco/<env>/<level>-v0; not comparable with published numbers)"""
@@ -219,7 +220,7 @@ class Args:
         return actor
 
 
-MUJOCO_ETA = 0.1  # OFQL's eta on MuJoCo tasks (mean-reduced BC loss): medium-expert stand-in, 3 seeds (docs/calibration.md, 8)
+MUJOCO_ETA = 0.1  # OFQL's eta on MuJoCo tasks (mean-reduced BC loss), from the stand-in calibration (docs/calibration.md)
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,6 @@ PRESETS: dict[str, Preset] = {
                             eval_every=500, hidden_dim=128, eval_protocol="one"),
     "pendulum-swingup": Preset(eta=3.0, grad_norm=9.0, total_steps=6000, eval_every=1000),
 }
-
 
 
 # Task families that another file adds, by --env prefix: (load(name, with_data) -> (Task, data), preset(name)).
@@ -599,7 +599,8 @@ def load_task(env_name: str, mujoco_data: str = "d4rl", with_data: bool = True, 
     if env_name not in D4RL_MUJOCO and source == env_name and "/" not in env_name and not Path(env_name).exists():
         close = difflib.get_close_matches(env_name, PRESETS, n=1)
         raise ValueError(f"unknown task '{env_name}'" + (f"; did you mean '{close[0]}'?" if close else "") + " Known tasks: "
-                         f"{', '.join(sorted(PRESETS))}; or a Minari dataset id or folder, or ogbench/<dataset> (ogbench_tasks.py).")
+                         f"{', '.join(sorted(PRESETS))}; or a Minari dataset id or folder, or ogbench/<dataset> "
+                         "(ogbench_tasks.py).")
     if env_name in D4RL_MUJOCO:
         dataset = load_d4rl_mujoco(env_name, d4rl_mirror) if mujoco_data == "d4rl" else load_mujoco_minari(env_name)
     else:

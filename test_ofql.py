@@ -200,7 +200,7 @@ def test_q_guidance_picks_the_best_mode_and_earns_its_reward(tmp_path):
     assert summary["args"]["eval_select"] == "one"
     assert summary["final_score"] >= 90.0
     assert (tmp_path / summary["run_dir"].split("/")[-1] / "bandit_samples.png").stat().st_size > 1000
-
+    # the deterministic action (e = 0) of the same policy sits on the best mode too
     result = ofql_eval.evaluate_checkpoint(ofql_eval.EvalArgs(checkpoint=summary["checkpoint"], seeds=[0],
                                                               eval_protocol="deterministic"))
     assert result["eval_noise_scale"] == 0.0 and result["score_mean"] >= 90.0
@@ -233,7 +233,6 @@ def test_candidate_selection_draws_by_softmax_of_min_target_q_or_takes_the_argma
 
 
 def test_eval_protocol_fills_selection_and_eval_py_replaces_it(tmp_path):
-
     paper = ofql.Args(env="hopper-medium-v2", eval_protocol="paper").resolved()
     assert (paper.eval_select, paper.eval_samples, paper.eval_temperature) == ("softmax", 50, 1.0)
     assert ofql.Args(env="hopper-medium-v2").resolved().eval_protocol == "deterministic"  # measured (calibration.md)
@@ -509,7 +508,6 @@ def test_train_prints_its_run_folder_first_and_where_everything_is_last(tmp_path
     """A first run informs: the run folder before training; at the end the scores, speed, wall time, the paths
     of summary.json, checkpoint and TensorBoard events, and an eval.py command that parses."""
     import tyro
-
 
     summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=3, eval_every=3,
                                    hidden_dim=32))
@@ -871,7 +869,6 @@ def test_folded_actor_equals_the_one_step_policy():
 # eval.py
 # ------------------------------------------------------------------------------------------------
 def test_eval_checkpoint_gives_finite_scores_per_seed(tmp_path):
-
     make_hopper_dataset("test/hopper/tiny-v0")
     summary = ofql.train(ofql.Args(env="test/hopper/tiny-v0", out_dir=str(tmp_path), total_steps=10, eval_every=10,
                                    eval_episodes=1, batch_size=16, hidden_dim=32))
@@ -886,7 +883,6 @@ def test_eval_checkpoint_gives_finite_scores_per_seed(tmp_path):
 def test_eval_ema_tracks_an_averaged_actor_evaluates_it_and_eval_py_switches_it(tmp_path):
     """--eval-ema: the EMA copy follows ema_decay (checked against the closed-form lerp), evaluation samples it and
     not the live actor, checkpoints keep both, eval.py picks either and refuses an EMA a run never had."""
-
     args = small_args(out_dir=str(tmp_path), total_steps=40, eval_every=20, eval_ema=True, ema_start=10, ema_every=5,
                       keep_checkpoints=True)
     task, data = ofql.load_task(args.env)
@@ -958,7 +954,6 @@ def test_eval_video_records_the_first_episode_as_a_gif(tmp_path):
 
 
 def test_eval_benchmark_quick_mode_writes_json_and_png(tmp_path):
-
     result = ofql_eval.main(ofql_eval.EvalArgs(benchmark=True, batch_sizes=[1, 3], min_time=0.005, repeats=1,
                                                compile=False, json=str(tmp_path / "b.json"),
                                                plot=str(tmp_path / "b.png")))
@@ -973,7 +968,6 @@ def test_eval_benchmark_quick_mode_writes_json_and_png(tmp_path):
 def test_numba_policy_matches_the_torch_policy_with_normalisation(batch, obs_dim, act_dim):
     """The compiled deployment policy (normalisation and time embeddings folded into the first layer,
     Mish via one exp) gives the actions of the torch one-step policy on normalised observations."""
-
     torch.manual_seed(batch)
     rng = np.random.default_rng(batch)
     actor = ofql.MeanFlowActor(obs_dim, act_dim, time_scale=3.0)
@@ -1003,7 +997,6 @@ def test_numba_policy_matches_the_torch_policy_with_normalisation(batch, obs_dim
 def test_onnx_export_matches_the_torch_policy_with_normalisation(tmp_path, obs_dim, act_dim, hidden):
     """One exported file (dynamic batch axis) run by onnxruntime at batch 1, 7 and 257 gives the actions of
     the torch one-step policy on normalised observations (fp32: max error < 1e-5)."""
-
     torch.manual_seed(obs_dim)
     rng = np.random.default_rng(obs_dim)
     actor = ofql.MeanFlowActor(obs_dim, act_dim, hidden, time_scale=3.0)
@@ -1028,7 +1021,6 @@ def test_onnx_export_matches_the_torch_policy_with_normalisation(tmp_path, obs_d
 
 def test_eval_exports_a_checkpoint_to_onnx(tmp_path):
     """`eval.py --checkpoint ... --export-onnx FILE`: the file acts like the checkpoint's policy on raw observations."""
-
     summary = ofql.train(ofql.Args(env="bandit-8modes", total_steps=3, eval_every=3, out_dir=str(tmp_path)))
     out = tmp_path / "policy.onnx"
     result = ofql_eval.main(ofql_eval.EvalArgs(checkpoint=summary["checkpoint"], export_onnx=str(out)))
@@ -1045,7 +1037,6 @@ def test_eval_exports_a_checkpoint_to_onnx(tmp_path):
 
 def test_eval_runs_a_policy_trained_with_triton_kernels_on_torch(tmp_path):
     """The checkpoint's --kernels is replaced by eval.py's (auto: torch without CUDA)."""
-
     summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=2, eval_every=2,
                                    hidden_dim=32))
     state = ofql.load_checkpoint(summary["checkpoint"])
@@ -1058,7 +1049,6 @@ def test_eval_runs_a_policy_trained_with_triton_kernels_on_torch(tmp_path):
 
 
 def test_eval_refuses_a_checkpoint_of_another_task(tmp_path):
-
     summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=2, eval_every=2,
                                    hidden_dim=32))
     state = ofql.load_checkpoint(summary["checkpoint"])
@@ -1214,7 +1204,6 @@ def test_ogbench_dataset_loads_with_its_masks_rewards_and_trajectory_ends(name, 
 
 @needs_ogbench
 def test_ogbench_trains_briefly_and_scores_success_at_episode_end_not_return(tmp_path, monkeypatch):
-
     no_ogbench_downloads(monkeypatch)
     write_ogbench_dataset(ANTMAZE_OG, lengths=(20, 20), success_rows=(5, 30))
     summary = ofql.train(ofql.Args(env=ANTMAZE_OG, out_dir=str(tmp_path), total_steps=30, eval_every=30,
@@ -1962,7 +1951,6 @@ def test_cli_kernels_triton_without_a_gpu_is_one_clear_error():
 def test_each_policy_class_learns_checkpoints_and_acts_in_bounds(tmp_path, policy, eval_steps):
     """A few gradient steps of the full OFQL update with each --policy: the BC loss falls, the checkpoint
     rebuilds the same class through eval.py, and its evaluation sampler gives actions in [-1, 1]."""
-
     torch.manual_seed(0)
     args = baseline_args(policy=policy, eval_policy_steps=eval_steps, hidden_dim=64, total_steps=150, eval_every=150)
     task, data = ofql.load_task("bandit-8modes")
