@@ -516,7 +516,7 @@ class ActorWeights(_WeightSet):
     """The kernels' view of an ofql.MeanFlowActor, validated once: the 18 tensors in kernel order ([freqs, W1, b1,
     W2, b2] of emb_r and of emb_t, then [W, b] of the 4 Linear layers), its sizes, device and precision.
     Holds the Parameter objects (no copies): in-place updates (optimiser steps, load_state_dict) show at the
-    next launch. Rebuild it when the storage moves (ofql.MeanFlowActor does, on .to()) or shapes change."""
+    next launch. Rebuild it when the storage moves or shapes change (`actor_weights` does)."""
 
     def __init__(self, actor, precision: str = "auto"):
         linears = _linear_mish_stack(actor.net, 4)
@@ -538,6 +538,16 @@ class ActorWeights(_WeightSet):
         self.act_tensors = self.tensors
         self.pads = {"A_PAD": _pad(self.A), "S_PAD": _pad(self.S), "H_PAD": _pad(self.H), **_time_embedding_pads(dim)}
         self._scratch = None
+
+
+def actor_weights(actor) -> ActorWeights:
+    """The weight set of an ofql.MeanFlowActor, built on first use and kept on the actor: optimiser steps and
+    load_state_dict (in place) show without a rebuild; a change of actor.precision, or a move of its storage (.to(),
+    .float(): they replace the `freqs` buffer), builds a new one; a deepcopy (the EMA target) builds its own."""
+    weights = getattr(actor, "_kernel_weights", None)
+    if weights is None or weights.requested_precision != actor.precision or weights.emb_r[0] is not actor.emb_r.freqs:
+        weights = actor._kernel_weights = ActorWeights(actor, actor.precision)
+    return weights
 
 
 class FoldedWeights(_WeightSet):
@@ -897,7 +907,7 @@ def fused_velocity(actor, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, obs
                    v: torch.Tensor | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None,
                    precision: str = "auto"):
     """`velocity` for an ofql.MeanFlowActor given as a module (builds and validates its weight set at every
-    call; hot paths keep an ActorWeights, as MeanFlowActor.kernel_weights() does)."""
+    call; hot paths keep an ActorWeights, as `actor_weights` does)."""
     return velocity(ActorWeights(actor, precision), z, r, t, obs, v, out)
 
 

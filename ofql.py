@@ -197,17 +197,14 @@ class Args:
             eval_samples=1 if select == "one" else args.eval_samples or samples,
             eval_temperature=temperature if args.eval_temperature is None else args.eval_temperature,
             eval_noise_scale=noise_scale if args.eval_noise_scale is None else args.eval_noise_scale)
-        problems = []
-        if not 0.0 <= args.flow_ratio <= 1.0:
-            problems.append(f"--flow-ratio {args.flow_ratio} must be in [0, 1]")
-        if args.eta < 0:
-            problems.append(f"--eta {args.eta} must be >= 0")
-        if min(args.batch_size, args.total_steps, args.eval_samples) < 1:
-            problems.append("--batch-size, --total-steps and --eval-samples must be >= 1")
-        if args.eval_temperature <= 0:
-            problems.append(f"--eval-temperature {args.eval_temperature} must be > 0")
-        if min(args.eval_noise_scale, args.target_noise_scale) < 0:
-            problems.append("--eval-noise-scale and --target-noise-scale must be >= 0")
+        problems = [message for bad, message in (
+            (not 0.0 <= args.flow_ratio <= 1.0, f"--flow-ratio {args.flow_ratio} must be in [0, 1]"),
+            (args.eta < 0, f"--eta {args.eta} must be >= 0"),
+            (min(args.batch_size, args.total_steps, args.eval_samples) < 1,
+             "--batch-size, --total-steps and --eval-samples must be >= 1"),
+            (args.eval_temperature <= 0, f"--eval-temperature {args.eval_temperature} must be > 0"),
+            (min(args.eval_noise_scale, args.target_noise_scale) < 0,
+             "--eval-noise-scale and --target-noise-scale must be >= 0")) if bad]
         if problems:
             raise ValueError("invalid arguments: " + "; ".join(problems))
         return args
@@ -716,7 +713,6 @@ class MeanFlowActor(nn.Module):
 
     backend = "torch"  # "triton": u + du/dt and no-grad actions from kernels.py (set by Args.make_actor, --kernels)
     precision = "auto"  # the kernels' --kernel-precision (set with backend)
-    _kernel_weights = None  # kernels.ActorWeights, built on first use (see kernel_weights)
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, time_dim: int = 16, time_scale: float = 1.0):
         super().__init__()
@@ -727,22 +723,10 @@ class MeanFlowActor(nn.Module):
     def forward(self, z, r, t, obs):
         return self.net(torch.cat([z, self.emb_r(r), self.emb_t(t), obs], -1))
 
-    def kernel_weights(self) -> "kernels.ActorWeights":
-        """The Triton kernels' view of this actor's parameters, validated once and kept: it holds the Parameter
-        objects, so optimiser steps and load_state_dict (in place) show without a rebuild; .to() drops it (_apply)
-        and a deepcopy (the EMA target) builds its own."""
-        if self._kernel_weights is None or self._kernel_weights.requested_precision != self.precision:
-            self._kernel_weights = kernels.ActorWeights(self, self.precision)
-        return self._kernel_weights
-
-    def _apply(self, fn, *args, **kwargs):
-        self._kernel_weights = None  # .to() / .float() / .cuda() may move the storage the kernels read
-        return super()._apply(fn, *args, **kwargs)
-
     def velocity_and_dudt(self, z, r, t, obs, v):
         """u(z, r, t) with its graph, and du/dt = v . d_z u + d_t u (JVP, tangents (v, 0, 1) for (z, r, t)) without."""
         if self.backend == "triton":  # one fused launch for u and du/dt; u's backward is torch over saved activations
-            return kernels.velocity_and_dudt(self.kernel_weights(), z, r, t, obs, v)
+            return kernels.velocity_and_dudt(kernels.actor_weights(self), z, r, t, obs, v)
         emb_t, demb_t = self.emb_t.forward_with_tangent(t)
         emb_r = self.emb_r(r)
         x = torch.cat([z, emb_r, emb_t, obs], -1)
@@ -759,7 +743,7 @@ class MeanFlowActor(nn.Module):
         if noise is None:
             noise = torch.randn(obs.shape[0], self.act_dim, device=obs.device)
         if self.backend == "triton" and not torch.is_grad_enabled():  # TD target and evaluation: the act kernel
-            return kernels.act(self.kernel_weights(), obs, noise)
+            return kernels.act(kernels.actor_weights(self), obs, noise)
         emb = self.one_step_times(obs.device).expand(obs.shape[0], -1)
         return (noise - self.net(torch.cat([noise, emb, obs], -1))).clamp(-1.0, 1.0)
 
@@ -1116,28 +1100,24 @@ class DivergenceError(RuntimeError):
 
 
 def make_run_dir(args: Args) -> Path:
-    """A fresh run folder: an existing one is never reused (a suffix is added instead); or exactly
+    """A fresh run folder under out_dir, never an existing one (a suffix is added instead); or exactly
     `args.run_dir`, which must not hold a checkpoint (that run is continued with --resume)."""
-    if args.run_dir is not None:
-        run_dir = Path(args.run_dir)
-        if (run_dir / "checkpoint.pt").exists():
-            raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir / 'checkpoint.pt'} "
-                             "or pass another --run-dir")
+    given = args.run_dir is not None
+    if given and (Path(args.run_dir) / "checkpoint.pt").exists():
+        raise ValueError(f"{args.run_dir} already holds a run; continue it with --resume "
+                         f"{Path(args.run_dir) / 'checkpoint.pt'} or pass another --run-dir")
+    base = Path(args.run_dir) if given else Path(args.out_dir) / (
+        f"{args.env.strip('/').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    for suffix in range(1 if given else 1000):
+        run_dir = base.with_name(f"{base.name}_{suffix}") if suffix else base
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ValueError(f"cannot create the run folder {run_dir} ({err.strerror}); pass a writable --run-dir") from err
-        return run_dir
-    base = Path(args.out_dir) / f"{args.env.strip('/').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    for suffix in range(1000):
-        run_dir = base.with_name(base.name + (f"_{suffix}" if suffix else ""))
-        try:
-            run_dir.mkdir(parents=True, exist_ok=False)
+            run_dir.mkdir(parents=True, exist_ok=given)
             return run_dir
-        except FileExistsError:
-            continue
         except OSError as err:
-            raise ValueError(f"cannot create the run folder {run_dir} ({err.strerror}); pass a writable --out-dir") from err
+            if isinstance(err, FileExistsError) and not given:
+                continue  # another run took this name
+            raise ValueError(f"cannot create the run folder {run_dir} ({err.strerror}); pass a writable "
+                             f"{'--run-dir' if given else '--out-dir'}") from err
     raise ValueError(f"too many runs named {base}*; pass another --exp-name")
 
 

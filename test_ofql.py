@@ -1608,7 +1608,7 @@ def test_triton_velocity_and_dudt_and_act_match_references(batch, obs_dim, act_d
     """u and du/dt (one launch), u alone, and act (the folded kernel with r = 0, t = 1 folded in-kernel) against
     the fp32 reference within TOLERANCE[precision]; outputs pre-filled with NaN (every element written)."""
     actor = random_actor(obs_dim, act_dim, hidden, seed=1000 + batch + obs_dim, precision=precision)
-    weights = actor.kernel_weights()
+    weights = kernels.actor_weights(actor)
     z, r, t, obs, v = kernel_inputs(batch, obs_dim, act_dim)
     u, dudt = kernels.velocity(weights, z, r, t, obs, v, out=(nans(batch, act_dim), nans(batch, act_dim)))
     u_only, none = kernels.velocity(weights, z, r, t, obs)
@@ -1680,11 +1680,11 @@ def test_kernel_weight_set_is_validated_once_and_follows_the_actor(monkeypatch):
         for p in target.parameters():
             p.mul_(0.5)
     assert agrees(target) and agrees(actor) and builds == [18, 18]
-    assert actor.kernel_weights() is not target.kernel_weights()
+    assert kernels.actor_weights(actor) is not kernels.actor_weights(target)
     actor.double().float()  # the storage moves
     assert agrees(actor) and builds == [18] * 3
     actor.precision = "bf16"
-    assert actor.kernel_weights().precision == "bf16" and builds == [18] * 4
+    assert kernels.actor_weights(actor).precision == "bf16" and builds == [18] * 4
 
 
 @needs_triton
@@ -1835,7 +1835,7 @@ def test_kernel_launchers_refuse_bad_inputs():
         kernels.folded_actor_triton(folded, obs[:, :10].contiguous(), noise)
     with pytest.raises(ValueError, match="4 Linear layers"):
         kernels.folded_actor_triton(ofql_eval.FoldedActor(ofql.mlp([14, 8, 3]), 3), obs, noise)
-    weights = random_actor(11, 3, 32, seed=0).kernel_weights()
+    weights = kernels.actor_weights(random_actor(11, 3, 32, seed=0))
     with pytest.raises(ValueError, match=r"r: expected shape \(4,\)"):
         kernels.velocity(weights, noise, obs[:, 0].contiguous()[:3], obs[:, 1].contiguous(), obs)
 
