@@ -516,7 +516,7 @@ class ActorWeights(_WeightSet):
     """The kernels' view of an ofql.MeanFlowActor, validated once: the 18 tensors in kernel order ([freqs, W1, b1,
     W2, b2] of emb_r and of emb_t, then [W, b] of the 4 Linear layers), its sizes, device and precision.
     Holds the Parameter objects (no copies): in-place updates (optimiser steps, load_state_dict) show at the
-    next launch. Rebuild it when the storage moves or shapes change (`actor_weights` does)."""
+    next launch. Rebuild it when the storage moves (`actor_weights` does) or shapes change."""
 
     def __init__(self, actor, precision: str = "auto"):
         linears = _linear_mish_stack(actor.net, 4)

@@ -1103,11 +1103,11 @@ def make_run_dir(args: Args) -> Path:
     """A fresh run folder under out_dir, never an existing one (a suffix is added instead); or exactly
     `args.run_dir`, which must not hold a checkpoint (that run is continued with --resume)."""
     given = args.run_dir is not None
-    if given and (Path(args.run_dir) / "checkpoint.pt").exists():
-        raise ValueError(f"{args.run_dir} already holds a run; continue it with --resume "
-                         f"{Path(args.run_dir) / 'checkpoint.pt'} or pass another --run-dir")
     base = Path(args.run_dir) if given else Path(args.out_dir) / (
         f"{args.env.strip('/').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    if given and (base / "checkpoint.pt").exists():
+        raise ValueError(f"{base} already holds a run; continue it with --resume {base / 'checkpoint.pt'} "
+                         "or pass another --run-dir")
     for suffix in range(1 if given else 1000):
         run_dir = base.with_name(f"{base.name}_{suffix}") if suffix else base
         try:
