@@ -110,7 +110,7 @@ def load_agent(path: str, device: torch.device, kernels: str = "auto", eval_poli
                              "evaluate its live actor (--eval-ema False) or retrain with --eval-ema True")
         args = dataclasses.replace(args, eval_ema=eval_ema)
     args = args.resolved()  # an OFQL checkpoint's: a plain ofql.Args
-    task, _ = ofql.load_task(args.env, args.mujoco_data, with_data=False)
+    task, _ = ofql.load_task(args.env, with_data=False)
     if state["obs_mean"].shape != (task.obs_dim,):
         raise ValueError(f"{path}: its observations have {state['obs_mean'].shape[0]} dims, task {args.env} has "
                          f"{task.obs_dim}")

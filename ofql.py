@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Callable, ClassVar, Literal
@@ -45,19 +46,13 @@ except ImportError as error:
 # ---- Configuration -------------------------------------------------------------------------
 @dataclass
 class Args:
-    """OFQL's options (grouped in docs/flags.md). The comparison baselines (--policy flow|diffusion) are
-    baselines.py's: `python baselines.py train --help`."""
+    """OFQL's options (docs/flags.md); the comparison baselines' are `python baselines.py train --help`."""
 
     env: str = "pendulum-swingup"
-    """task (docs/data.md): built-in (`bandit-8modes`, `pendulum-swingup`), a D4RL name of the paper
-    (`hopper-medium-v2`, ...), a Minari dataset id (`mujoco/hopper/medium-v0`) or folder; `ogbench/<dataset>` through
-    ogbench_tasks.py"""
-    mujoco_data: Literal["d4rl", "minari"] = "d4rl"
-    """data of the D4RL MuJoCo names: `d4rl` = D4RL's v2 HDF5 files (the paper's data, evaluated on -v4 envs);
-    `minari` = Minari's v5 regeneration (mujoco/<env>/<level>-v0; not comparable with published numbers)"""
+    """task (docs/data.md): built-in (`bandit-8modes`, `pendulum-swingup`), a paper's D4RL name (`hopper-medium-v2`),
+    a Minari dataset id (`mujoco/hopper/medium-v0`) or folder; `ogbench/<dataset>` through ogbench_tasks.py"""
     d4rl_mirror: str | None = None
-    """base URL (https://, file://...) of D4RL's HDF5 files if Berkeley's server is down (None: $OFQL_D4RL_MIRROR,
-    else Berkeley's); docs/data.md"""
+    """base URL (https://, file://) of D4RL's HDF5 files (None: $OFQL_D4RL_MIRROR, else Berkeley's); docs/data.md"""
     seed: int = 0
     """seed of torch, numpy and python RNGs (one seeding block in `train`)"""
     exp_name: str = "ofql"
@@ -69,16 +64,13 @@ class Args:
     device: str = "auto"
     """`auto` (CUDA if available, else CPU), `cpu` or `cuda`"""
     kernels: Literal["auto", "triton", "torch"] = "auto"
-    """actor kernels for u + du/dt and no-grad actions: `triton` = kernels.py's fused ones (CUDA), `torch` = the plain
-    reference, `auto` = triton where CUDA and triton are usable"""
+    """actor kernels (u + du/dt, no-grad actions): kernels.py's `triton` (CUDA), `torch`, `auto` (triton if usable)"""
     kernel_precision: Literal["auto", "ieee", "tf32", "bf16"] = "auto"
-    """inputs of the Triton kernels' matrix products (fp32 accumulation): `ieee` exact fp32, `tf32` / `bf16` tensor
-    cores (sm_80+; error bounds in docs/kernels.md), `auto` = tf32 where the GPU has it, else ieee"""
+    """Triton matmul inputs (fp32 sums): `ieee`, `tf32`/`bf16` (sm_80+, docs/kernels.md), `auto` = tf32 if any"""
     threads: int | None = None
     """torch CPU threads (None: torch's default)"""
     compile: bool = False
-    """torch.compile the gradient step (critic, actor, critic target); CUDA graphs too on CUDA (mode
-    reduce-overhead). The first two steps compile (about a minute on a CPU); docs/flags.md has what it gains"""
+    """torch.compile the gradient step (+ CUDA graphs on CUDA); the first two steps compile (docs/flags.md)"""
     track: bool = False
     """log to Weights & Biases as well (needs `wandb`)"""
     wandb_project: str = "ofql"
@@ -110,8 +102,7 @@ class Args:
     max_q_samples: int = 10
     """next-action samples for the max-Q backup (DQL: 10)"""
     target_noise_scale: float = 1.0
-    """std of the noise behind the TD target's next actions (1 = the policy as trained, the paper's; below 1 the
-    critic values a less noisy policy, closer to the one that candidate selection acts with; ours)"""
+    """std of the TD target's next-action noise (1: the trained policy, the paper's; < 1: ours, a less noisy one)"""
     ema_actor: Annotated[bool, tyro.conf.FlagConversionOff] = False
     """use an EMA copy of the actor for next actions (DQL's); the paper's OFQL uses the current actor"""
     ema_decay: float = 0.995
@@ -121,8 +112,7 @@ class Args:
     ema_every: int = 5
     """steps between EMA updates"""
     eval_ema: Annotated[bool, tyro.conf.FlagConversionOff] = False
-    """evaluate with an EMA copy of the actor (decay, start, every as --ema-*), as generative models sample from
-    averaged weights; training is unchanged unless --ema-actor also uses the copy for next actions"""
+    """evaluate an EMA copy of the actor (--ema-* settings); training changes only if --ema-actor uses it too"""
     normalize_obs: bool = True
     """standardise observations with dataset mean/std (statistics are saved in the checkpoint)"""
     reward_scale: float | None = None
@@ -132,8 +122,7 @@ class Args:
 
     # --- flow policy
     flow_ratio: float = 0.5
-    """fraction of each batch with r = t (plain flow matching target v); 1.0 = flow matching only,
-    0.0 = never. NB: MeanFlow's PyTorch code names the opposite fraction the same way"""
+    """fraction of each batch with r = t (flow matching target v; 1 = FM only). MeanFlow's code names 1 - this so"""
     time_sampler: Literal["logit-normal", "uniform"] = "logit-normal"
     """distribution of the two time draws (t = max, r = min)"""
     time_mu: float = -0.4
@@ -143,8 +132,7 @@ class Args:
     time_emb_scale: float = 1.0
     """t and r are multiplied by this before the sinusoidal embedding (DQL fed integer steps)"""
     adaptive_weight: float = 0.5
-    """MeanFlow's adaptive loss weight power p (per-sample loss / sg(loss + 1e-3)^p; 0 = plain squared error): 0.5
-    measured best for one-step mode coverage on the toy (docs/baselines.md); MeanFlow's image default is 1"""
+    """MeanFlow's adaptive weight power p, loss / sg(loss + 1e-3)^p (0: off; 0.5 best on the toy; MeanFlow's: 1)"""
     hidden_dim: int | None = None
     """width of actor and critic MLPs (None: task preset; DQL and the paper: 256)"""
     critic_layer_norm: bool = False
@@ -160,15 +148,13 @@ class Args:
     `sample_action` (50 candidates, one drawn by softmax(min target-Q)); `one` = one sample, no critic;
     `deterministic` = the one-step action of e = 0, no critic (ours; docs/algorithm.md#action-selection)"""
     eval_select: Literal["one", "softmax", "argmax"] | None = None
-    """`one` sample, or `eval_samples` candidates and the one drawn by softmax(Q x temperature) or argmax Q (Q: min
-    of the two target critics)"""
+    """`one` sample, or `eval_samples` candidates, one drawn by softmax(Q x temperature) or argmax Q (min target-Q)"""
     eval_samples: int | None = None
     """candidate actions per decision for softmax/argmax (paper: 50)"""
     eval_temperature: float | None = None
     """softmax temperature multiplying Q (DQL: 1; the authors' later code: 100-300 on normalised rewards)"""
     eval_noise_scale: float | None = None
-    """std of the evaluation policy's noise draws (None: the protocol's; 1 = the trained N(0, I); below 1 a sampling
-    temperature that trades the behaviour's spread for its centre; 0 = e = 0)"""
+    """std of the evaluation policy's noise (None: the protocol's; 1: the trained N(0, I); 0: e = 0)"""
     log_every: int = 1000
     """gradient steps between TensorBoard scalars (the only host syncs of the loop)"""
     save_every: int | None = None
@@ -240,15 +226,13 @@ class Preset:
 
 
 def _antmaze(eta: float, grad_norm: float, max_q: bool, lr: float = 3e-4) -> Preset:
-    """DQL's eta on DQL's (= our) mean-reduced loss, for OFQL too, and the paper's protocol: unmeasured here. DQL
-    trains AntMaze 1M steps."""
+    """DQL's eta on DQL's (= our) mean-reduced loss and the paper's protocol, unmeasured here; DQL: 1M steps."""
     return Preset(eta=eta, lr=lr, grad_norm=grad_norm, max_q_backup=max_q, reward_scale=4.0, reward_bias=-0.5,
                   eval_protocol="paper")
 
 
 def _kitchen(grad_norm: float, total_steps: int = 1_000_000) -> Preset:
-    """DQL's eta (0.005) for OFQL too, and the paper's protocol, unmeasured here; DQL stops kitchen-complete at 250
-    epochs x 1000 steps."""
+    """DQL's eta (0.005) and the paper's protocol, unmeasured here; DQL stops kitchen-complete at 250k steps."""
     return Preset(eta=0.005, grad_norm=grad_norm, total_steps=total_steps, eval_protocol="paper")
 
 
@@ -363,11 +347,9 @@ def episodes_to_transitions(episodes, obs_keys: tuple[str, ...] = (), source: st
             if count := int((~np.isfinite(value)).sum()):
                 bad_count[key] = bad_count.get(key, 0) + count
                 first_bad.setdefault(key, ep.id)
-        parts["obs"].append(obs[:-1])
-        parts["next_obs"].append(obs[1:])
-        parts["action"].append(fields["action"])
-        parts["reward"].append(fields["reward"])
-        parts["mask"].append(1.0 - np.asarray(ep.terminations, dtype=np.float64))
+        fields |= {"obs": obs[:-1], "next_obs": obs[1:], "mask": 1.0 - np.asarray(ep.terminations, dtype=np.float64)}
+        for key, value in fields.items():
+            parts[key].append(value)
     if bad_count:
         raise ValueError(f"{source}: " + "; ".join(f"'{k}' has {n} NaN/Inf values (first in episode {first_bad[k]})"
                                                    for k, n in bad_count.items()) + "; clean the dataset before training")
@@ -437,14 +419,11 @@ def d4rl_hdf5_to_minari(hdf5_path: str | Path, dataset_id: str, eval_env: str, r
     if len(ends) == 0 or ends[-1] != len(rewards) - 1:
         ends = np.append(ends, len(rewards) - 1)
     buffers, start = [], 0
-    for end in ends:
-        stop = end + 1  # this episode's transitions are start .. stop - 1
-        if next_obs is not None:
-            last_obs = next_obs[end]
-        elif terminals[end]:  # never bootstrapped (mask 0): its own observation stands in for the unknown next one
-            last_obs = obs[end]
-        else:  # timeout or tail: obs[end + 1] is the next episode's first observation, so step `end` is dropped
-            stop, last_obs = end, obs[end]
+    for end in ends:  # this episode's transitions are start .. stop - 1
+        # without next_observations: a terminal is never bootstrapped (mask 0), its own observation stands in for the
+        # next one; a timeout's or the tail's next one is unknown (obs[end + 1] starts the next episode): step dropped
+        stop = end + 1 if next_obs is not None or terminals[end] else end
+        last_obs = obs[end] if next_obs is None else next_obs[end]
         if stop > start:  # a one-step timeout episode has nothing left
             truncations = np.zeros(stop - start, bool)
             truncations[-1] = not terminals[stop - 1]
@@ -489,8 +468,6 @@ def load_d4rl_mujoco(name: str, mirror: str | None = None):
     url = f"{base}/{env}_{level.replace('-', '_')}-v2.hdf5"
     hdf5 = root / "d4rl_downloads" / Path(url).name
     if not hdf5.exists():
-        import urllib.request
-
         hdf5.parent.mkdir(parents=True, exist_ok=True)
         part = hdf5.with_suffix(".part")
         print(f"downloading {url} -> {hdf5}")
@@ -536,25 +513,6 @@ def load_minari(source: str):
             f"the folder into {where}, or pass --env PATH_TO_DATASET_FOLDER.") from err
 
 
-def load_mujoco_minari(name: str):
-    """Minari's v5 regeneration of a D4RL MuJoCo task (not D4RL's data: scores are not comparable);
-    medium-expert is medium + expert combined, medium-replay does not exist there."""
-    import minari
-
-    env, level = D4RL_MUJOCO[name]
-    if level == "medium-replay":
-        raise ValueError(f"Minari has no medium-replay regeneration for {name}; use --mujoco-data d4rl")
-    parts = [load_minari(f"mujoco/{env}/{lv}-v0") for lv in level.split("-")]
-    if len(parts) == 1:
-        return parts[0]
-    combined = f"mujoco-combined/{env}/medium-expert-v0"
-    if combined in minari.list_local_datasets():
-        return minari.load_dataset(combined)
-    from minari.storage import get_dataset_path
-    get_dataset_path(combined).parent.mkdir(parents=True, exist_ok=True)  # combine_datasets makes only the leaf
-    return minari.combine_datasets(parts, combined)
-
-
 def bandit_modes(n: int = 8, radius: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
     """Centres of the 2-D bandit's modes on a circle and their rewards 0, 1/(n-1), ..., 1."""
     angles = 2 * np.pi * np.arange(n) / n
@@ -581,7 +539,7 @@ def make_bandit_data(n: int = 20_000, seed: int = 0, background: float = 0.1) ->
     return {"obs": obs, "action": actions, "reward": bandit_reward(actions), "next_obs": obs, "mask": np.zeros(n)}
 
 
-def load_task(env_name: str, mujoco_data: str = "d4rl", with_data: bool = True, d4rl_mirror: str | None = None
+def load_task(env_name: str, with_data: bool = True, d4rl_mirror: str | None = None
               ) -> tuple[Task, dict[str, np.ndarray] | None]:
     """Task description and raw transitions (actions rescaled to [-1, 1]) for --env; with_data=False
     skips reading the episodes (evaluation needs only the task: seconds instead of minutes)."""
@@ -598,10 +556,7 @@ def load_task(env_name: str, mujoco_data: str = "d4rl", with_data: bool = True, 
         raise ValueError(f"unknown task '{env_name}'" + (f"; did you mean '{close[0]}'?" if close else "") + " Known tasks: "
                          f"{', '.join(sorted(PRESETS))}; or a Minari dataset id or folder, or ogbench/<dataset> "
                          "(ogbench_tasks.py).")
-    if env_name in D4RL_MUJOCO:
-        dataset = load_d4rl_mujoco(env_name, d4rl_mirror) if mujoco_data == "d4rl" else load_mujoco_minari(env_name)
-    else:
-        dataset = load_minari(source)
+    dataset = load_d4rl_mujoco(env_name, d4rl_mirror) if env_name in D4RL_MUJOCO else load_minari(source)
     dataset_id, space, obs_space = dataset.spec.dataset_id, dataset.action_space, dataset.observation_space
     family = next((c for prefix, c in CONVENTIONS.items() if f"/{prefix}/" in f"/{dataset_id}"), Convention())
     if family.obs_keys:  # AntMaze and Kitchen need gymnasium-robotics' environments registered
@@ -829,8 +784,7 @@ def td_target(actor, critic_target, batch, args: Args) -> torch.Tensor:
         next_obs = batch["next_obs"]
         if args.max_q_backup:
             next_obs = next_obs.repeat_interleave(args.max_q_samples, 0)
-        noise = None if args.target_noise_scale == 1.0 else args.target_noise_scale * torch.randn(
-            len(next_obs), actor.act_dim, device=next_obs.device)
+        noise = args.target_noise_scale * torch.randn(len(next_obs), actor.act_dim, device=next_obs.device)
         q_next = critic_target(next_obs, actor.act(next_obs, noise))
         if args.max_q_backup:
             q_next = q_next.view(2, -1, args.max_q_samples).max(-1).values
@@ -854,13 +808,10 @@ class OFQL:
         self.actor_sched, self.critic_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.total_steps)
                                                for opt in (self.actor_opt, self.critic_opt))
         self.step = 0
-        self.gradient_step = self.compiled_gradient_step(device) if args.compile else self.eager_gradient_step
-
-    def compiled_gradient_step(self, device: torch.device):
-        """eager_gradient_step under torch.compile: step count, lr schedules and EMA stay outside (Python state would
-        recompile it); the changing float lr does not (torch 2.13 traces floats as inputs after their first change)."""
-        return torch.compile(self.eager_gradient_step, dynamic=False,  # static shapes: one batch size per run
-                             mode="reduce-overhead" if device.type == "cuda" else None)
+        # --compile: step count, lr schedules and EMA stay outside (Python state would recompile it); the changing
+        # float lr does not (torch 2.13 traces floats as inputs after their first change); one batch size per run
+        self.gradient_step = torch.compile(self.eager_gradient_step, dynamic=False, mode="reduce-overhead" if
+                                           device.type == "cuda" else None) if args.compile else self.eager_gradient_step
 
     def critic_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """TD error of both heads against r + gamma * mask * min_i Q'_i(s', a')."""
@@ -955,17 +906,12 @@ def sample_actions(agent: OFQL, obs: torch.Tensor, args: Args) -> torch.Tensor:
     candidates per observation scored by the min of the target critics, then one drawn with probability
     softmax(Q x temperature) (DQL's sample_action) or the argmax; the policy's noise has std --eval-noise-scale
     (0: the deterministic action of e = 0)."""
-    def draw(rows):
-        if args.eval_noise_scale == 1.0:
-            return agent.evaluation_act(rows)
-        return agent.evaluation_act(rows, args.eval_noise_scale * torch.randn(len(rows), agent.actor.act_dim,
-                                                                             device=rows.device))
-
-    if args.eval_select == "one":
-        return draw(obs)
-    n = args.eval_samples
+    n = 1 if args.eval_select == "one" else args.eval_samples
     repeated = obs.repeat_interleave(n, 0)
-    actions = draw(repeated)
+    noise = args.eval_noise_scale * torch.randn(len(repeated), agent.actor.act_dim, device=obs.device)
+    actions = agent.evaluation_act(repeated, noise)
+    if args.eval_select == "one":
+        return actions
     q = agent.critic_target(repeated, actions).min(0).values.view(-1, n)
     softmax = args.eval_select == "softmax"
     choice = torch.multinomial(torch.softmax(q * args.eval_temperature, 1), 1)[:, 0] if softmax else q.argmax(1)
@@ -1009,25 +955,21 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
 
 def plot_bandit(agent: OFQL, path: Path, n: int = 2000):
     """PNG of the bandit's offline actions next to samples of the evaluation policy."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure to close
 
     with torch.no_grad():
         samples = agent.evaluation_act(torch.zeros(n, 1, device=next(agent.actor.parameters()).device)).cpu().numpy()
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
+    fig = Figure(figsize=(8, 4))
+    axes = fig.subplots(1, 2, sharex=True, sharey=True)
     for ax, pts, title in zip(axes, (make_bandit_data(n)["action"], samples), ("offline data", agent.args.label)):
         ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
         ax.set_title(title)
         ax.set_aspect("equal")
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 # ---- Checkpoints ---------------------------------------------------------------------------
 CHECKPOINT_FORMAT = "ofql-checkpoint-v2"  # v1 pickled numpy/python objects; v2 holds tensors and plain values only
-# what unpickling a v1 checkpoint imports (its numpy arrays), to tell an old file from a hostile one
-V1_GLOBALS = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -1079,18 +1021,18 @@ def load_checkpoint(path: str | Path) -> dict:
             needs = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         except Exception:  # not a torch.save zip file
             needs = set()
-        if needs and needs <= V1_GLOBALS:
-            raise ValueError(f"{path} was written by an older ofql.py (ofql-checkpoint-v1) that stored pickled numpy "
-                             f"objects; this version opens only {CHECKPOINT_FORMAT} files (tensors and plain values, "
-                             "no code can run). Fix: retrain with this version, or use the ofql.py that wrote it") from err
-        if needs:
+        if needs:  # an ofql-checkpoint-v1 file too: it pickled numpy arrays
             raise ValueError(f"{path} is not a safe OFQL checkpoint: it holds pickled objects ({', '.join(sorted(needs))}) "
-                             "whose loading could run arbitrary code, so it was not opened. Use a checkpoint written "
-                             "by ofql.py save_checkpoint") from err
+                             f"whose loading could run arbitrary code, so it was not opened. This version writes and "
+                             f"opens {CHECKPOINT_FORMAT} files only; a file of an older ofql.py (v1, numpy objects) "
+                             "needs the ofql.py that wrote it, or a retrain") from err
         raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(err).__name__}); "
                          "use another checkpoint of the run") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an OFQL checkpoint (written by ofql.py save_checkpoint)")
+    if state["args"].pop("mujoco_data", "d4rl") != "d4rl":  # an option of older versions (D4RL names on Minari data)
+        raise ValueError(f"{path} was trained with --mujoco-data minari, which this version dropped: use the ofql.py "
+                         "that wrote it, or retrain with --env mujoco/<env>/<level>-v0")
     return state
 
 
@@ -1156,7 +1098,7 @@ def train(args: Args) -> dict:
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    task, data = load_task(args.env, args.mujoco_data, d4rl_mirror=args.d4rl_mirror)
+    task, data = load_task(args.env, d4rl_mirror=args.d4rl_mirror)
     if args.batch_size > len(data["obs"]):
         raise ValueError(f"--batch-size {args.batch_size} is larger than the dataset ({len(data['obs'])} transitions)")
     normalizer = (Normalizer(resumed["obs_mean"].numpy(), resumed["obs_std"].numpy()) if resumed is not None

@@ -257,7 +257,7 @@ def run_sweep(runs: list[Run], base: BaselineArgs, sweep_dir: Path, opts: argpar
                 for run in runs if read_summary(sweep_dir / run.name) is not None}
     todo = [run for run in runs if run.name not in statuses]
     for task in sorted({run.task for run in todo}):  # fetch/convert each dataset once, before runs race for it
-        ofql.load_task(task, todo[0].args.mujoco_data, d4rl_mirror=todo[0].args.d4rl_mirror)
+        ofql.load_task(task, d4rl_mirror=todo[0].args.d4rl_mirror)
     ray = start_ray(opts) if todo else None
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -349,7 +349,7 @@ def collect(sweep_dir: Path, last_k: int) -> tuple[list[dict], list[str]]:
         if summary and history:
             record |= {"status": "done", "final_score": history[-1], "last_k_score": float(np.mean(history[-last_k:])),
                        "steps": summary["steps"], "wall_time_s": summary["wall_time_s"],
-                       "mujoco_data": summary["args"].get("mujoco_data", "d4rl"),
+                       "mujoco_data": summary["args"].get("mujoco_data", "d4rl"),  # older versions' option
                        "curve": [(h["step"], h["score_mean"]) for h in summary["history"]]}
         else:
             error = run_dir / "error.txt"

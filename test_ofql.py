@@ -598,8 +598,22 @@ def test_v1_checkpoint_says_it_is_from_an_older_version(tmp_path):
     old = tmp_path / "checkpoint.pt"
     torch.save({"format": "ofql-checkpoint-v1", "obs_mean": np.zeros(3, np.float32),
                 "rng": {"numpy": np.random.get_state()}}, old)  # v1 pickled numpy arrays
-    with pytest.raises(ValueError, match="written by an older ofql.py \\(ofql-checkpoint-v1\\)"):
+    with pytest.raises(ValueError, match="not a safe OFQL checkpoint.*numpy.*older ofql.py \\(v1"):
         ofql.load_checkpoint(old)
+
+
+def test_checkpoint_of_a_dropped_option(tmp_path):
+    """An older version's --mujoco-data: at its default the field is dropped and the file opens; at minari it is
+    refused (this version would read D4RL's data for the name)."""
+    summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=2, eval_every=2))
+    state = torch.load(summary["checkpoint"], weights_only=True)
+    for value in ("d4rl", "minari"):
+        path = tmp_path / f"{value}.pt"
+        torch.save(state | {"args": state["args"] | {"mujoco_data": value}}, path)
+        if value == "d4rl":
+            assert "mujoco_data" not in ofql.load_checkpoint(path)["args"]
+    with pytest.raises(ValueError, match="trained with --mujoco-data minari, which this version dropped"):
+        ofql.load_checkpoint(path)
 
 
 def test_checkpoint_holds_only_tensors_and_plain_values(tmp_path):
@@ -1126,14 +1140,18 @@ def test_kitchen_eval_env_uses_the_d4rl_settings():
     assert env.spec.max_episode_steps == 280 and ofql.flatten_obs(obs, kitchen.obs_keys).shape == (59,)
 
 
-def test_minari_regeneration_route_combines_medium_and_expert():
+def test_minari_regeneration_trains_by_its_id_combined_as_the_data_docs_say():
+    """docs/data.md: Minari's MuJoCo data by id, a medium-expert combined with `minari combine` (its CLI's API)."""
+    import minari
+
     medium = make_hopper_dataset("mujoco/hopper/medium-v0", episodes=2)
     expert = make_hopper_dataset("mujoco/hopper/expert-v0", episodes=3)
-    task, data = ofql.load_task("hopper-medium-expert-v2", mujoco_data="minari")
+    from minari.storage import get_dataset_path
+    get_dataset_path("mujoco-combined/hopper/medium-expert-v0").parent.mkdir(parents=True, exist_ok=True)
+    minari.combine_datasets([medium, expert], "mujoco-combined/hopper/medium-expert-v0")
+    task, data = ofql.load_task("mujoco-combined/hopper/medium-expert-v0")
     assert len(data["obs"]) == medium.total_steps + expert.total_steps
     assert "d4rl" not in task.ref_source
-    with pytest.raises(ValueError, match="no medium-replay"):
-        ofql.load_task("hopper-medium-replay-v2", mujoco_data="minari")
 
 
 # ------------------------------------------------------------------------------------------------
