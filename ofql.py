@@ -122,7 +122,7 @@ class Args:
 
     # --- flow policy
     flow_ratio: float = 0.5
-    """fraction of each batch with r = t (flow matching target v; 1 = FM only). MeanFlow's code names 1 - this so"""
+    """fraction of each batch with r = t (flow-matching target v; 1 = FM only); MeanFlow's flow_ratio is 1 - this"""
     time_sampler: Literal["logit-normal", "uniform"] = "logit-normal"
     """distribution of the two time draws (t = max, r = min)"""
     time_mu: float = -0.4
