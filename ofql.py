@@ -908,8 +908,9 @@ def sample_actions(agent: OFQL, obs: torch.Tensor, args: Args) -> torch.Tensor:
     (0: the deterministic action of e = 0)."""
     n = 1 if args.eval_select == "one" else args.eval_samples
     repeated = obs.repeat_interleave(n, 0)
-    noise = args.eval_noise_scale * torch.randn(len(repeated), agent.actor.act_dim, device=obs.device)
-    actions = agent.evaluation_act(repeated, noise)
+    scale = args.eval_noise_scale  # at 1 the policy draws its own noise: any evaluation_act(obs) fits
+    actions = agent.evaluation_act(repeated) if scale == 1.0 else agent.evaluation_act(
+        repeated, scale * torch.randn(len(repeated), agent.actor.act_dim, device=obs.device))
     if args.eval_select == "one":
         return actions
     q = agent.critic_target(repeated, actions).min(0).values.view(-1, n)
@@ -1068,9 +1069,7 @@ def check_divergence(values: dict[str, float], q_bound: float) -> str | None:
     if bad := [k for k, v in values.items() if not math.isfinite(v)]:
         return f"non-finite {', '.join(bad)}"
     q = max(abs(values["charts/q_mean"]), abs(values["charts/target_q_mean"]))
-    if q > q_bound:
-        return f"|Q| = {q:.3g} exceeds the bound {q_bound:.3g} (margin x max|reward| / (1 - gamma))"
-    return None
+    return f"|Q| = {q:.3g} exceeds the bound {q_bound:.3g} (margin x max|reward| / (1 - gamma))" if q > q_bound else None
 
 
 def train(args: Args) -> dict:
