@@ -1,0 +1,155 @@
+"""Two diagnostics of why OFQL ends below the data on a Minari MuJoCo dataset (docs/calibration.md section 11).
+
+    python benchmarks/medium_diagnostics.py bc-heldout --weight-decay 0.1 --steps 30000 --json bc-wd0.1.json
+    python benchmarks/medium_diagnostics.py critic RUN/checkpoint_{5000,10000,20000}.pt --json critic.json
+
+bc-heldout: the one-step actor trained by BC alone (no critic) on the first 90% of the transitions, AdamW with
+the given weight decay, lr and cosine decay as the MuJoCo preset; every 2,500 steps the score of the deterministic
+action (10 episodes), the MeanFlow loss on training and held-out transitions, and the deterministic action's MSE
+to the data's actions. Overfitting shows as a held-out loss above the training loss.
+
+critic: for each checkpoint, the min target-Q of the data's actions against the data's discounted return-to-go
+(states of terminated episodes), how much the critic prefers the policy's deterministic action to the data's,
+and along rollouts of that action its predicted Q(s_t, pi(s_t)) against the realized discounted return-to-go
+(the last 300 steps of a truncated episode left out: their tail is unknown). A critic that over-values the
+policy misleads the Q term.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import ofql  # noqa: E402
+
+
+def discounted_to_go(rewards: np.ndarray, gamma: float) -> np.ndarray:
+    out, running = np.zeros(len(rewards)), 0.0
+    for i in range(len(rewards) - 1, -1, -1):
+        running = rewards[i] + gamma * running
+        out[i] = running
+    return out
+
+
+def bc_heldout(env: str, weight_decay: float, steps: int, seed: int) -> list[dict]:
+    args = ofql.Args(env=env, eta=0.0, seed=seed, total_steps=steps, eval_protocol="deterministic").resolved()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    task, data = ofql.load_task(env)
+    normalizer = ofql.Normalizer.fit(data["obs"], True)
+    obs = torch.as_tensor(normalizer(data["obs"]), dtype=torch.float32)
+    action = torch.as_tensor(data["action"], dtype=torch.float32)
+    n_train = int(0.9 * len(obs))  # transitions are in episode order: the held-out 10% are whole later episodes
+    agent = ofql.OFQL(task, args, torch.device("cpu"))
+    opt = torch.optim.AdamW(agent.actor.parameters(), lr=args.lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+
+    @torch.no_grad()
+    def loss_on(lo: int, hi: int) -> float:
+        fixed = torch.Generator().manual_seed(123)
+        idx = torch.randint(lo, hi, (8192,), generator=fixed)
+        return float(ofql.meanflow_bc_loss(agent.actor, obs[idx], action[idx], args, fixed))
+
+    @torch.no_grad()
+    def deterministic_mse(lo: int, hi: int) -> float:
+        return float((agent.actor.act(obs[lo:hi], torch.zeros(hi - lo, task.act_dim)) - action[lo:hi]).pow(2).mean())
+
+    rows, t0 = [], time.time()
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, n_train, (args.batch_size,), generator=generator)
+        agent.optimise(agent.actor.bc_loss(obs[idx], action[idx], args), agent.actor, opt)
+        schedule.step()
+        if step % 2500 == 0:
+            score = ofql.evaluate(agent, task, normalizer, args, 10, seed=step)["score_mean"]
+            rows.append({"step": step, "score": score, "train_loss": loss_on(0, n_train),
+                         "heldout_loss": loss_on(n_train, len(obs)), "det_mse_train": deterministic_mse(0, 20_000),
+                         "det_mse_heldout": deterministic_mse(n_train, len(obs)), "seconds": time.time() - t0})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def critic_check(checkpoints: list[str], states: int, episodes: int) -> list[dict]:
+    import minari
+
+    rows = []
+    for path in checkpoints:
+        state = ofql.load_checkpoint(path)
+        args = ofql.Args(**state["args"])
+        task, _ = ofql.load_task(args.env, with_data=False)
+        obs, action, to_go = [], [], []
+        for ep in minari.load_dataset(ofql.MINARI_SOURCE.get(args.env, args.env)).iterate_episodes():
+            if ep.terminations[-1]:  # a truncated episode's return-to-go is unknown past its end
+                obs.append(ep.observations[:-1])
+                action.append(ep.actions)
+                to_go.append(discounted_to_go(ep.rewards, args.gamma))
+        pick = np.random.default_rng(0).choice(sum(map(len, obs)), states, replace=False)
+        obs, action, to_go = (np.concatenate(x)[pick] for x in (obs, action, to_go))
+        agent = ofql.OFQL(task, args, torch.device("cpu"))
+        agent.load_state_dict(state["agent"])
+        normalizer = ofql.Normalizer(state["obs_mean"].numpy(), state["obs_std"].numpy())
+
+        def q_and_action(o: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            o = torch.as_tensor(normalizer(o), dtype=torch.float32)
+            pi = agent.actor.act(o, torch.zeros(len(o), task.act_dim))
+            return agent.critic_target(o, pi).min(0).values.squeeze(-1), pi
+
+        with torch.no_grad():
+            q_pi, _ = q_and_action(obs)
+            q_data = agent.critic_target(torch.as_tensor(normalizer(obs), dtype=torch.float32),
+                                         torch.as_tensor(action, dtype=torch.float32)).min(0).values.squeeze(-1)
+            predicted, realized, returns = [], [], []
+            for episode in range(episodes):
+                env = task.make_env()
+                o, _ = env.reset(seed=1000 + episode)
+                q_path, rewards, term, trunc = [], [], False, False
+                while not (term or trunc):
+                    q, pi = q_and_action(o[None])
+                    q_path.append(float(q))
+                    o, reward, term, trunc, _ = env.step(pi[0].numpy())
+                    rewards.append(reward)
+                keep = len(rewards) if term else max(len(rewards) - 300, 0)
+                predicted += q_path[:keep]
+                realized += list(discounted_to_go(np.array(rewards), args.gamma)[:keep])
+                returns.append(100 * (sum(rewards) - task.ref_min) / (task.ref_max - task.ref_min))
+        rows.append({"checkpoint": path, "step": state["agent"]["step"], "q_data_actions": float(q_data.mean()),
+                     "data_return_to_go": float(to_go.mean()), "q_pi_minus_q_data": float((q_pi - q_data).mean()),
+                     "fraction_q_pi_above": float((q_pi > q_data).float().mean()),
+                     "rollout_predicted_q": float(np.mean(predicted)), "rollout_realized": float(np.mean(realized)),
+                     "rollout_score": float(np.mean(returns))})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    bc = sub.add_parser("bc-heldout")
+    bc.add_argument("--env", default="standin/hopper/medium-v0")
+    bc.add_argument("--weight-decay", type=float, default=0.0)
+    bc.add_argument("--steps", type=int, default=30_000)
+    bc.add_argument("--seed", type=int, default=0)
+    critic = sub.add_parser("critic")
+    critic.add_argument("checkpoints", nargs="+")
+    critic.add_argument("--states", type=int, default=20_000)
+    critic.add_argument("--episodes", type=int, default=10)
+    for p in (bc, critic):
+        p.add_argument("--json", help="write the rows here")
+        p.add_argument("--threads", type=int, default=1)
+    opts = parser.parse_args(argv)
+    torch.set_num_threads(opts.threads)
+    rows = (bc_heldout(opts.env, opts.weight_decay, opts.steps, opts.seed) if opts.mode == "bc-heldout"
+            else critic_check(opts.checkpoints, opts.states, opts.episodes))
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
