@@ -75,42 +75,50 @@ def bc_heldout(env: str, weight_decay: float, steps: int, seed: int) -> list[dic
     return rows
 
 
-def critic_check(checkpoints: list[str], states: int, episodes: int) -> list[dict]:
+def terminated_samples(env: str, gamma: float, states: int) -> tuple[ofql.Task, np.ndarray, np.ndarray, np.ndarray]:
+    """The task, and `states` (observation, action, discounted return-to-go) of the dataset's terminated episodes
+    (a truncated episode's return-to-go is unknown past its end)."""
     import minari
 
-    rows = []
+    task, _ = ofql.load_task(env, with_data=False)
+    obs, action, to_go = [], [], []
+    for ep in minari.load_dataset(ofql.MINARI_SOURCE.get(env, env)).iterate_episodes():
+        if ep.terminations[-1]:
+            obs.append(ep.observations[:-1])
+            action.append(ep.actions)
+            to_go.append(discounted_to_go(ep.rewards, gamma))
+    pick = np.random.default_rng(0).choice(sum(map(len, obs)), states, replace=False)
+    return task, *(np.concatenate(x)[pick] for x in (obs, action, to_go))
+
+
+def critic_check(checkpoints: list[str], states: int, episodes: int) -> list[dict]:
+    rows, samples = [], {}
     for path in checkpoints:
         state = ofql.load_checkpoint(path)
         args = ofql.Args(**state["args"])
-        task, _ = ofql.load_task(args.env, with_data=False)
-        obs, action, to_go = [], [], []
-        for ep in minari.load_dataset(ofql.MINARI_SOURCE.get(args.env, args.env)).iterate_episodes():
-            if ep.terminations[-1]:  # a truncated episode's return-to-go is unknown past its end
-                obs.append(ep.observations[:-1])
-                action.append(ep.actions)
-                to_go.append(discounted_to_go(ep.rewards, args.gamma))
-        pick = np.random.default_rng(0).choice(sum(map(len, obs)), states, replace=False)
-        obs, action, to_go = (np.concatenate(x)[pick] for x in (obs, action, to_go))
+        key = (args.env, args.gamma)  # the checkpoints of one run share their samples: read the dataset once
+        if key not in samples:
+            samples[key] = terminated_samples(args.env, args.gamma, states)
+        task, obs, action, to_go = samples[key]
         agent = ofql.OFQL(task, args, torch.device("cpu"))
         agent.load_state_dict(state["agent"])
         normalizer = ofql.Normalizer(state["obs_mean"].numpy(), state["obs_std"].numpy())
 
-        def q_and_action(o: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-            o = torch.as_tensor(normalizer(o), dtype=torch.float32)
+        def q_and_action(o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             pi = agent.actor.act(o, torch.zeros(len(o), task.act_dim))
             return agent.critic_target(o, pi).min(0).values.squeeze(-1), pi
 
         with torch.no_grad():
-            q_pi, _ = q_and_action(obs)
-            q_data = agent.critic_target(torch.as_tensor(normalizer(obs), dtype=torch.float32),
-                                         torch.as_tensor(action, dtype=torch.float32)).min(0).values.squeeze(-1)
+            normalized = torch.as_tensor(normalizer(obs), dtype=torch.float32)
+            q_pi, _ = q_and_action(normalized)
+            q_data = agent.critic_target(normalized, torch.as_tensor(action, dtype=torch.float32)).min(0).values.squeeze(-1)
             predicted, realized, returns = [], [], []
             for episode in range(episodes):
                 env = task.make_env()
                 o, _ = env.reset(seed=1000 + episode)
                 q_path, rewards, term, trunc = [], [], False, False
                 while not (term or trunc):
-                    q, pi = q_and_action(o[None])
+                    q, pi = q_and_action(torch.as_tensor(normalizer(o[None]), dtype=torch.float32))
                     q_path.append(float(q))
                     o, reward, term, trunc, _ = env.step(pi[0].numpy())
                     rewards.append(reward)
