@@ -1,7 +1,8 @@
-"""Two diagnostics of why OFQL ends below the data on a Minari MuJoCo dataset (docs/calibration.md section 11).
+"""Diagnostics of why OFQL ends below the data on a Minari MuJoCo dataset (docs/calibration.md sections 11, 13).
 
     python benchmarks/medium_diagnostics.py bc-heldout --weight-decay 0.1 --steps 30000 --json bc-wd0.1.json
     python benchmarks/medium_diagnostics.py critic RUN/checkpoint_{5000,10000,20000}.pt --json critic.json
+    python benchmarks/medium_diagnostics.py regression-bc --loss l1 --steps 30000 --json bc-l1.json
 
 bc-heldout: the one-step actor trained by BC alone (no critic) on the first 90% of the transitions, AdamW with
 the given weight decay, lr and cosine decay as the MuJoCo preset; every 2,500 steps the score of the deterministic
@@ -13,6 +14,12 @@ critic: for each checkpoint, the min target-Q of the data's actions against the 
 and along rollouts of that action its predicted Q(s_t, pi(s_t)) against the realized discounted return-to-go
 (the last 300 steps of a truncated episode left out: their tail is unknown). A critic that over-values the
 policy misleads the Q term.
+
+regression-bc: no flow, no critic: a deterministic MLP (the actor's 3 x 256 Mish, tanh output) fitted to every
+transition by mean squared error (the conditional mean action, as TD3+BC with alpha 0) or absolute error (the
+conditional median: for a tanh-squashed Gaussian behaviour, tanh of its mean, the behaviour's deterministic
+policy); its score every 2,500 steps. It says which level plain BC of the file reaches, and whether that level
+depends on the estimator.
 """
 from __future__ import annotations
 
@@ -38,7 +45,9 @@ def discounted_to_go(rewards: np.ndarray, gamma: float) -> np.ndarray:
     return out
 
 
-def bc_heldout(env: str, weight_decay: float, steps: int, seed: int) -> list[dict]:
+def bc_setup(env: str, steps: int, seed: int):
+    """What both BC diagnostics start from: the preset's Args (no Q term), a seeded batch generator, the task and
+    the dataset's normalised observations and actions as tensors."""
     args = ofql.Args(env=env, eta=0.0, seed=seed, total_steps=steps, eval_protocol="deterministic").resolved()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -46,6 +55,11 @@ def bc_heldout(env: str, weight_decay: float, steps: int, seed: int) -> list[dic
     normalizer = ofql.Normalizer.fit(data["obs"], True)
     obs = torch.as_tensor(normalizer(data["obs"]), dtype=torch.float32)
     action = torch.as_tensor(data["action"], dtype=torch.float32)
+    return args, generator, task, normalizer, obs, action
+
+
+def bc_heldout(env: str, weight_decay: float, steps: int, seed: int) -> list[dict]:
+    args, generator, task, normalizer, obs, action = bc_setup(env, steps, seed)
     n_train = int(0.9 * len(obs))  # transitions are in episode order: the held-out 10% are whole later episodes
     agent = ofql.OFQL(task, args, torch.device("cpu"))
     opt = torch.optim.AdamW(agent.actor.parameters(), lr=args.lr, weight_decay=weight_decay)
@@ -71,6 +85,37 @@ def bc_heldout(env: str, weight_decay: float, steps: int, seed: int) -> list[dic
             rows.append({"step": step, "score": score, "train_loss": loss_on(0, n_train),
                          "heldout_loss": loss_on(n_train, len(obs)), "det_mse_train": deterministic_mse(0, 20_000),
                          "det_mse_heldout": deterministic_mse(n_train, len(obs)), "seconds": time.time() - t0})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+class RegressionAgent:
+    """What ofql.evaluate needs of an agent, for a deterministic regressor: `actor` and `evaluation_act`."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        self.actor = torch.nn.Sequential(ofql.mlp([obs_dim, hidden, hidden, hidden, act_dim]), torch.nn.Tanh())
+        self.actor.act_dim = act_dim  # the noise's size, which sample_actions draws and this policy ignores
+
+    def evaluation_act(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self.actor(obs)
+
+
+def regression_bc(env: str, loss: str, steps: int, seed: int) -> list[dict]:
+    args, generator, task, normalizer, obs, action = bc_setup(env, steps, seed)
+    agent = RegressionAgent(task.obs_dim, task.act_dim)
+    opt = torch.optim.Adam(agent.actor.parameters(), lr=args.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    error = torch.nn.functional.l1_loss if loss == "l1" else torch.nn.functional.mse_loss
+    rows, t0 = [], time.time()
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(obs), (args.batch_size,), generator=generator)
+        opt.zero_grad()
+        error(agent.actor(obs[idx]), action[idx]).backward()
+        opt.step()
+        schedule.step()
+        if step % 2500 == 0:
+            score = ofql.evaluate(agent, task, normalizer, args, 10, seed=step)["score_mean"]
+            rows.append({"step": step, "loss": loss, "score": score, "seconds": time.time() - t0})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -147,13 +192,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     critic.add_argument("checkpoints", nargs="+")
     critic.add_argument("--states", type=int, default=20_000)
     critic.add_argument("--episodes", type=int, default=10)
-    for p in (bc, critic):
+    regression = sub.add_parser("regression-bc")
+    regression.add_argument("--env", default="standin/hopper/medium-v0")
+    regression.add_argument("--loss", choices=["l2", "l1"], default="l2")
+    regression.add_argument("--steps", type=int, default=30_000)
+    regression.add_argument("--seed", type=int, default=0)
+    for p in (bc, critic, regression):
         p.add_argument("--json", help="write the rows here")
         p.add_argument("--threads", type=int, default=1)
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
-    rows = (bc_heldout(opts.env, opts.weight_decay, opts.steps, opts.seed) if opts.mode == "bc-heldout"
-            else critic_check(opts.checkpoints, opts.states, opts.episodes))
+    if opts.mode == "bc-heldout":
+        rows = bc_heldout(opts.env, opts.weight_decay, opts.steps, opts.seed)
+    elif opts.mode == "regression-bc":
+        rows = regression_bc(opts.env, opts.loss, opts.steps, opts.seed)
+    else:
+        rows = critic_check(opts.checkpoints, opts.states, opts.episodes)
     if opts.json:
         Path(opts.json).write_text(json.dumps(rows, indent=1))
     return rows
