@@ -164,6 +164,15 @@ def dql_eta(env: str) -> float:
     return 1.0 if preset is None or env in ofql.D4RL_MUJOCO else preset.eta
 
 
+def dql_discount(env: str, gamma: float | None, tau: float | None) -> tuple[float | None, float | None]:
+    """DQL's gamma and tau (ofql.Preset's defaults) where OFQL's MuJoCo preset would set its own measured ones (D4RL
+    MuJoCo and other Minari data); elsewhere, and where given, the values pass through to the task preset."""
+    if env in ofql.D4RL_MUJOCO or (env not in ofql.PRESETS and not ofql.task_family(env)):
+        dql = ofql.Preset()
+        return dql.gamma if gamma is None else gamma, dql.tau if tau is None else tau
+    return gamma, tau
+
+
 @dataclass
 class BaselineArgs(Args):
     """Every ofql.py option, and the policy class: OFQL's one-step policy or a comparison baseline
@@ -184,16 +193,17 @@ class BaselineArgs(Args):
 
     def resolved(self) -> Args:
         """--policy meanflow: a plain ofql.Args, so the run trains, checkpoints and resumes as ofql.py's. flow and
-        diffusion: DQL's eta for the task, K = 5, DQL's inference (`paper`) and (diffusion) DQL's EMA actor where not
-        given, then ofql.py's presets and checks, then the baselines' own."""
+        diffusion: DQL's eta, gamma and tau for the task, K = 5, DQL's inference (`paper`) and (diffusion) DQL's EMA
+        actor where not given, then ofql.py's presets and checks, then the baselines' own."""
         if self.policy == "meanflow":
             if {self.policy_steps, self.eval_policy_steps} - {1, None}:
                 raise ValueError("invalid arguments: --policy meanflow acts in one step: drop --policy-steps/"
                                  "--eval-policy-steps or pick --policy flow/diffusion")
             ofql_fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Args)}
             return Args(**ofql_fields | {"ema_actor": bool(self.ema_actor)}).resolved()
+        gamma, tau = dql_discount(self.env, self.gamma, self.tau)
         args = Args.resolved(dataclasses.replace(
-            self, eta=dql_eta(self.env) if self.eta is None else self.eta,
+            self, eta=dql_eta(self.env) if self.eta is None else self.eta, gamma=gamma, tau=tau,
             policy_steps=5 if self.policy_steps is None else self.policy_steps,
             ema_actor=self.policy == "diffusion" if self.ema_actor is None else self.ema_actor,
             eval_protocol="paper" if self.eval_protocol is None else self.eval_protocol))  # DQL's sample_action

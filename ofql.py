@@ -90,9 +90,9 @@ class Args:
     lr_decay: bool | None = None
     """cosine-decay the actor and critic lr to 0 over --total-steps (None: task preset, on except the bandit)"""
     gamma: float | None = None
-    """discount (None: task preset, 0.99; FQL's 0.995 on OGBench's giant and humanoid mazes and antsoccer)"""
-    tau: float = 0.005
-    """Polyak rate of the target critics"""
+    """discount (None: task preset: 0.995 on MuJoCo, else DQL's 0.99; FQL's on OGBench, docs/ogbench.md)"""
+    tau: float | None = None
+    """Polyak rate of the target critics (None: task preset, 0.02 on MuJoCo, else DQL's 0.005)"""
     grad_norm: float | None = None
     """max gradient norm of actor and critic (None: task preset; <= 0 disables clipping)"""
     eta: float | None = None
@@ -171,7 +171,7 @@ class Args:
 
     def resolved(self) -> Args:
         """A new Args with every None field filled from the task preset and the eval protocol, values checked."""
-        preset = family[1](self.env) if (family := task_family(self.env)) else PRESETS.get(self.env, Preset())
+        preset = family[1](self.env) if (family := task_family(self.env)) else PRESETS.get(self.env, MINARI_PRESET)
         args = dataclasses.replace(self, **{f.name: getattr(preset, f.name) for f in dataclasses.fields(Preset)
                                             if getattr(self, f.name) is None})
         select, samples, temperature, noise_scale = EVAL_PROTOCOLS[args.eval_protocol]
@@ -204,11 +204,12 @@ class Args:
 
 
 MUJOCO_ETA = 0.1  # OFQL's eta on MuJoCo tasks (mean-reduced BC loss), from the stand-in calibration (docs/calibration.md)
+MUJOCO = {"gamma": 0.995, "tau": 0.02}  # OFQL's MuJoCo discount and target rate, from the stand-ins; DQL: 0.99, 0.005
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Per-task defaults: DQL's main.py table, except OFQL's MuJoCo eta, measured here (docs/calibration.md)."""
+    """Per-task defaults: DQL's main.py table, except OFQL's MuJoCo eta, gamma and tau (docs/calibration.md)."""
 
     eta: float = MUJOCO_ETA  # OFQL's Q weight
     lr: float = 3e-4
@@ -220,6 +221,7 @@ class Preset:
     reward_bias: float = 0.0
     total_steps: int = 1_000_000
     gamma: float = 0.99
+    tau: float = 0.005
     eval_every: int = 10_000
     hidden_dim: int = 256
     eval_protocol: str = "deterministic"  # measured on the hopper stand-ins and Pendulum (docs/calibration.md)
@@ -237,11 +239,10 @@ def _kitchen(grad_norm: float, total_steps: int = 1_000_000) -> Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "halfcheetah-medium-v2": Preset(grad_norm=9), "hopper-medium-v2": Preset(grad_norm=9),
-    "walker2d-medium-v2": Preset(grad_norm=1), "halfcheetah-medium-replay-v2": Preset(grad_norm=2),
-    "hopper-medium-replay-v2": Preset(grad_norm=4), "walker2d-medium-replay-v2": Preset(grad_norm=4),
-    "halfcheetah-medium-expert-v2": Preset(grad_norm=7), "hopper-medium-expert-v2": Preset(grad_norm=5),
-    "walker2d-medium-expert-v2": Preset(grad_norm=5),
+    **{name: Preset(grad_norm=clip, **MUJOCO) for name, clip in {  # DQL's grad clip per task
+        "halfcheetah-medium-v2": 9, "hopper-medium-v2": 9, "walker2d-medium-v2": 1, "halfcheetah-medium-replay-v2": 2,
+        "hopper-medium-replay-v2": 4, "walker2d-medium-replay-v2": 4, "halfcheetah-medium-expert-v2": 7,
+        "hopper-medium-expert-v2": 5, "walker2d-medium-expert-v2": 5}.items()},
     "antmaze-umaze-v0": _antmaze(0.5, 2, False), "antmaze-umaze-diverse-v0": _antmaze(2.0, 3, True),
     "antmaze-medium-play-v0": _antmaze(2.0, 2, True, lr=1e-3), "antmaze-medium-diverse-v0": _antmaze(3.0, 1, True),
     "antmaze-large-play-v0": _antmaze(4.5, 10, True), "antmaze-large-diverse-v0": _antmaze(3.5, 7, True),
@@ -251,6 +252,7 @@ PRESETS: dict[str, Preset] = {
                             eval_every=500, hidden_dim=128, eval_protocol="one"),
     "pendulum-swingup": Preset(eta=3.0, grad_norm=9.0, total_steps=6000, eval_every=1000),
 }
+MINARI_PRESET = Preset(**MUJOCO)  # any other Minari dataset id or folder: the stand-ins, Minari's MuJoCo data
 
 
 # Task families that another file adds, by --env prefix: (load(name, with_data) -> (Task, data), preset(name)).

@@ -1284,7 +1284,7 @@ def test_ofql_alone_points_ogbench_names_to_ogbench_tasks(monkeypatch):
     monkeypatch.setattr(ofql, "TASK_FAMILIES", {})
     with pytest.raises(ValueError, match="load through ogbench_tasks.py.*python ogbench_tasks.py --env " + CUBE_OG):
         ofql.load_task(CUBE_OG)
-    assert ofql.Args(env=CUBE_OG).resolved().gamma == 0.99  # the default preset, until the family is added
+    assert ofql.Args(env=CUBE_OG).resolved().gamma == ofql.MINARI_PRESET.gamma  # until the family is added
 
 
 def test_ogbench_without_the_package_is_one_clear_error(monkeypatch):
@@ -2099,8 +2099,8 @@ def test_policy_flags_are_checked_and_defaulted():
 
 
 def test_comparison_rows_take_dqls_settings_as_the_paper_ran_them():
-    """--policy diffusion/flow: DQL's eta for the task (1.0 on MuJoCo, on the same mean-reduced loss), DQL's EMA
-    actor for diffusion, DQL's inference (50 candidates, softmax); OFQL keeps its own measured eta."""
+    """--policy diffusion/flow: DQL's eta for the task (1.0 on MuJoCo, on the same mean-reduced loss), gamma and tau,
+    DQL's EMA actor for diffusion, DQL's inference (50 candidates, softmax); OFQL keeps its own measured values."""
     for policy in ("diffusion", "flow"):
         args = baselines.BaselineArgs(env="hopper-medium-expert-v2", policy=policy).resolved()
         assert args.eta == 1.0 and (args.eval_select, args.eval_samples) == ("softmax", 50)
@@ -2111,6 +2111,20 @@ def test_comparison_rows_take_dqls_settings_as_the_paper_ran_them():
     assert ofql.Args(env="hopper-medium-expert-v2").resolved().eta == ofql.MUJOCO_ETA
     assert baselines.BaselineArgs(env="hopper-medium-expert-v2").resolved().eta == ofql.MUJOCO_ETA
     assert baselines.BaselineArgs(env="hopper-medium-expert-v2", policy="flow", eta=0.2).resolved().eta == 0.2
+    # gamma and tau: OFQL's measured MuJoCo values (D4RL names and other Minari data), DQL's for the comparison rows
+    # and for the tasks whose presets hold DQL's; a given flag wins everywhere
+    discount = lambda args: (args.gamma, args.tau)  # noqa: E731
+    for env in ("hopper-medium-expert-v2", "standin/hopper/medium-v0"):
+        assert discount(ofql.Args(env=env).resolved()) == (ofql.MUJOCO["gamma"], ofql.MUJOCO["tau"]) == (0.995, 0.02)
+        assert discount(baselines.BaselineArgs(env=env).resolved()) == (0.995, 0.02)
+        assert discount(baselines.BaselineArgs(env=env, policy="diffusion").resolved()) == (0.99, 0.005)
+        assert discount(baselines.BaselineArgs(env=env, policy="flow", gamma=0.9, tau=0.1).resolved()) == (0.9, 0.1)
+    for env in ("antmaze-large-play-v0", "pendulum-swingup", "bandit-8modes"):
+        assert discount(ofql.Args(env=env).resolved()) == (0.99, 0.005)
+    assert discount(ofql.Args(env="standin/hopper/medium-v0", tau=0.005).resolved()) == (0.995, 0.005)
+    og = "ogbench/humanoidmaze-medium-navigate-singletask-v0"  # FQL's discount, for OFQL and the rows alike
+    assert discount(baselines.BaselineArgs(env=og, policy="flow").resolved()) == discount(ofql.Args(env=og).resolved()) \
+        == (0.995, 0.005)
 
 
 def test_ofql_py_knows_no_baseline_and_names_the_baselines_command(tmp_path, monkeypatch):
