@@ -171,7 +171,7 @@ class Args:
 
     def resolved(self) -> Args:
         """A new Args with every None field filled from the task preset and the eval protocol, values checked."""
-        preset = family[1](self.env) if (family := task_family(self.env)) else PRESETS.get(self.env, MINARI_PRESET)
+        preset = task_preset(self.env)
         args = dataclasses.replace(self, **{f.name: getattr(preset, f.name) for f in dataclasses.fields(Preset)
                                             if getattr(self, f.name) is None})
         select, samples, temperature, noise_scale = EVAL_PROTOCOLS[args.eval_protocol]
@@ -262,6 +262,10 @@ TASK_FAMILIES: dict[str, tuple[Callable[[str, bool], tuple], Callable[[str], Pre
 
 def task_family(env: str) -> tuple[Callable, Callable] | None:
     return next((family for prefix, family in TASK_FAMILIES.items() if env.startswith(prefix)), None)
+
+
+def task_preset(env: str) -> Preset:
+    return family[1](env) if (family := task_family(env)) else PRESETS.get(env, MINARI_PRESET)
 
 
 # --eval-protocol -> (eval_select, eval_samples, eval_temperature, eval_noise_scale)
