@@ -1,8 +1,9 @@
-"""Diagnostics of why OFQL ends below the data on a Minari MuJoCo dataset (docs/calibration.md sections 11, 13).
+"""Diagnostics of why OFQL ends below the data on a Minari MuJoCo dataset (docs/calibration.md sections 11, 13, 15).
 
     python benchmarks/medium_diagnostics.py bc-heldout --weight-decay 0.1 --steps 30000 --json bc-wd0.1.json
     python benchmarks/medium_diagnostics.py critic RUN/checkpoint_{5000,10000,20000}.pt --json critic.json
     python benchmarks/medium_diagnostics.py regression-bc --loss l1 --steps 30000 --json bc-l1.json
+    python benchmarks/medium_diagnostics.py selection RUN/checkpoint.pt --noise-scales 0.25 1.0 --json selection.json
 
 bc-heldout: the one-step actor trained by BC alone (no critic) on the first 90% of the transitions, AdamW with
 the given weight decay, lr and cosine decay as the MuJoCo preset; every 2,500 steps the score of the deterministic
@@ -15,6 +16,11 @@ and along rollouts of that action its predicted Q(s_t, pi(s_t)) against the real
 (the last 300 steps of a truncated episode left out: their tail is unknown). A critic that over-values the
 policy misleads the Q term.
 
+selection: for each checkpoint, rollouts of the deterministic action and of the argmax of `--samples` one-step
+candidates by the min target-Q at each noise scale: the score and length, how much the chosen action's Q exceeds the
+deterministic action's at the same state, and the predicted Q against the realized return-to-go. It tells whether
+the critic ranks candidates right (selection helps) or wrong (selection breaks the policy).
+
 regression-bc: no flow, no critic: a deterministic MLP (the actor's 3 x 256 Mish, tanh output) fitted to every
 transition by mean squared error (the conditional mean action, as TD3+BC with alpha 0) or absolute error (the
 conditional median: for a tanh-squashed Gaussian behaviour, tanh of its mean, the behaviour's deterministic
@@ -24,6 +30,7 @@ depends on the estimator.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -136,47 +143,94 @@ def terminated_samples(env: str, gamma: float, states: int) -> tuple[ofql.Task, 
     return task, *(np.concatenate(x)[pick] for x in (obs, action, to_go))
 
 
+def load_agent(path: str) -> tuple[ofql.OFQL, ofql.Task, ofql.Args, ofql.Normalizer, int]:
+    """An OFQL checkpoint as (agent, task, resolved args, normalizer, step)."""
+    state = ofql.load_checkpoint(path)
+    args = ofql.Args(**state["args"])
+    task, _ = ofql.load_task(args.env, with_data=False)
+    agent = ofql.OFQL(task, args, torch.device("cpu"))
+    agent.load_state_dict(state["agent"])
+    return agent, task, args, ofql.Normalizer(state["obs_mean"].numpy(), state["obs_std"].numpy()), state["agent"]["step"]
+
+
+def min_target_q(agent: ofql.OFQL, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    return agent.critic_target(obs, action).min(0).values.squeeze(-1)
+
+
+def deterministic_action(agent: ofql.OFQL, obs: torch.Tensor) -> torch.Tensor:
+    return agent.evaluation_act(obs, torch.zeros(len(obs), agent.actor.act_dim))
+
+
+def rollouts(task: ofql.Task, normalizer: ofql.Normalizer, policy, episodes: int, gamma: float) -> dict:
+    """`episodes` episodes of policy(normalised obs) -> (action, its min target-Q): the score and length of each,
+    and per step the predicted Q against the realized discounted return-to-go (the last 300 steps of a truncated
+    episode left out: their tail is unknown)."""
+    predicted, realized, scores, lengths = [], [], [], []
+    for episode in range(episodes):
+        env = task.make_env()
+        o, _ = env.reset(seed=1000 + episode)
+        q_path, rewards, term, trunc = [], [], False, False
+        while not (term or trunc):
+            action, q = policy(torch.as_tensor(normalizer(o[None]), dtype=torch.float32))
+            q_path.append(float(q))
+            o, reward, term, trunc, _ = env.step(action[0].numpy())
+            rewards.append(reward)
+        keep = len(rewards) if term else max(len(rewards) - 300, 0)
+        predicted += q_path[:keep]
+        realized += list(discounted_to_go(np.array(rewards), gamma)[:keep])
+        scores.append(100 * (sum(rewards) - task.ref_min) / (task.ref_max - task.ref_min))
+        lengths.append(len(rewards))
+    return {"rollout_predicted_q": float(np.mean(predicted)), "rollout_realized": float(np.mean(realized)),
+            "rollout_score": float(np.mean(scores)), "rollout_length": float(np.mean(lengths))}
+
+
 def critic_check(checkpoints: list[str], states: int, episodes: int) -> list[dict]:
     rows, samples = [], {}
     for path in checkpoints:
-        state = ofql.load_checkpoint(path)
-        args = ofql.Args(**state["args"])
+        agent, task, args, normalizer, step = load_agent(path)
         key = (args.env, args.gamma)  # the checkpoints of one run share their samples: read the dataset once
         if key not in samples:
             samples[key] = terminated_samples(args.env, args.gamma, states)
-        task, obs, action, to_go = samples[key]
-        agent = ofql.OFQL(task, args, torch.device("cpu"))
-        agent.load_state_dict(state["agent"])
-        normalizer = ofql.Normalizer(state["obs_mean"].numpy(), state["obs_std"].numpy())
+        _, obs, action, to_go = samples[key]
 
-        def q_and_action(o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            pi = agent.actor.act(o, torch.zeros(len(o), task.act_dim))
-            return agent.critic_target(o, pi).min(0).values.squeeze(-1), pi
+        def deterministic(o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            pi = deterministic_action(agent, o)
+            return pi, min_target_q(agent, o, pi)
 
         with torch.no_grad():
             normalized = torch.as_tensor(normalizer(obs), dtype=torch.float32)
-            q_pi, _ = q_and_action(normalized)
-            q_data = agent.critic_target(normalized, torch.as_tensor(action, dtype=torch.float32)).min(0).values.squeeze(-1)
-            predicted, realized, returns = [], [], []
-            for episode in range(episodes):
-                env = task.make_env()
-                o, _ = env.reset(seed=1000 + episode)
-                q_path, rewards, term, trunc = [], [], False, False
-                while not (term or trunc):
-                    q, pi = q_and_action(torch.as_tensor(normalizer(o[None]), dtype=torch.float32))
-                    q_path.append(float(q))
-                    o, reward, term, trunc, _ = env.step(pi[0].numpy())
-                    rewards.append(reward)
-                keep = len(rewards) if term else max(len(rewards) - 300, 0)
-                predicted += q_path[:keep]
-                realized += list(discounted_to_go(np.array(rewards), args.gamma)[:keep])
-                returns.append(100 * (sum(rewards) - task.ref_min) / (task.ref_max - task.ref_min))
-        rows.append({"checkpoint": path, "step": state["agent"]["step"], "q_data_actions": float(q_data.mean()),
+            q_pi = deterministic(normalized)[1]
+            q_data = min_target_q(agent, normalized, torch.as_tensor(action, dtype=torch.float32))
+            rollout = rollouts(task, normalizer, deterministic, episodes, args.gamma)
+        rows.append({"checkpoint": path, "step": step, "q_data_actions": float(q_data.mean()),
                      "data_return_to_go": float(to_go.mean()), "q_pi_minus_q_data": float((q_pi - q_data).mean()),
                      "fraction_q_pi_above": float((q_pi > q_data).float().mean()),
-                     "rollout_predicted_q": float(np.mean(predicted)), "rollout_realized": float(np.mean(realized)),
-                     "rollout_score": float(np.mean(returns))})
+                     **{k: v for k, v in rollout.items() if k != "rollout_length"}})
         print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def selection_check(checkpoints: list[str], samples: int, noise_scales: list[float], episodes: int) -> list[dict]:
+    rows = []
+    for path in checkpoints:
+        agent, task, args, normalizer, step = load_agent(path)
+        for scale in [0.0, *noise_scales]:  # 0: the deterministic action, the reference every gain is measured from
+            select = dataclasses.replace(args, eval_select="argmax", eval_samples=samples, eval_noise_scale=scale)
+            gains = []
+
+            def chosen(o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                action = deterministic_action(agent, o) if scale == 0.0 else ofql.sample_actions(agent, o, select)
+                q = min_target_q(agent, o, action)
+                gains.append(float(q - min_target_q(agent, o, deterministic_action(agent, o))))
+                return action, q
+
+            torch.manual_seed(0)
+            with torch.no_grad():
+                rollout = rollouts(task, normalizer, chosen, episodes, args.gamma)
+            rows.append({"checkpoint": path, "step": step, "env": args.env,
+                         "selection": "deterministic" if scale == 0.0 else f"argmax of {samples}, noise {scale}",
+                         "q_chosen_minus_q_deterministic": float(np.mean(gains)), **rollout})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -192,12 +246,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     critic.add_argument("checkpoints", nargs="+")
     critic.add_argument("--states", type=int, default=20_000)
     critic.add_argument("--episodes", type=int, default=10)
+    selection = sub.add_parser("selection")
+    selection.add_argument("checkpoints", nargs="+")
+    selection.add_argument("--samples", type=int, default=50)
+    selection.add_argument("--noise-scales", type=float, nargs="+", default=[1.0])
+    selection.add_argument("--episodes", type=int, default=5)
     regression = sub.add_parser("regression-bc")
     regression.add_argument("--env", default="standin/hopper/medium-v0")
     regression.add_argument("--loss", choices=["l2", "l1"], default="l2")
     regression.add_argument("--steps", type=int, default=30_000)
     regression.add_argument("--seed", type=int, default=0)
-    for p in (bc, critic, regression):
+    for p in (bc, critic, selection, regression):
         p.add_argument("--json", help="write the rows here")
         p.add_argument("--threads", type=int, default=1)
     opts = parser.parse_args(argv)
@@ -206,6 +265,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = bc_heldout(opts.env, opts.weight_decay, opts.steps, opts.seed)
     elif opts.mode == "regression-bc":
         rows = regression_bc(opts.env, opts.loss, opts.steps, opts.seed)
+    elif opts.mode == "selection":
+        rows = selection_check(opts.checkpoints, opts.samples, opts.noise_scales, opts.episodes)
     else:
         rows = critic_check(opts.checkpoints, opts.states, opts.episodes)
     if opts.json:
