@@ -164,9 +164,9 @@ def dql_eta(env: str) -> float:
     return 1.0 if preset is None or env in ofql.D4RL_MUJOCO else preset.eta
 
 
-def dql_discount(env: str) -> dict[str, float]:
-    """DQL's gamma and tau (ofql.Preset's defaults) where the task takes OFQL's measured MuJoCo ones (ofql.MUJOCO: the
-    D4RL MuJoCo names and any other Minari data); elsewhere none, and the task preset's hold."""
+def dql_critic(env: str) -> dict[str, float | bool]:
+    """DQL's gamma, tau and critic without LayerNorm (ofql.Preset's defaults) where the task takes OFQL's measured MuJoCo
+    ones (ofql.MUJOCO: the D4RL MuJoCo names and any other Minari data); elsewhere none, and the task preset's hold."""
     mujoco = env in ofql.D4RL_MUJOCO or ofql.task_preset(env) is ofql.MINARI_PRESET
     return {field: getattr(ofql.Preset, field) for field in ofql.MUJOCO} if mujoco else {}
 
@@ -199,9 +199,9 @@ class BaselineArgs(Args):
                                  "--eval-policy-steps or pick --policy flow/diffusion")
             ofql_fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Args)}
             return Args(**ofql_fields | {"ema_actor": bool(self.ema_actor)}).resolved()
-        discount = {field: value for field, value in dql_discount(self.env).items() if getattr(self, field) is None}
+        critic = {field: value for field, value in dql_critic(self.env).items() if getattr(self, field) is None}
         args = Args.resolved(dataclasses.replace(
-            self, eta=dql_eta(self.env) if self.eta is None else self.eta, **discount,
+            self, eta=dql_eta(self.env) if self.eta is None else self.eta, **critic,
             policy_steps=5 if self.policy_steps is None else self.policy_steps,
             ema_actor=self.policy == "diffusion" if self.ema_actor is None else self.ema_actor,
             eval_protocol="paper" if self.eval_protocol is None else self.eval_protocol))  # DQL's sample_action

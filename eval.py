@@ -47,7 +47,7 @@ class EvalArgs:
     """episodes per seed"""
     seeds: list[int] = field(default_factory=lambda: [0])
     """evaluation seeds (environment resets and policy noise)"""
-    eval_protocol: Literal["paper", "one", "deterministic"] | None = None
+    eval_protocol: Literal["paper", "argmax", "one", "deterministic"] | None = None
     """action selection (see ofql.py --eval-protocol); given, it replaces the checkpoint's selection, samples and
     temperature (None: the checkpoint's)"""
     eval_select: Literal["one", "softmax", "argmax"] | None = None

@@ -135,18 +135,20 @@ class Args:
     """MeanFlow's adaptive weight power p, loss / sg(loss + 1e-3)^p (0: off; 0.5 best on the toy; MeanFlow's: 1)"""
     hidden_dim: int | None = None
     """width of actor and critic MLPs (None: task preset; DQL and the paper: 256)"""
-    critic_layer_norm: bool = False
-    """LayerNorm after each hidden activation of the critic, as FQL's critic (the paper's DQL critic has none)"""
+    critic_layer_norm: bool | None = None
+    """LayerNorm after each hidden activation of the critic, as FQL's critic; the paper's DQL critic has none
+    (None: task preset; on for MuJoCo, measured on the stand-ins, docs/calibration.md)"""
 
     # --- evaluation
     eval_every: int | None = None
     """gradient steps between evaluations (None: task preset)"""
     eval_episodes: int = 10
     """episodes per evaluation (paper: 150 per task at the end)"""
-    eval_protocol: Literal["paper", "one", "deterministic"] | None = None
+    eval_protocol: Literal["paper", "argmax", "one", "deterministic"] | None = None
     """action selection at evaluation, filling the four fields below where unset (None: task preset): `paper` = DQL's
-    `sample_action` (50 candidates, one drawn by softmax(min target-Q)); `one` = one sample, no critic;
-    `deterministic` = the one-step action of e = 0, no critic (ours; docs/algorithm.md#action-selection)"""
+    `sample_action` (50 candidates, one drawn by softmax(min target-Q)); `argmax` = the best of 50 candidates by min
+    target-Q (ours, the MuJoCo preset); `one` = one sample, no critic; `deterministic` = the one-step action of e = 0,
+    no critic (ours; docs/algorithm.md#action-selection)"""
     eval_select: Literal["one", "softmax", "argmax"] | None = None
     """`one` sample, or `eval_samples` candidates, one drawn by softmax(Q x temperature) or argmax Q (min target-Q)"""
     eval_samples: int | None = None
@@ -204,12 +206,14 @@ class Args:
 
 
 MUJOCO_ETA = 0.1  # OFQL's eta on MuJoCo tasks (mean-reduced BC loss), from the stand-in calibration (docs/calibration.md)
-MUJOCO = {"gamma": 0.995, "tau": 0.02}  # OFQL's MuJoCo discount and target rate, from the stand-ins; DQL: 0.99, 0.005
+# OFQL's MuJoCo critic (DQL: gamma 0.99, tau 0.005, no LayerNorm) and action selection, from the stand-ins
+MUJOCO = {"gamma": 0.995, "tau": 0.02, "critic_layer_norm": True}
+MUJOCO_PROTOCOL = "argmax"
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Per-task defaults: DQL's main.py table, except OFQL's MuJoCo eta, gamma and tau (docs/calibration.md)."""
+    """Per-task defaults: DQL's main.py table, except OFQL's MuJoCo eta, critic and action selection (docs/calibration.md)."""
 
     eta: float = MUJOCO_ETA  # OFQL's Q weight
     lr: float = 3e-4
@@ -224,6 +228,7 @@ class Preset:
     tau: float = 0.005
     eval_every: int = 10_000
     hidden_dim: int = 256
+    critic_layer_norm: bool = False
     eval_protocol: str = "deterministic"  # measured on the hopper stand-ins and Pendulum (docs/calibration.md)
 
 
@@ -239,7 +244,7 @@ def _kitchen(grad_norm: float, total_steps: int = 1_000_000) -> Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    **{name: Preset(grad_norm=clip, **MUJOCO) for name, clip in {  # DQL's grad clip per task
+    **{name: Preset(grad_norm=clip, eval_protocol=MUJOCO_PROTOCOL, **MUJOCO) for name, clip in {  # DQL's grad clip per task
         "halfcheetah-medium-v2": 9, "hopper-medium-v2": 9, "walker2d-medium-v2": 1, "halfcheetah-medium-replay-v2": 2,
         "hopper-medium-replay-v2": 4, "walker2d-medium-replay-v2": 4, "halfcheetah-medium-expert-v2": 7,
         "hopper-medium-expert-v2": 5, "walker2d-medium-expert-v2": 5}.items()},
@@ -252,7 +257,7 @@ PRESETS: dict[str, Preset] = {
                             eval_every=500, hidden_dim=128, eval_protocol="one"),
     "pendulum-swingup": Preset(eta=3.0, grad_norm=9.0, total_steps=6000, eval_every=1000),
 }
-MINARI_PRESET = Preset(**MUJOCO)  # any other Minari dataset id or folder: the stand-ins, Minari's MuJoCo data
+MINARI_PRESET = Preset(eval_protocol=MUJOCO_PROTOCOL, **MUJOCO)  # any other Minari dataset id or folder: the stand-ins, Minari's MuJoCo data
 
 
 # Task families that another file adds, by --env prefix: (load(name, with_data) -> (Task, data), preset(name)).
@@ -269,7 +274,8 @@ def task_preset(env: str) -> Preset:
 
 
 # --eval-protocol -> (eval_select, eval_samples, eval_temperature, eval_noise_scale)
-EVAL_PROTOCOLS = {"paper": ("softmax", 50, 1.0, 1.0), "one": ("one", 1, 1.0, 1.0), "deterministic": ("one", 1, 1.0, 0.0)}
+EVAL_PROTOCOLS = {"paper": ("softmax", 50, 1.0, 1.0), "argmax": ("argmax", 50, 1.0, 1.0), "one": ("one", 1, 1.0, 1.0),
+                  "deterministic": ("one", 1, 1.0, 0.0)}
 D4RL_MUJOCO = {f"{env}-{level}-v2": (env, level) for env in ("halfcheetah", "hopper", "walker2d")
                for level in ("medium", "medium-replay", "medium-expert")}
 D4RL_REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}

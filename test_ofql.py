@@ -235,7 +235,11 @@ def test_candidate_selection_draws_by_softmax_of_min_target_q_or_takes_the_argma
 def test_eval_protocol_fills_selection_and_eval_py_replaces_it(tmp_path):
     paper = ofql.Args(env="hopper-medium-v2", eval_protocol="paper").resolved()
     assert (paper.eval_select, paper.eval_samples, paper.eval_temperature) == ("softmax", 50, 1.0)
-    assert ofql.Args(env="hopper-medium-v2").resolved().eval_protocol == "deterministic"  # measured (calibration.md)
+    mujoco = ofql.Args(env="hopper-medium-v2").resolved()  # measured (calibration.md): the best of 50 by min target-Q
+    assert (mujoco.eval_protocol, mujoco.eval_select, mujoco.eval_samples, mujoco.eval_noise_scale) == ("argmax", "argmax",
+                                                                                                       50, 1.0)
+    assert ofql.Args(env="standin/hopper/medium-v0").resolved().eval_protocol == "argmax"  # any other Minari data too
+    assert ofql.Args(env="pendulum-swingup").resolved().eval_protocol == "deterministic"
     assert ofql.Args(env="antmaze-large-play-v0").resolved().eval_protocol == "paper"  # unmeasured: the paper's
     assert ofql.Args(env="hopper-medium-v2", eval_protocol="one").resolved().eval_samples == 1
     assert ofql.Args(env="hopper-medium-v2", eval_select="argmax", eval_samples=10).resolved().eval_samples == 10
@@ -253,7 +257,7 @@ def test_eval_protocol_fills_selection_and_eval_py_replaces_it(tmp_path):
     assert paper.eval_noise_scale == 1.0
     back = ofql_eval.with_eval_selection(deterministic, ofql_eval.EvalArgs(checkpoint="unused", eval_protocol="paper"))
     assert (back.eval_select, back.eval_samples, back.eval_noise_scale) == ("softmax", 50, 1.0)
-    argmax = ofql.Args(env="hopper-medium-v2", eval_select="argmax").resolved()  # on the deterministic preset
+    argmax = ofql.Args(env="pendulum-swingup", eval_select="argmax").resolved()  # on the deterministic preset
     assert (argmax.eval_select, argmax.eval_samples, argmax.eval_noise_scale) == ("argmax", 50, 1.0)
     ranked = ofql_eval.with_eval_selection(deterministic, ofql_eval.EvalArgs(checkpoint="unused", eval_select="softmax"))
     assert (ranked.eval_select, ranked.eval_samples, ranked.eval_noise_scale) == ("softmax", 50, 1.0)
@@ -428,7 +432,7 @@ def test_train_on_tiny_minari_dataset_checkpoints_and_resumes(tmp_path):
     assert ckpt["agent"]["step"] == 20 and ckpt["obs_mean"].shape == (11,)
     # the critic really learned something: parameters moved away from their initial values
     torch.manual_seed(base.seed)
-    init = ofql.TwinCritic(11, 3, 64)
+    init = ofql.TwinCritic(11, 3, 64, layer_norm=ckpt["args"]["critic_layer_norm"])  # the Minari preset's: on
     moved = max((ckpt["agent"]["critic"][k] - v).abs().max().item() for k, v in init.state_dict().items())
     assert moved > 1e-4
     # resume: same run folder, continues to the new total and keeps the history
@@ -2113,14 +2117,20 @@ def test_comparison_rows_take_dqls_settings_as_the_paper_ran_them():
     assert baselines.BaselineArgs(env="hopper-medium-expert-v2", policy="flow", eta=0.2).resolved().eta == 0.2
     # gamma and tau: OFQL's measured MuJoCo values (D4RL names and other Minari data), DQL's for the comparison rows
     # and for the tasks whose presets hold DQL's; a given flag wins everywhere
+    # and the critic's LayerNorm, likewise
     discount = lambda args: (args.gamma, args.tau)  # noqa: E731
     for env in ("hopper-medium-expert-v2", "standin/hopper/medium-v0"):
         assert discount(ofql.Args(env=env).resolved()) == (ofql.MUJOCO["gamma"], ofql.MUJOCO["tau"]) == (0.995, 0.02)
         assert discount(baselines.BaselineArgs(env=env).resolved()) == (0.995, 0.02)
         assert discount(baselines.BaselineArgs(env=env, policy="diffusion").resolved()) == (0.99, 0.005)
         assert discount(baselines.BaselineArgs(env=env, policy="flow", gamma=0.9, tau=0.1).resolved()) == (0.9, 0.1)
+        assert ofql.Args(env=env).resolved().critic_layer_norm and baselines.BaselineArgs(env=env).resolved().critic_layer_norm
+        for policy in ("diffusion", "flow"):
+            assert not baselines.BaselineArgs(env=env, policy=policy).resolved().critic_layer_norm
+        assert baselines.BaselineArgs(env=env, policy="flow", critic_layer_norm=True).resolved().critic_layer_norm
     for env in ("antmaze-large-play-v0", "pendulum-swingup", "bandit-8modes"):
         assert discount(ofql.Args(env=env).resolved()) == (0.99, 0.005)
+        assert not ofql.Args(env=env).resolved().critic_layer_norm
     assert discount(ofql.Args(env="standin/hopper/medium-v0", tau=0.005).resolved()) == (0.995, 0.005)
     og = "ogbench/humanoidmaze-medium-navigate-singletask-v0"  # FQL's discount, for OFQL and the rows alike
     assert discount(baselines.BaselineArgs(env=og, policy="flow").resolved()) == discount(ofql.Args(env=og).resolved()) \
