@@ -213,7 +213,8 @@ MUJOCO_PROTOCOL = "argmax"
 
 @dataclass(frozen=True)
 class Preset:
-    """Per-task defaults: DQL's main.py table, except OFQL's MuJoCo eta, critic and action selection (docs/calibration.md)."""
+    """Per-task defaults: DQL's main.py table, except OFQL's MuJoCo eta, critic and action selection
+    (docs/calibration.md)."""
 
     eta: float = MUJOCO_ETA  # OFQL's Q weight
     lr: float = 3e-4
@@ -244,7 +245,7 @@ def _kitchen(grad_norm: float, total_steps: int = 1_000_000) -> Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    **{name: Preset(grad_norm=clip, eval_protocol=MUJOCO_PROTOCOL, **MUJOCO) for name, clip in {  # DQL's grad clip per task
+    **{name: Preset(grad_norm=clip, eval_protocol=MUJOCO_PROTOCOL, **MUJOCO) for name, clip in {  # DQL's grad clips
         "halfcheetah-medium-v2": 9, "hopper-medium-v2": 9, "walker2d-medium-v2": 1, "halfcheetah-medium-replay-v2": 2,
         "hopper-medium-replay-v2": 4, "walker2d-medium-replay-v2": 4, "halfcheetah-medium-expert-v2": 7,
         "hopper-medium-expert-v2": 5, "walker2d-medium-expert-v2": 5}.items()},
@@ -257,7 +258,8 @@ PRESETS: dict[str, Preset] = {
                             eval_every=500, hidden_dim=128, eval_protocol="one"),
     "pendulum-swingup": Preset(eta=3.0, grad_norm=9.0, total_steps=6000, eval_every=1000),
 }
-MINARI_PRESET = Preset(eval_protocol=MUJOCO_PROTOCOL, **MUJOCO)  # any other Minari dataset id or folder: the stand-ins, Minari's MuJoCo data
+# any other Minari dataset id or folder: the stand-ins, Minari's MuJoCo data
+MINARI_PRESET = Preset(eval_protocol=MUJOCO_PROTOCOL, **MUJOCO)
 
 
 # Task families that another file adds, by --env prefix: (load(name, with_data) -> (Task, data), preset(name)).
