@@ -191,7 +191,7 @@ class BaselineArgs(Args):
 
     def resolved(self) -> Args:
         """--policy meanflow: a plain ofql.Args, so the run trains, checkpoints and resumes as ofql.py's. flow and
-        diffusion: DQL's eta, gamma and tau for the task, K = 5, DQL's inference (`paper`) and (diffusion) DQL's EMA
+        diffusion: DQL's eta, gamma, tau and plain critic for the task, K = 5, DQL's inference (`paper`) and (diffusion) DQL's EMA
         actor where not given, then ofql.py's presets and checks, then the baselines' own."""
         if self.policy == "meanflow":
             if {self.policy_steps, self.eval_policy_steps} - {1, None}:

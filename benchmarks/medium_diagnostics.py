@@ -219,9 +219,10 @@ def selection_check(checkpoints: list[str], samples: int, noise_scales: list[flo
             gains = []
 
             def chosen(o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                action = deterministic_action(agent, o) if scale == 0.0 else ofql.sample_actions(agent, o, select)
+                reference = deterministic_action(agent, o)
+                action = reference if scale == 0.0 else ofql.sample_actions(agent, o, select)
                 q = min_target_q(agent, o, action)
-                gains.append(float(q - min_target_q(agent, o, deterministic_action(agent, o))))
+                gains.append(float(q - min_target_q(agent, o, reference)))
                 return action, q
 
             torch.manual_seed(0)
