@@ -1283,6 +1283,97 @@ def test_ogbench_cli_offline_is_one_line_without_traceback(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: OGBench dataset antmaze-large-navigate-v0 ")
 
 
+@needs_ogbench
+@pytest.mark.parametrize("dataset, obs_dim, qpos_dim, button_states", [
+    ("cube-single-play-v0", 28, 21, None), ("scene-noisy-v0", 40, 25, 2), ("puzzle-3x3-play-v0", 55, 23, 9)])
+def test_generate_writes_ogbench_files_that_ogbench_and_ofql_read(dataset, obs_dim, qpos_dim, button_states,
+                                                                     tmp_path, monkeypatch):
+    """A tiny regenerated dataset (5 + 1 episodes of 12 steps): OGBench's keys, dtypes and train/validation split, the
+    oracle's actions in [-1, 1] and moving the arm; ogbench's own loader and a few OFQL gradient steps read it."""
+    import ogbench
+    import ogbench_tasks
+
+    no_ogbench_downloads(monkeypatch)
+    args = ogbench_tasks.GenerateArgs(dataset, episodes=5, episode_steps=12, out_dir=str(tmp_path / "og"))
+    train_path, val_path = ogbench_tasks.generate(args)
+    train, val = dict(np.load(train_path)), dict(np.load(val_path))
+    assert (len(train["observations"]), len(val["observations"])) == (60, 12)
+    expected = {"observations": (np.float32, obs_dim), "actions": (np.float32, 5), "terminals": (np.bool_, None),
+                "qpos": (np.float32, qpos_dim), "qvel": (np.float32, None)}
+    if button_states:
+        expected["button_states"] = (np.int64, button_states)
+    assert set(train) == set(val) == set(expected)
+    for key, (dtype, width) in expected.items():
+        assert train[key].dtype == dtype and (width is None or train[key].shape[1] == width), key
+    np.testing.assert_array_equal(np.flatnonzero(train["terminals"]), np.arange(11, 60, 12))  # each episode's end
+    assert np.abs(train["actions"]).max() <= 1 and np.abs(np.diff(train["qpos"][:12, :6], axis=0)).max() > 1e-3
+    assert not (tmp_path / "og" / f".{dataset}-chunks").exists()  # chunks removed once both files exist
+    stem = dataset.removesuffix("-v0")
+    name = f"{stem}-singletask-v0"
+    _, data, _ = ogbench.make_env_and_datasets(name, dataset_dir=str(tmp_path / "og"))
+    assert len(data["observations"]) == 55  # 11 transitions per 12-state episode
+    monkeypatch.setenv("OGBENCH_DATASET_DIR", str(tmp_path / "og"))
+    if dataset.startswith("cube"):  # one family trains (each loads through the same code as above)
+        summary = ofql.train(ofql.Args(env=f"ogbench/{name}", out_dir=str(tmp_path / "runs"), total_steps=20,
+                                       eval_every=20, eval_episodes=1, batch_size=8, hidden_dim=16, log_every=10))
+        assert summary["history"][-1]["step"] == 20 and summary["history"][-1]["score_mean"] in (0.0, 100.0)
+
+
+@needs_ogbench
+def test_generate_is_seeded_worker_independent_and_resumes_without_redoing_chunks(tmp_path, monkeypatch):
+    import ogbench_tasks
+
+    def files(folder, seed=0, workers=1):
+        paths = ogbench_tasks.generate(ogbench_tasks.GenerateArgs(
+            "cube-double-noisy-v0", seed=seed, workers=workers, episodes=20, episode_steps=6, out_dir=str(folder)))
+        return [p.read_bytes() for p in paths]
+
+    one_worker = files(tmp_path / "a")
+    assert files(tmp_path / "b", workers=2) == one_worker  # byte-identical whatever the split over processes
+    assert files(tmp_path / "c", seed=1)[0] != one_worker[0]
+    # A killed generation: chunks 0 and 2 of 3 already written. Only chunk 1 is made again, and the files match.
+    work = tmp_path / "d" / ".cube-double-noisy-v0-chunks"
+    work.mkdir(parents=True)
+    made = []
+    real = ogbench_tasks.generate_chunk
+    for chunk in (0, 2):
+        real(ogbench_tasks.Recipe.of("cube-double-noisy-v0"), 0, chunk, (10, 10, 2)[chunk], 6,
+             work / f"chunk-{chunk:05d}.npz")
+    monkeypatch.setattr(ogbench_tasks, "generate_chunk", lambda *job: made.append(job[2]) or real(*job))
+    assert files(tmp_path / "d") == one_worker and made == [1]
+    monkeypatch.setattr(ogbench_tasks, "generate_chunk", real)
+    (tmp_path / "e" / ".cube-double-noisy-v0-chunks").mkdir(parents=True)
+    (tmp_path / "e" / ".cube-double-noisy-v0-chunks" / "manifest.json").write_text('{"seed": 7}')
+    with pytest.raises(ValueError, match="holds chunks of another generation.*delete that folder"):
+        files(tmp_path / "e")
+    with pytest.raises(ValueError, match="cannot generate 'cube-single-play'.*did you mean cube-single-play-v0"):
+        ogbench_tasks.Recipe.of("cube-single-play")
+
+
+def test_generation_recipes_follow_ogbench_commands():
+    """OGBench's commands.sh: episode counts, oracle kind and random-action probability per dataset."""
+    import ogbench_tasks
+
+    recipe = ogbench_tasks.Recipe.of
+    assert recipe("cube-single-play-v0") == ogbench_tasks.Recipe("cube-single-play-v0", "cube-single-v0", "plan",
+                                                                 1000, 0.0)
+    assert (recipe("cube-quadruple-noisy-v0").train_episodes, recipe("cube-quadruple-noisy-v0").p_random_action) == \
+        (5000, 0.1)
+    assert (recipe("puzzle-4x5-noisy-v0").train_episodes, recipe("puzzle-4x5-noisy-v0").p_random_action) == (3000, 0.2)
+    assert (recipe("puzzle-4x6-play-v0").oracle, recipe("cube-triple-play-v0").train_episodes) == ("plan", 3000)
+    assert recipe("scene-noisy-v0").env_id == "scene-v0"
+    healthy = np.zeros((5, 25))
+    healthy[:, 16] = 0.02
+    assert ogbench_tasks.scene_episode_is_healthy(healthy)
+    for y, z in ((0.29, 0.02), (-0.31, 0.02), (-0.31, 0.09)):  # too far right; too far left outside the drawer
+        bad = healthy.copy()
+        bad[3, 15:17] = y, z
+        assert not ogbench_tasks.scene_episode_is_healthy(bad)
+    in_drawer = healthy.copy()
+    in_drawer[3, 15:17] = -0.31, 0.07
+    assert ogbench_tasks.scene_episode_is_healthy(in_drawer)
+
+
 def test_ofql_alone_points_ogbench_names_to_ogbench_tasks(monkeypatch):
     """ofql.py knows no OGBench code: without ogbench_tasks.py's registration an ogbench/ name says where it loads."""
     monkeypatch.setattr(ofql, "TASK_FAMILIES", {})
