@@ -34,10 +34,11 @@ from ofql import Preset, Task
 def ogbench_preset(env: str) -> Preset:
     """`ogbench/<dataset>`: what carries over from FQL (docs/ogbench.md). Discount 0.995 where FQL used it (antmaze-
     giant, humanoidmaze-medium/large, antsoccer-arena), extended to the other giant and humanoid mazes and
-    antsoccer-medium, else 0.99; one-sample evaluation (FQL's). eta: MuJoCo's, unmeasured on OGBench."""
+    antsoccer-medium, else 0.99; FQL's critic LayerNorm (also OFQL's MuJoCo preset's); one-sample evaluation (FQL's).
+    eta: MuJoCo's; the OGBench calibration is under way (docs/ogbench.md)."""
     name = env.removeprefix("ogbench/")
     return Preset(gamma=0.995 if name.startswith(("humanoidmaze-", "antsoccer-")) or "maze-giant-" in name else 0.99,
-                  eval_protocol="one")
+                  critic_layer_norm=True, eval_protocol="one")
 
 
 def load_ogbench(name: str, with_data: bool = True) -> tuple[Task, dict[str, np.ndarray] | None]:

@@ -2226,6 +2226,7 @@ def test_comparison_rows_take_dqls_settings_as_the_paper_ran_them():
     og = "ogbench/humanoidmaze-medium-navigate-singletask-v0"  # FQL's discount, for OFQL and the rows alike
     assert discount(baselines.BaselineArgs(env=og, policy="flow").resolved()) == discount(ofql.Args(env=og).resolved()) \
         == (0.995, 0.005)
+    assert ofql.Args(env=og).resolved().critic_layer_norm  # FQL's critic on OGBench
 
 
 def test_ofql_py_knows_no_baseline_and_names_the_baselines_command(tmp_path, monkeypatch):
