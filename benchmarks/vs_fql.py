@@ -1,0 +1,395 @@
+"""OFQL against the official FQL (JAX, github.com/seohongpark/fql) on OGBench datasets kept in a local folder.
+
+    python benchmarks/vs_fql.py train --dataset cube-single-play-v0 --seeds 0 1 2 --dataset-dir /data/ogbench
+    python benchmarks/vs_fql.py speed --dataset cube-single-play-v0    # both take --fql-dir, --fql-python first
+    python benchmarks/vs_fql.py report                                  # -> benchmarks/results/ogbench/vs_fql.md
+
+`train`: FQL (main.py, its README flags) and OFQL (ogbench_tasks.py) on the same data, task, seeds and steps, 1 CPU
+thread each. A finished run writes <out>/runs/<run>.json (success % at the last step, wall time, steps/s, command)
+and is skipped later. A killed run resumes: OFQL with --resume; FQL from its last params_<step>.pkl (--save-interval)
+with --restore_path/--restore_epoch and the remaining steps (FQL reseeds numpy then, so its batch order starts over,
+and evaluates once at the restart, unused). FQL reads ogbench's ~/.ogbench/data: it runs with HOME=<work>/fql_home,
+whose .ogbench/data links to --dataset-dir, and a stand-in `wandb` module first on PYTHONPATH; its eval.csv is read.
+`speed`: steps/s at batch 256 on random data of the dataset's shapes, rounds alternating FQL (a worker process under
+--fql-python) and OFQL, median reported; decisions/s at batch 1: FQL's sample_actions (its one-step policy, called
+as its evaluate() does) and compute_flow_actions (10 flow steps), OFQL's act step as eval.py times it.
+
+FQL's environment (its requirements.txt less D4RL, wandb and video; Python 3.11):
+    git clone https://github.com/seohongpark/fql /tmp/fql/fql
+    git -C /tmp/fql/fql checkout 719d04417cb0b206deddbc7d761b3e710c3d750c
+    python3.11 -m venv /tmp/fql/venv
+    /tmp/fql/venv/bin/pip install "ogbench==1.1.0" "jax[cpu]>=0.4.26,<0.5" flax distrax optax ml_collections absl-py \
+        tqdm "numpy==1.26.4" matplotlib "gymnasium==0.29.1" "mujoco<3.4" "dm_control<1.0.36"
+    (resolved here: jax/jaxlib 0.4.38, flax 0.10.4, distrax 0.1.5, tensorflow-probability 0.25.0, optax 0.2.5,
+    ogbench 1.1.0, gymnasium 0.29.1, mujoco 3.3.7, dm_control 1.0.34, numpy 1.26.4)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FQL_COMMIT = "719d04417cb0b206deddbc7d761b3e710c3d750c"
+DEFAULT_TASK = {"antmaze": 1, "humanoidmaze": 1, "pointmaze": 1, "antsoccer": 4, "cube": 2, "scene": 2, "puzzle": 4}
+FQL_FLAGS = {  # FQL's README commands, per dataset prefix (first match)
+    "antmaze-giant": ["--agent.discount=0.995", "--agent.q_agg=min", "--agent.alpha=10"],
+    "antmaze": ["--agent.q_agg=min", "--agent.alpha=10"],
+    "humanoidmaze": ["--agent.discount=0.995", "--agent.alpha=30"],
+    "antsoccer": ["--agent.discount=0.995", "--agent.alpha=10"],
+    "cube": ["--agent.alpha=300"], "scene": ["--agent.alpha=300"], "puzzle": ["--agent.alpha=1000"]}
+# FQL paper Tables 2-3 (1M steps, 8 seeds, mean of the evaluations at 800k/900k/1M): default task, FQL on it, FQL's
+# 5-task average, others on the default task
+PUBLISHED = {"cube-single-play-v0": (2, "97 ± 2", "96 ± 1", "ReBRAC 92, IQL 85"),
+             "cube-double-play-v0": (2, "36 ± 6", "29 ± 2", "ReBRAC 7, IQL 1"),
+             "puzzle-3x3-play-v0": (4, "16 ± 5", "30 ± 1", "ReBRAC 2, IQL 2")}
+MIN_TIME, REPEATS = 0.5, 5  # decision timing: seconds per repetition, repetitions (median)
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
+WANDB_SHIM = '''"""Offline stand-in for the wandb calls FQL makes (written by OFQL's benchmarks/vs_fql.py)."""
+import types
+run = None
+class Settings:
+    def __init__(self, *args, **kwargs): pass
+Image = Video = Histogram = Settings
+def init(**kwargs):
+    global run
+    run = types.SimpleNamespace(**kwargs)
+    return run
+def log(*args, **kwargs): pass
+finish = log
+'''
+
+
+def fql_flags(dataset: str) -> list[str]:
+    return next((flags for prefix, flags in FQL_FLAGS.items() if dataset.startswith(prefix)), [])
+
+
+def fql_env(a) -> dict:
+    """FQL's process environment: one thread, the wandb stand-in first on the path, ~/.ogbench/data = the data."""
+    work = Path(a.work).resolve()
+    (work / "wandb_shim").mkdir(parents=True, exist_ok=True)
+    (work / "wandb_shim" / "wandb.py").write_text(WANDB_SHIM)
+    link = work / "fql_home" / ".ogbench" / "data"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if getattr(a, "dataset_dir", None):
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path(a.dataset_dir).resolve(), target_is_directory=True)
+    return {**os.environ, **THREADS, "HOME": str(work / "fql_home"),
+            "PYTHONPATH": os.pathsep.join([str(work / "wandb_shim"), str(Path(a.fql_dir).resolve())])}
+
+
+def run_logged(cmd: list[str], env: dict, cwd: Path, log: Path) -> float:
+    """Run cmd, its output appended to log; returns seconds. A failure prints the log's tail and stops."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n")
+        out.flush()
+        start = time.time()
+        code = subprocess.call(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    if code != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+        raise SystemExit(f"{tail}\nerror: exit code {code} of\n  {' '.join(cmd)}\nfull log: {log}")
+    return time.time() - start
+
+
+def run_ofql(a, name: str, env_name: str, seed: int) -> dict:
+    run_dir = Path(a.work).resolve() / "ofql" / name
+    ckpt = run_dir / "checkpoint.pt"
+    cmd, resumed, wall = [sys.executable, str(REPO / "ogbench_tasks.py")], ckpt.exists(), None
+    if not (run_dir / "summary.json").exists():  # else: finished, only the harness's summary is missing
+        cmd += (["--resume", str(ckpt)] if resumed else  # the checkpoint's args (threads 1 included) win
+                ["--env", f"ogbench/{env_name}", "--seed", str(seed), "--total-steps", str(a.steps),
+                 "--eval-every", str(a.eval_every), "--eval-episodes", str(a.eval_episodes),
+                 "--save-every", str(a.save_interval), "--threads", "1", "--device", "cpu", "--exp-name", "vs_fql",
+                 "--run-dir", str(run_dir)])
+        env = {**os.environ, **THREADS, "OGBENCH_DATASET_DIR": str(Path(a.dataset_dir).resolve())}
+        wall = run_logged(cmd, env, REPO, run_dir / "log.txt")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"evals": {h["step"]: h["score_mean"] for h in summary["history"]}, "wall_time_s": wall,
+            "steps_per_s": summary["steps_per_second"], "resumed": resumed, "command": cmd, "run_dir": str(run_dir)}
+
+
+def fql_attempts(base: Path) -> list[tuple[int, Path]]:
+    """(first step, FQL's run folder) of each attempt so far: <base>/from<step>/fql/vs_fql/sd<seed>_<time>/."""
+    return sorted((int(d.name[4:]), run) for d in base.glob("from*") for run in d.glob("fql/vs_fql/sd*"))
+
+
+def fql_evals(first: int, run: Path) -> dict[int, float]:
+    """Success % by absolute step from an attempt's eval.csv (a restart's evaluation at its step 1 left out)."""
+    lines = (run / "eval.csv").read_text().splitlines() if (run / "eval.csv").exists() else []
+    rows = [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
+    return {first + int(r["step"]): 100 * float(r["evaluation/success"]) for r in rows if not first or r["step"] != "1"}
+
+
+def run_fql(a, name: str, env_name: str, seed: int) -> dict:
+    base = Path(a.work).resolve() / "fql" / name
+    evals, start, restore, wall, cmd = {}, 0, None, None, None
+    for first, run in fql_attempts(base):  # earlier attempts: their evaluations and saved params
+        evals.update(fql_evals(first, run))
+        for params in run.glob("params_*.pkl"):
+            if first + int(params.stem[7:]) > start:
+                start, restore = first + int(params.stem[7:]), (run, int(params.stem[7:]))
+    if a.steps not in evals:
+        remaining = a.steps - start
+        cmd = [a.fql_python, "main.py", f"--env_name={env_name}", *fql_flags(a.dataset), f"--seed={seed}",
+               f"--offline_steps={remaining}", f"--eval_episodes={a.eval_episodes}", f"--log_interval={a.log_interval}",
+               f"--eval_interval={a.eval_every if start % a.eval_every == 0 else remaining}",
+               f"--save_interval={a.save_interval}", "--run_group=vs_fql", f"--save_dir={base / f'from{start}'}",
+               *a.fql_flag] + ([f"--restore_path={restore[0]}", f"--restore_epoch={restore[1]}"] if restore else [])
+        shutil.rmtree(base / f"from{start}", ignore_errors=True)  # an attempt from here that saved nothing later
+        wall = run_logged(cmd, fql_env(a), Path(a.fql_dir), base / "log.txt")
+        evals.update(fql_evals(start, next(run for first, run in fql_attempts(base) if first == start)))
+    return {"evals": evals, "wall_time_s": wall, "steps_per_s": wall and (a.steps - start) / wall,
+            "resumed": start > 0, "command": cmd, "run_dir": str(base)}
+
+
+def train(a):
+    if a.steps % a.eval_every:
+        raise SystemExit(f"--steps {a.steps} must be a multiple of --eval-every {a.eval_every}")
+    a.dataset_dir = a.dataset_dir or os.environ.get("OGBENCH_DATASET_DIR")
+    missing = [f for f in (f"{a.dataset}.npz", f"{a.dataset}-val.npz")
+               if not a.dataset_dir or not (Path(a.dataset_dir) / f).exists()]
+    if missing:
+        raise SystemExit(f"error: {', '.join(missing)} not in --dataset-dir / $OGBENCH_DATASET_DIR ({a.dataset_dir})")
+    env_name = f"{a.dataset.removesuffix('-v0')}-singletask-task{a.task}-v0"
+    out = Path(a.out) / "runs"
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in a.seeds:
+        for method in a.methods:
+            name = f"{method}__{a.dataset}__task{a.task}__seed{seed}__{a.steps}"
+            if (out / f"{name}.json").exists():
+                print(f"skip {name}: {out / f'{name}.json'} exists")
+                continue
+            print(f"run {name} (log: {Path(a.work) / method / name / 'log.txt'})", flush=True)
+            result = (run_ofql if method == "ofql" else run_fql)(a, name, env_name, seed)
+            if a.steps not in result["evals"]:
+                raise SystemExit(f"error: {name} has no evaluation at step {a.steps} ({result['run_dir']})")
+            summary = {"method": method, "dataset": a.dataset, "task": a.task, "env_name": env_name, "seed": seed,
+                       "steps": a.steps, "eval_episodes": a.eval_episodes, "success": result["evals"][a.steps],
+                       **result, "fql_commit": FQL_COMMIT if method == "fql" else None,
+                       "dataset_dir": str(Path(a.dataset_dir).resolve()), "finished": time.strftime("%Y-%m-%d %H:%M")}
+            (out / f"{name}.json").write_text(json.dumps(summary, indent=2))
+            print(f"done {name}: success {summary['success']:.1f}%, {summary['wall_time_s'] or 0:.0f} s", flush=True)
+
+
+def random_data(obs_dim: int, act_dim: int, n: int = 100_000) -> dict:
+    """Random transitions (FQL's key names): timing needs the shapes, not the data."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    data = {"observations": rng.normal(size=(n, obs_dim)), "actions": rng.uniform(-1, 1, (n, act_dim)),
+            "rewards": -rng.integers(0, 2, n), "masks": rng.integers(0, 2, n),
+            "next_observations": rng.normal(size=(n, obs_dim))}
+    return {k: v.astype(np.float32) for k, v in data.items()}
+
+
+def median_seconds(fn, min_time: float = MIN_TIME, repeats: int = REPEATS) -> float:
+    """eval.time_calls' method on a CPU, for the FQL worker (no torch there to import eval.py with)."""
+    fn()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_time / 4:
+        fn()
+        count += 1
+    samples, per_rep = [], max(1, count * 4)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(per_rep):
+            fn()
+        samples.append((time.perf_counter() - start) / per_rep)
+    return statistics.median(samples)
+
+
+def fql_worker(a):
+    """Under --fql-python: FQL's agent (its default config + README flags) on random batches of the dataset's shapes,
+    driven by `speed` over stdin/stdout."""
+    import jax
+    import numpy as np
+    import ogbench
+    sys.path.insert(0, str(Path(a.fql_dir).resolve()))
+    from agents.fql import FQLAgent, get_config
+    env = ogbench.make_env_and_datasets(f"{a.dataset.removesuffix('-v0')}-singletask-v0", env_only=True)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    config = get_config()
+    for flag in fql_flags(a.dataset):  # --agent.alpha=300 -> config.alpha = 300.0
+        key, value = flag.removeprefix("--agent.").split("=")
+        config[key] = type(config[key])(value)
+    data = random_data(obs_dim, act_dim)
+    agent = FQLAgent.create(0, data["observations"][:1], data["actions"][:1], config)
+
+    def sample():  # as FQL's Dataset.sample: uniform indices, numpy arrays into the jitted update
+        idx = np.random.randint(len(data["actions"]), size=config["batch_size"])
+        return {k: v[idx] for k, v in data.items()}
+
+    def reply(**kwargs):
+        print("VSFQL " + json.dumps(kwargs), flush=True)
+
+    for _ in range(a.warmup):
+        agent, _ = agent.update(sample())
+    jax.block_until_ready(agent)
+    reply(obs_dim=obs_dim, act_dim=act_dim, alpha=config["alpha"], jax=jax.__version__)
+    for line in sys.stdin:
+        if line.startswith("train"):
+            start = time.perf_counter()
+            for _ in range(int(line.split()[1])):
+                agent, _ = agent.update(sample())
+            jax.block_until_ready(agent)
+            reply(seconds=time.perf_counter() - start)
+        elif line.startswith("act"):
+            obs, key, noise = data["observations"][0], [jax.random.PRNGKey(0)], np.zeros((1, act_dim), np.float32)
+
+            def one_step():  # as FQL's evaluate(): split a key, the jitted call, the action to numpy
+                key[0], sub = jax.random.split(key[0])
+                return np.array(agent.sample_actions(observations=obs, seed=sub, temperature=0))
+
+            def flow():
+                return np.array(agent.compute_flow_actions(obs[None], noises=noise))
+            reply(rows={name: median_seconds(fn) for name, fn in (
+                ("fql sample_actions (one-step policy)", one_step),
+                (f"fql compute_flow_actions ({config['flow_steps']} flow steps)", flow))})
+            return
+
+
+def speed(a):
+    import numpy as np
+    import torch
+    sys.path.insert(0, str(REPO))
+    import eval as ofql_eval
+    import ofql
+    import ogbench_tasks
+    torch.set_num_threads(1)
+    worker = subprocess.Popen([a.fql_python, str(Path(__file__).resolve()), "--fql-dir", a.fql_dir, "fql-worker",
+                               "--dataset", a.dataset, "--warmup", str(a.warmup)], env=fql_env(a),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(command: str | None = None) -> dict:
+        if command:
+            worker.stdin.write(command + "\n")
+            worker.stdin.flush()
+        for line in worker.stdout:
+            if line.startswith("VSFQL "):
+                return json.loads(line[6:])
+        raise SystemExit(f"error: the FQL worker stopped (exit code {worker.wait()})")
+
+    fql_info = ask()  # FQL built and compiled before OFQL starts: one busy process at a time
+    task, _ = ogbench_tasks.load_ogbench(f"ogbench/{a.dataset.removesuffix('-v0')}-singletask-v0", with_data=False)
+    assert (task.obs_dim, task.act_dim) == (fql_info["obs_dim"], fql_info["act_dim"]), (task, fql_info)
+    args = ofql.Args(env=task.name, device="cpu", kernels="torch", threads=1).resolved()
+    raw = random_data(task.obs_dim, task.act_dim)
+    data = {"obs": raw["observations"], "action": raw["actions"], "reward": raw["rewards"],
+            "next_obs": raw["next_observations"], "mask": raw["masks"]}
+    torch.manual_seed(0)
+    buffer = ofql.ReplayBuffer(data, torch.device("cpu"), torch.Generator().manual_seed(0))
+    agent = ofql.OFQL(task, args, torch.device("cpu"))
+
+    def ofql_seconds(count: int) -> float:
+        start = time.perf_counter()
+        for i in range(count):
+            agent.update(buffer.sample(256), swap_heads=i % 2 == 0)
+        return time.perf_counter() - start
+
+    ofql_seconds(a.warmup)
+    rounds = {"fql": [], "ofql": []}
+    for r in range(a.rounds):
+        rounds["fql"].append(a.steps / ask(f"train {a.steps}")["seconds"])
+        rounds["ofql"].append(a.steps / ofql_seconds(a.steps))
+        print(f"round {r + 1}: FQL {rounds['fql'][-1]:.1f} steps/s, OFQL {rounds['ofql'][-1]:.1f} steps/s", flush=True)
+    decisions = {name: 1 / s for name, s in ask("act")["rows"].items()}
+    worker.wait()
+    actor = agent.actor.eval()
+    folded, normalizer = ofql_eval.fold(actor), ofql.Normalizer(np.zeros(task.obs_dim), np.ones(task.obs_dim))
+    obs_np, numba_policy = data["obs"][:1], ofql_eval.NumbaPolicy(folded, normalizer)
+
+    def act_step(policy):  # eval.py's act step: numpy in, normalise, act, numpy out (numba's policy does it all)
+        return lambda: policy(torch.from_numpy(normalizer(obs_np)), torch.randn(1, task.act_dim)).numpy()
+    with torch.no_grad():
+        for name, fn in (("ofql-1 eager", act_step(actor.act)), ("ofql-1 folded", act_step(folded)),
+                         ("ofql-1 numba", lambda: numba_policy(obs_np))):
+            decisions[name] = 1 / ofql_eval.time_calls(fn, MIN_TIME, REPEATS, torch.device("cpu"))
+    result = {"dataset": a.dataset, "obs_dim": task.obs_dim, "act_dim": task.act_dim, "batch_size": 256,
+              "threads": 1, "steps_per_round": a.steps, "rounds": rounds,
+              "steps_per_s": {m: statistics.median(v) for m, v in rounds.items()}, "decisions_per_s_batch1": decisions,
+              "fql_alpha": fql_info["alpha"], "jax": fql_info["jax"], "torch": torch.__version__,
+              "fql_commit": FQL_COMMIT, "measured": time.strftime("%Y-%m-%d %H:%M")}
+    path = Path(a.out) / f"speed_{a.dataset}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("steps_per_s", "decisions_per_s_batch1")}, indent=2), f"\nwrote {path}")
+
+
+def report(a):
+    out = Path(a.out)
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    speeds = [json.loads(p.read_text()) for p in sorted(out.glob("speed_*.json"))]
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["dataset"], r["task"], r["steps"]), {}).setdefault(r["method"], []).append(r["success"])
+
+    def fmt(v: list[float]) -> str:
+        return f"{statistics.mean(v):.1f} ± {statistics.pstdev(v):.1f} ({len(v)})" if v else "—"
+    lines = ["# OFQL vs FQL on OGBench (benchmarks/vs_fql.py)", "",
+             "Success rate %: the evaluation at the last step, mean ± std over seeds (number of seeds). FQL paper: "
+             "Tables 2-3, 1M steps, 8 seeds, mean of the evaluations at 800k/900k/1M.", "",
+             "| dataset | task | steps | OFQL | FQL (here) | FQL paper (this task / 5-task avg) | paper, others |",
+             "|---|---|---|---|---|---|---|"]
+    rows = []
+    for (dataset, task, steps), by in sorted(groups.items()):
+        default_task, on_task, five, others = PUBLISHED.get(dataset, (None, "—", "—", "—"))
+        on_task, others = (on_task, others) if task == default_task else ("—", "—")
+        rows.append({"dataset": dataset, "task": task, "steps": steps, "ofql": by.get("ofql", []),
+                     "fql": by.get("fql", []), "fql_paper_task": on_task, "fql_paper_5task": five})
+        lines.append(f"| {dataset} | task{task} | {steps:,} | {fmt(by.get('ofql', []))} | {fmt(by.get('fql', []))} | "
+                     f"{on_task} / {five} | {others} |")
+    if speeds:
+        lines += ["", "Speed on this CPU, 1 thread: gradient steps/s at batch 256 (median of interleaved rounds), "
+                  "decisions/s at batch 1.", "", "| dataset | FQL steps/s | OFQL steps/s | decisions/s |",
+                  "|---|---|---|---|"]
+        lines += [f"| {s['dataset']} | {s['steps_per_s']['fql']:.1f} | {s['steps_per_s']['ofql']:.1f} | " +
+                  ", ".join(f"{k}: {v:,.0f}" for k, v in s["decisions_per_s_batch1"].items()) + " |" for s in speeds]
+    report_json = {"rows": rows, "speed": speeds, "runs": runs}
+    (out / "vs_fql.json").write_text(json.dumps(report_json, indent=2, ensure_ascii=False))
+    (out / "vs_fql.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines) + f"\n\nwrote {out / 'vs_fql.md'} and {out / 'vs_fql.json'}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--fql-dir", default="/tmp/fql/fql", help="checkout of github.com/seohongpark/fql")
+    p.add_argument("--fql-python", default="/tmp/fql/venv/bin/python", help="Python of FQL's environment")
+    p.add_argument("--out", default=str(REPO / "benchmarks/results/ogbench"), help="summaries, speed, report")
+    p.add_argument("--work", default=str(REPO / "runs/vs_fql"), help="run folders, logs, FQL's HOME and wandb shim")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="FQL and OFQL runs, one JSON each under <out>/runs/")
+    t.add_argument("--dataset", default="cube-single-play-v0", help="OGBench file stem, e.g. puzzle-3x3-play-v0")
+    t.add_argument("--task", type=int, default=None, help="task number (default: the dataset's default task)")
+    t.add_argument("--seeds", type=int, nargs="+", default=[0])
+    t.add_argument("--steps", type=int, default=1_000_000)
+    t.add_argument("--eval-every", type=int, default=None, help="evaluation interval (default: --steps)")
+    t.add_argument("--eval-episodes", type=int, default=50)
+    t.add_argument("--save-interval", type=int, default=10_000, help="checkpoint interval of both (resume points)")
+    t.add_argument("--log-interval", type=int, default=5000, help="FQL's train.csv interval")
+    t.add_argument("--methods", nargs="+", choices=("ofql", "fql"), default=["ofql", "fql"])
+    t.add_argument("--dataset-dir", default=None, help="folder with <dataset>.npz (default: $OGBENCH_DATASET_DIR)")
+    t.add_argument("--fql-flag", action="append", default=[], help="extra flag for FQL's main.py (repeatable)")
+    for name in ("speed", "fql-worker"):
+        s = sub.add_parser(name, help="steps/s and decisions/s of both" if name == "speed" else argparse.SUPPRESS)
+        s.add_argument("--dataset", default="cube-single-play-v0")
+        s.add_argument("--steps", type=int, default=300, help="gradient steps per timed round")
+        s.add_argument("--rounds", type=int, default=3)
+        s.add_argument("--warmup", type=int, default=20, help="untimed steps first (FQL: compilation)")
+    sub.add_parser("report", help="<out>/vs_fql.md and .json from the run summaries and speed files")
+    a = p.parse_args()
+    if a.command == "train":
+        a.task = a.task or DEFAULT_TASK[a.dataset.split("-")[0]]
+        a.eval_every = a.eval_every or a.steps
+    {"train": train, "speed": speed, "fql-worker": fql_worker, "report": report}[a.command](a)
+
+
+if __name__ == "__main__":
+    main()
