@@ -32,8 +32,9 @@ import torch.nn as nn
 import tyro
 
 import ofql
-import ogbench_tasks  # noqa: F401  (adds --env ogbench/..., for every file above this one)
-from ofql import BANDIT_STD, Args, MeanFlowActor, TimeEmbedding, bandit_modes, draw_times, make_bandit_data, mlp
+import ofql_data
+from ofql import Args, MeanFlowActor, TimeEmbedding, draw_times, mlp
+from ofql_data import BANDIT_STD, bandit_modes, make_bandit_data
 
 
 class TimeConditionedMLP(nn.Module):
@@ -161,13 +162,13 @@ def dql_eta(env: str) -> float:
     """DQL's eta for the task, what the comparison rows take: 1.0 on MuJoCo (and any task without a preset), where
     OFQL has its own measured eta; ofql.py's other presets (AntMaze, Kitchen, built-in tasks) already hold DQL's."""
     preset = ofql.PRESETS.get(env)
-    return 1.0 if preset is None or env in ofql.D4RL_MUJOCO else preset.eta
+    return 1.0 if preset is None or env in ofql_data.D4RL_MUJOCO else preset.eta
 
 
 def dql_critic(env: str) -> dict[str, float | bool]:
     """DQL's gamma, tau and critic without LayerNorm (ofql.Preset's defaults) where the task takes OFQL's measured MuJoCo
     ones (ofql.MUJOCO: the D4RL MuJoCo names and any other Minari data); elsewhere none, and the task preset's hold."""
-    mujoco = env in ofql.D4RL_MUJOCO or ofql.task_preset(env) is ofql.MINARI_PRESET
+    mujoco = env in ofql_data.D4RL_MUJOCO or ofql.task_preset(env) is ofql.MINARI_PRESET
     return {field: getattr(ofql.Preset, field) for field in ofql.MUJOCO} if mujoco else {}
 
 

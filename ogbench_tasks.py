@@ -1,14 +1,16 @@
-"""OGBench single-task datasets for ofql.py's loop, and their regeneration offline (docs/ogbench.md).
+"""OGBench's single-task datasets for ofql.py, and their regeneration offline (docs/ogbench.md).
 
     pip install -r requirements-ogbench.txt
-    python ogbench_tasks.py --env ogbench/cube-single-play-singletask-task1-v0      # takes every ofql.py flag
-    python ogbench_tasks.py generate cube-single-play-v0 --workers 2                # OGBench's oracles, no download
+    python ofql.py --env ogbench/cube-single-play-singletask-task1-v0       # every ofql.py flag; eval.py, sweep.py too
+    python ogbench_tasks.py generate cube-single-play-v0 --workers 2         # OGBench's oracles, no download
 
-Importing this file adds the `ogbench/` family to ofql.TASK_FAMILIES (its loader and preset). baselines.py imports
-it, so baselines.py, eval.py and sweep.py train, sweep and evaluate OGBench runs as any other task. The paper's tasks
-(D4RL) need only ofql.py; this file keeps the OGBench adaptation, read as FQL reads the data, out of it.
-`generate` rewrites a manipulation dataset (cube, scene, puzzle) with the scripted oracles the `ogbench` package
-ships, by OGBench's published procedure: another draw of the same distribution, not the published file.
+A leaf, like ofql_data.py: it imports no project file, and ofql.load_task imports it for `ogbench/` names only, so
+the optional `ogbench` package is needed only there (it is imported inside the functions that use it). It returns
+plain data (`load_ogbench`: task fields as a dict, transitions as numpy arrays); the OGBench preset (FQL's discount
+rule, critic LayerNorm, one-sample evaluation) is ofql.py's, in ofql.task_preset. The OGBench adaptation reads the
+data as FQL does. `generate` rewrites a manipulation dataset (cube, scene, puzzle) with the scripted oracles the
+`ogbench` package ships, by OGBench's published procedure: another draw of the same distribution, not the published
+file. Training moved to ofql.py: `python ogbench_tasks.py --env ...` answers with the ofql.py command.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import difflib
 import json
 import multiprocessing
 import os
+import shlex
 import shutil
 import sys
 import zipfile
@@ -27,24 +30,12 @@ import gymnasium as gym
 import numpy as np
 import tyro
 
-import ofql
-from ofql import Preset, Task
 
-
-def ogbench_preset(env: str) -> Preset:
-    """`ogbench/<dataset>`: what carries over from FQL (docs/ogbench.md). Discount 0.995 where FQL used it (antmaze-
-    giant, humanoidmaze-medium/large, antsoccer-arena), extended to the other giant and humanoid mazes and
-    antsoccer-medium, else 0.99; FQL's critic LayerNorm (also OFQL's MuJoCo preset's); one-sample evaluation (FQL's).
-    eta: MuJoCo's; the OGBench calibration is under way (docs/ogbench.md)."""
-    name = env.removeprefix("ogbench/")
-    return Preset(gamma=0.995 if name.startswith(("humanoidmaze-", "antsoccer-")) or "maze-giant-" in name else 0.99,
-                  critic_layer_norm=True, eval_protocol="one")
-
-
-def load_ogbench(name: str, with_data: bool = True) -> tuple[Task, dict[str, np.ndarray] | None]:
+def load_ogbench(name: str, with_data: bool = True) -> tuple[dict, dict[str, np.ndarray] | None]:
     """`ogbench/<dataset>` through ogbench.make_env_and_datasets, read as FQL reads it (docs/ogbench.md): its rewards
     and `masks` (its `terminals` only end trajectories, never crossed by a transition); score 100 x info['success']
-    at episode end; files in OGBENCH_DATASET_DIR (default: ~/.ogbench/data), downloaded there when missing."""
+    at episode end; files in OGBENCH_DATASET_DIR (default: ~/.ogbench/data), downloaded there when missing. Returns
+    (ofql.Task's fields but its name, transitions), as ofql_data.load_task does."""
     try:
         import ogbench
     except ImportError as err:
@@ -59,8 +50,9 @@ def load_ogbench(name: str, with_data: bool = True) -> tuple[Task, dict[str, np.
         env = make_env()
     except gym.error.Error as err:
         raise ValueError(f"'{name}': OGBench has no such environment ({err}); see docs/ogbench.md") from err
-    task = Task(name, env.observation_space.shape[0], env.action_space.shape[0], make_env, 0.0, 1.0,
-                "OGBench: 100 x success rate (info['success'] at episode end, as FQL reports)", "success")
+    task = {"obs_dim": env.observation_space.shape[0], "act_dim": env.action_space.shape[0], "make_env": make_env,
+            "ref_min": 0.0, "ref_max": 1.0, "score_key": "success",
+            "ref_source": "OGBench: 100 x success rate (info['success'] at episode end, as FQL reports)"}
     env.close()
     if not with_data:
         return task, None
@@ -278,8 +270,6 @@ def generate_chunk_job(job: tuple) -> int:
     return generate_chunk(*job)
 
 
-ofql.TASK_FAMILIES["ogbench/"] = (load_ogbench, ogbench_preset)
-
 if __name__ == "__main__":
     if sys.argv[1:2] == ["generate"]:
         try:
@@ -287,5 +277,6 @@ if __name__ == "__main__":
                 print(f"wrote {written}")
         except ValueError as err:
             sys.exit(f"error: {err}")
-    else:
-        ofql.main(tyro.cli(ofql.Args, description="OFQL on an OGBench dataset (--env ogbench/...): every ofql.py flag."))
+    else:  # training moved to ofql.py, which this leaf never imports
+        sys.exit("error: OGBench datasets train through ofql.py: python ofql.py " + shlex.join(sys.argv[1:]) +
+                 " (every flag as before; regenerate data with python ogbench_tasks.py generate <dataset>)")

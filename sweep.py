@@ -33,6 +33,7 @@ import numpy as np
 import tyro
 
 import ofql
+import ofql_data
 from baselines import BaselineArgs
 
 # The OFQL paper's normalized scores (x 100; DESIGN.md section 5): per task where published, and the
@@ -50,7 +51,7 @@ KILL_HOOK_ENV = "OFQL_SWEEP_TEST_KILL_AFTER_CHECKPOINT"  # tests: path of a mark
 
 def domain_of(task: str) -> str | None:
     """The paper's domain of a task name (the key of PAPER_DOMAIN_AVERAGES), None for other tasks."""
-    if task in ofql.D4RL_MUJOCO:
+    if task in ofql_data.D4RL_MUJOCO:
         return "MuJoCo"
     family = task.split("-")[0]
     return {"antmaze": "AntMaze", "kitchen": "Kitchen"}.get(family) if task in ofql.PRESETS else None
@@ -381,7 +382,7 @@ def report(sweep_dir: str | Path, last_k: int = 5) -> dict:
         cell["final"].append(r["final_score"])
         cell["last_k"].append(r["last_k_score"])
     # Minari's regeneration of the MuJoCo tasks (--mujoco-data minari) is not the paper's data
-    comparable = {r["task"] for r in finished if not (r["task"] in ofql.D4RL_MUJOCO and r["mujoco_data"] == "minari")}
+    comparable = {r["task"] for r in finished if not (r["task"] in ofql_data.D4RL_MUJOCO and r["mujoco_data"] == "minari")}
 
     def paper(task: str) -> float | None:
         return PAPER_SCORES.get(task) if task in comparable else None

@@ -25,6 +25,7 @@ import baselines
 import eval as ofql_eval
 import kernels  # needs triton (requirements.txt): missing, the kernel tests must fail, not skip
 import ofql
+import ofql_data
 
 torch.set_num_threads(1)  # deterministic, and immune to oversubscription on a busy machine
 
@@ -165,8 +166,8 @@ def bc_actors():
 
 def mass_within_one_std(samples: np.ndarray) -> np.ndarray:
     """Fraction of the samples within 1 std (0.05) of each mode centre: uniform noise puts ~0.2% there."""
-    centres, _ = ofql.bandit_modes()
-    return (np.linalg.norm(samples[:, None] - centres[None], axis=-1) < ofql.BANDIT_STD).mean(0)
+    centres, _ = ofql_data.bandit_modes()
+    return (np.linalg.norm(samples[:, None] - centres[None], axis=-1) < ofql_data.BANDIT_STD).mean(0)
 
 
 def test_one_step_meanflow_covers_every_mode_far_above_uniform_noise(bc_actors):
@@ -358,7 +359,7 @@ def test_critic_learns_the_exact_q_of_a_chain_with_terminals_and_truncations():
     """Value must propagate over six steps; a truncated episode must bootstrap (its Q(s_2) needs s_3's value)
     and a terminal must not."""
     episodes, exact = chain_episodes(gamma=0.8)
-    data = ofql.episodes_to_transitions(episodes)
+    data = ofql_data.episodes_to_transitions(episodes)
     assert data["mask"].sum() == len(data["mask"]) - 20  # 20 terminals; the 10 truncations keep mask 1
     args = small_args(gamma=0.8, tau=0.05, eta=0.0, hidden_dim=64, critic_lr=1e-3, lr_decay=False)
     task = ofql.Task(name="chain", obs_dim=1, act_dim=1, make_env=None, ref_min=0.0, ref_max=1.0, ref_source="test")
@@ -408,7 +409,7 @@ def make_hopper_dataset(dataset_id: str, episodes: int = 4, max_steps: int = 60,
 
 def test_transitions_follow_minari_episodes():
     dataset = make_hopper_dataset("test/hopper/tiny-v0")
-    data = ofql.episodes_to_transitions(dataset.iterate_episodes())
+    data = ofql_data.episodes_to_transitions(dataset.iterate_episodes())
     episodes = list(dataset.iterate_episodes())
     assert len(data["obs"]) == sum(len(ep.actions) for ep in episodes) == dataset.total_steps
     first = episodes[0]
@@ -695,8 +696,8 @@ def test_d4rl_hdf5_without_next_observations_never_links_two_episodes(tmp_path):
     step is kept with mask 0 and a timeout is never a terminal."""
     hdf5 = tmp_path / "no_next.hdf5"
     obs = write_d4rl_hdf5(hdf5, next_observations=False)
-    dataset = ofql.d4rl_hdf5_to_minari(hdf5, "test/d4rl/no-next-v0", "Hopper-v4", 0.0, 1.0)
-    data = ofql.episodes_to_transitions(dataset.iterate_episodes())
+    dataset = ofql_data.d4rl_hdf5_to_minari(hdf5, "test/d4rl/no-next-v0", "Hopper-v4", 0.0, 1.0)
+    data = ofql_data.episodes_to_transitions(dataset.iterate_episodes())
     kept = [i for i in range(25) if i not in (14, 24)]  # 14: timeout, 24: last step of the tail
     np.testing.assert_array_equal(data["reward"], kept)  # rewards are the step indices
     np.testing.assert_array_equal(data["obs"], obs[kept])
@@ -1089,7 +1090,7 @@ PAPER_TASKS = [f"{e}-{lv}-v2" for e in ("halfcheetah", "hopper", "walker2d")
 def test_every_paper_task_has_a_preset_and_a_data_source():
     assert len(PAPER_TASKS) == 18
     for name in PAPER_TASKS:
-        assert name in ofql.PRESETS and (name in ofql.D4RL_MUJOCO or name in ofql.MINARI_SOURCE), name
+        assert name in ofql.PRESETS and (name in ofql_data.D4RL_MUJOCO or name in ofql_data.MINARI_SOURCE), name
     assert ofql.PRESETS["antmaze-large-play-v0"].eta == 4.5 and ofql.PRESETS["antmaze-large-play-v0"].max_q_backup
     assert ofql.PRESETS["walker2d-medium-v2"].grad_norm == 1 and ofql.PRESETS["kitchen-mixed-v0"].eta == 0.005
 
@@ -1135,13 +1136,13 @@ def test_kitchen_eval_env_uses_the_d4rl_settings():
     import gymnasium_robotics
 
     gym.register_envs(gymnasium_robotics)
-    kitchen = ofql.CONVENTIONS["kitchen"]
+    kitchen = ofql_data.CONVENTIONS["kitchen"]
     assert dict(kitchen.eval_kwargs) == {"remove_task_when_completed": True, "terminate_on_tasks_completed": True,
                                          "max_episode_steps": 280}
     assert kitchen.obs_keys == ("observation",) and kitchen.ref == (0.0, 4.0)
     env = gym.make("FrankaKitchen-v1", tasks_to_complete=["microwave", "kettle"], **dict(kitchen.eval_kwargs))
     obs, _ = env.reset(seed=0)
-    assert env.spec.max_episode_steps == 280 and ofql.flatten_obs(obs, kitchen.obs_keys).shape == (59,)
+    assert env.spec.max_episode_steps == 280 and ofql_data.flatten_obs(obs, kitchen.obs_keys).shape == (59,)
 
 
 def test_minari_regeneration_trains_by_its_id_combined_as_the_data_docs_say():
@@ -1277,10 +1278,16 @@ def test_ogbench_cli_offline_is_one_line_without_traceback(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "https_proxy", "http_proxy")}
     env.update(https_proxy="http://127.0.0.1:9", OGBENCH_DATASET_DIR=str(tmp_path))  # a closed port: offline
-    result = subprocess.run([sys.executable, "ogbench_tasks.py", "--env", ANTMAZE_OG, "--out-dir", str(tmp_path)], env=env,
+    result = subprocess.run([sys.executable, "ofql.py", "--env", ANTMAZE_OG, "--out-dir", str(tmp_path)], env=env,
                             capture_output=True, text=True, cwd=os.path.dirname(ofql.__file__), timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: OGBench dataset antmaze-large-navigate-v0 ")
+    # the command of older versions answers with ofql.py's (ogbench_tasks.py is a leaf: it never imports ofql.py)
+    old = subprocess.run([sys.executable, "ogbench_tasks.py", "--env", ANTMAZE_OG, "--eval-episodes", "50"], env=env,
+                         capture_output=True, text=True, cwd=os.path.dirname(ofql.__file__), timeout=120)
+    assert old.returncode == 1 and old.stderr.strip() == (
+        f"error: OGBench datasets train through ofql.py: python ofql.py --env {ANTMAZE_OG} --eval-episodes 50 "
+        "(every flag as before; regenerate data with python ogbench_tasks.py generate <dataset>)")
 
 
 @needs_ogbench
@@ -1374,12 +1381,19 @@ def test_generation_recipes_follow_ogbench_commands():
     assert ogbench_tasks.scene_episode_is_healthy(in_drawer)
 
 
-def test_ofql_alone_points_ogbench_names_to_ogbench_tasks(monkeypatch):
-    """ofql.py knows no OGBench code: without ogbench_tasks.py's registration an ogbench/ name says where it loads."""
-    monkeypatch.setattr(ofql, "TASK_FAMILIES", {})
-    with pytest.raises(ValueError, match="load through ogbench_tasks.py.*python ogbench_tasks.py --env " + CUBE_OG):
+def test_a_missing_data_module_names_itself_and_the_in_memory_entry(monkeypatch):
+    """ofql.py holds the OGBench preset but no loader: without ogbench_tasks.py (or ofql_data.py) next to it, a task
+    name of that family says which file it loads through."""
+    monkeypatch.setitem(sys.modules, "ogbench_tasks", None)  # `import ogbench_tasks` fails, as where it is absent
+    with pytest.raises(ValueError, match="--env " + CUBE_OG + " loads through ogbench_tasks.py, which is not next to "
+                       "ofql.py.*ofql.train\\(args, data=...\\)"):
         ofql.load_task(CUBE_OG)
-    assert ofql.Args(env=CUBE_OG).resolved().gamma == ofql.MINARI_PRESET.gamma  # until the family is added
+    monkeypatch.setitem(sys.modules, "ofql_data", None)
+    with pytest.raises(ValueError, match="--env pendulum-swingup loads through ofql_data.py"):
+        ofql.load_task("pendulum-swingup")
+    preset = ofql.Args(env=CUBE_OG).resolved()  # FQL's, unchanged from ogbench_tasks.ogbench_preset of older versions
+    assert (preset.gamma, preset.critic_layer_norm, preset.eval_protocol, preset.eta) == (0.99, True, "one", 0.1)
+    assert ofql.Args(env="ogbench/antmaze-giant-navigate-singletask-v0").resolved().gamma == 0.995
 
 
 def test_ogbench_without_the_package_is_one_clear_error(monkeypatch):
@@ -1924,16 +1938,31 @@ def test_kernel_launch_table_buckets():
 
 
 def test_ofql_copied_alone_runs_without_kernels(tmp_path):
+    """ofql.py alone in an empty folder: no kernels.py (plain torch) and no data module, yet it trains on in-memory
+    transitions and checkpoints; a task name says which file it needs. With ofql_data.py beside it, the CLI runs."""
     import shutil
     import subprocess
 
     shutil.copy(ofql.__file__, tmp_path / "ofql.py")
-    code = ("import torch, ofql; print(ofql.kernels, ofql.resolve_kernels('auto', torch.device('cpu')))\n"
-            "try: ofql.resolve_kernels('triton', torch.device('cpu'))\nexcept ValueError as e: print(e)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    code = ("import numpy as np, torch, ofql; print(ofql.kernels, ofql.resolve_kernels('auto', torch.device('cpu')))\n"
+            "try: ofql.resolve_kernels('triton', torch.device('cpu'))\nexcept ValueError as e: print(e)\n"
+            "rng = np.random.default_rng(0)\n"
+            "obs, action = rng.normal(size=(300, 3)), rng.uniform(-1, 1, size=(300, 2))\n"
+            "data = dict(obs=obs, action=action, reward=-np.abs(action).sum(1), next_obs=obs, mask=np.zeros(300))\n"
+            "summary = ofql.train(ofql.Args(env='mine', total_steps=4, eval_every=2, batch_size=32, hidden_dim=16), data)\n"
+            "print(summary['steps'], summary['final_score'], ofql.load_checkpoint(summary['checkpoint'])['agent']['step'])\n"
+            "try: ofql.load_task('bandit-8modes')\nexcept ValueError as e: print(e)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     lines = result.stdout.splitlines()
     assert result.returncode == 0 and lines[0] == "None torch", result.stderr
     assert "--kernels triton needs kernels.py next to ofql.py" in lines[1]
+    assert lines[-2] == "4 None 4"  # trained, no evaluation (no make_env), checkpointed
+    assert lines[-1].startswith("--env bandit-8modes loads through ofql_data.py, which is not next to ofql.py")
+    shutil.copy(Path(ofql.__file__).with_name("ofql_data.py"), tmp_path / "ofql_data.py")
+    result = subprocess.run([sys.executable, "ofql.py", "--env", "bandit-8modes", "--total-steps", "2", "--eval-every", "2",
+                             "--hidden-dim", "16"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0 and "done: final normalized score" in result.stdout, result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.glob("*.py")) == ["ofql.py", "ofql_data.py"]
 
 
 @needs_triton
@@ -2265,12 +2294,15 @@ def test_toy_figure_writes_its_png_and_json_with_mode_coverage(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Architecture: imports run one way, kernels.py <- ofql.py <- ogbench_tasks.py <- baselines.py <- eval.py, sweep.py, benchmarks/
 # ------------------------------------------------------------------------------------------------
-IMPORT_RANKS = {"kernels": 0, "ofql": 1, "ogbench_tasks": 1.5, "baselines": 2, "eval": 3, "sweep": 3}  # benchmarks/*: 3, tests: 4
+# the leaves (rank 0) import no project file; the data modules are imported by ofql.py where it resolves a task name
+IMPORT_RANKS = {"kernels": 0, "ofql_data": 0, "ogbench_tasks": 0, "ofql": 1, "baselines": 2, "eval": 3, "sweep": 3}
+# benchmarks/*: 3, tests: 4
 
 
 def import_violations(root: Path) -> list[str]:
     """Every import, at module level or inside a function, of a project module ranked above the importing
-    file, and every import cycle among the project files of `root` (its *.py and benchmarks/*.py)."""
+    file or by a leaf (rank 0), and every import cycle among the project files of `root` (its *.py and
+    benchmarks/*.py)."""
     files = sorted(root.glob("*.py")) + sorted(root.glob("benchmarks/*.py"))
     rank = {f.stem: IMPORT_RANKS.get(f.stem, 3 if f.parent.name == "benchmarks" else 4) for f in files}
     graph, problems = {f.stem: set() for f in files}, []
@@ -2287,6 +2319,9 @@ def import_violations(root: Path) -> list[str]:
                 if rank[name] > rank[file.stem]:
                     problems.append(f"{file.relative_to(root)}:{node.lineno} imports {name} (rank {rank[name]}), "
                                     f"above itself (rank {rank[file.stem]})")
+                elif rank[file.stem] == 0:
+                    problems.append(f"{file.relative_to(root)}:{node.lineno} imports {name}: a leaf imports no project "
+                                    "file")
 
     def cycle(path: list[str]) -> list[str] | None:
         for name in sorted(graph[path[-1]]):
@@ -2312,9 +2347,15 @@ def test_imports_run_one_way_with_no_cycle(tmp_path):
     (tmp_path / "kernels.py").write_text("import os\n\n\ndef bench():\n    from eval import time_calls\n")
     (tmp_path / "eval.py").write_text("import sweep\n")
     (tmp_path / "sweep.py").write_text("import eval\n")
-    (tmp_path / "ofql.py").write_text("try:\n    import kernels\nexcept ImportError:\n    kernels = None\n")
-    assert sorted(import_violations(tmp_path)) == ["import cycle eval -> sweep -> eval",
-                                                   "kernels.py:5 imports eval (rank 3), above itself (rank 0)"]
+    (tmp_path / "ofql.py").write_text("try:\n    import kernels\nexcept ImportError:\n    kernels = None\n\n\n"
+                                      "def load_task(name):\n    import ofql_data\n    import ogbench_tasks\n")
+    (tmp_path / "ofql_data.py").write_text("import numpy\n")
+    (tmp_path / "ogbench_tasks.py").write_text("import ofql_data\n\n\ndef main():\n    import ofql\n")
+    assert sorted(import_violations(tmp_path)) == [
+        "import cycle eval -> sweep -> eval", "import cycle ofql -> ogbench_tasks -> ofql",
+        "kernels.py:5 imports eval (rank 3), above itself (rank 0)",
+        "ogbench_tasks.py:1 imports ofql_data: a leaf imports no project file",
+        "ogbench_tasks.py:5 imports ofql (rank 1), above itself (rank 0)"]
 
 
 def test_twin_critic_heads_match_separate_mlps_with_and_without_layer_norm():

@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ofql  # noqa: E402
+import ofql_data  # noqa: E402
 
 
 def discounted_to_go(rewards: np.ndarray, gamma: float) -> np.ndarray:
@@ -134,7 +135,7 @@ def terminated_samples(env: str, gamma: float, states: int) -> tuple[ofql.Task, 
 
     task, _ = ofql.load_task(env, with_data=False)
     obs, action, to_go = [], [], []
-    for ep in minari.load_dataset(ofql.MINARI_SOURCE.get(env, env)).iterate_episodes():
+    for ep in minari.load_dataset(ofql_data.MINARI_SOURCE.get(env, env)).iterate_episodes():
         if ep.terminations[-1]:
             obs.append(ep.observations[:-1])
             action.append(ep.actions)
