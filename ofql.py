@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import json
 import math
 import os
 import random
 import shutil
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Callable, ClassVar, Literal
@@ -748,79 +746,67 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 # ---- Training ------------------------------------------------------------------------------
-TRANSITIONS = {"obs": 2, "action": 2, "reward": 1, "next_obs": 2, "mask": 1, "episode_end": 1}  # array -> its ndim
-DATA_NAMES = {"observations": "obs", "actions": "action", "rewards": "reward", "next_observations": "next_obs",
-              "terminals": "mask (1 - terminals)", "dones": "mask (1 - terminations)", "timeouts": "episode_end"}
+TRANSITIONS = ("obs", "action", "reward", "next_obs", "mask", "episode_end")  # train(data=...)'s; the last optional
 
 
 def check_data(data: dict) -> dict[str, np.ndarray]:
     """train(data=...)'s transitions, one row each: obs and next_obs [N, obs_dim], action [N, act_dim] in [-1, 1],
-    reward and mask [N] (mask = 1 - terminal: a time limit is no terminal), optional episode_end [N] (1 on an
-    episode's last transition; every mask 0 must be one). Returned as arrays (ints and bools as float64, episode_end
-    dropped); every problem goes into one ValueError that names the array and the fix."""
-    if not isinstance(data, dict):
-        raise ValueError(f"data must be a dict of arrays {', '.join(TRANSITIONS)} (got {type(data).__name__})")
-    problems = [f"no data['{key}']" for key in list(TRANSITIONS)[:5] if key not in data]
-    problems += [f"unknown array '{key}'" + (f": call it {DATA_NAMES[key]}" if key in DATA_NAMES else "")
-                 for key in data if key not in TRANSITIONS]
+    reward and mask [N] (mask = 1 - terminal: a time limit is no terminal), optionally episode_end [N] (1 on an
+    episode's last transition: every mask 0 must be one). Float arrays back (episode_end checked, then dropped), or
+    a ValueError that names the first bad array and its fix."""
+    if not isinstance(data, dict) or not set(TRANSITIONS[:5]) <= set(data) <= set(TRANSITIONS):
+        raise ValueError(f"data must be a dict of the arrays {', '.join(TRANSITIONS[:5])} and optionally episode_end, "
+                         f"one row per transition (got {sorted(data) if isinstance(data, dict) else type(data)})")
     arrays = {}
-    for key, ndim in ((key, ndim) for key, ndim in TRANSITIONS.items() if key in data):
-        value = np.asarray(data[key])
-        if ndim == 1 and value.ndim == 2 and value.shape[1] == 1:
-            value = value[:, 0]
-        if value.dtype.kind not in ("biuf" if key in ("mask", "episode_end") else "iuf"):
-            problems.append(f"data['{key}'] has dtype {value.dtype}: give float32 or float64 numbers")
-        elif value.ndim != ndim:
-            problems.append(f"data['{key}'] has shape {value.shape}: give " + ("[N, dims], one row per transition (a "
-                            "1-D array: a.reshape(-1, 1))" if ndim == 2 else "[N], one value per transition"))
+    for key in [key for key in TRANSITIONS if key in data]:
+        value, ndim = np.asarray(data[key]), 2 if key in ("obs", "action", "next_obs") else 1
+        if value.dtype.kind not in "biuf" or value.ndim != ndim:  # bool, int, float
+            problem = f"is {value.dtype} of shape {value.shape}"
+            fix = "give numbers of shape " + ("[N, dims] (one dim: x.reshape(-1, 1))" if ndim == 2 else "[N]")
+        elif arrays and len(value) != len(arrays["obs"]):
+            problem, fix = f"has {len(value)} rows, data['obs'] {len(arrays['obs'])}", "give one row per transition"
         elif not np.isfinite(value).all():
-            bad = ~np.isfinite(value.reshape(len(value), -1)).all(1)
-            problems.append(f"data['{key}'] has NaN/Inf in {bad.sum()} rows (first: row {bad.argmax()}): drop those "
-                            "transitions or fix the values")
+            problem = f"holds NaN/Inf (first in row {np.argwhere(~np.isfinite(value))[0, 0]})"
+            fix = "drop or fix those transitions"
+        elif key == "next_obs" and value.shape != arrays["obs"].shape:
+            problem, fix = f"has shape {value.shape}, data['obs'] {arrays['obs'].shape}", "give each next observation"
+        elif key == "action" and value.size and np.abs(value).max() > 1:
+            problem = f"is outside [-1, 1] ({value.min():.3g} to {value.max():.3g})"
+            fix = ("rescale it, 2 (a - low) / (high - low) - 1, and evaluate in an env wrapped in "
+                   "gymnasium.wrappers.RescaleAction(env, -1, 1)")
+        elif key == "mask" and ((value < 0) | (value > 1)).any():
+            problem, fix = "is outside [0, 1]", "give mask = 1 - terminal (0 where the episode terminated)"
+        elif key == "episode_end" and ((arrays["mask"] == 0) & (value == 0)).any():
+            problem = "is 0 where data['mask'] is 0 (a terminal ends its episode)"
+            fix = "give mask = 1 - terminal (1 where the episode goes on), not the terminal flag itself"
         else:
             arrays[key] = value if value.dtype.kind == "f" else value.astype(np.float64)
-    sizes = {key: len(value) for key, value in arrays.items()}
-    if len(set(sizes.values())) > 1:
-        problems.append("arrays of different lengths (" + ", ".join(f"{k} {n}" for k, n in sizes.items()) + "): give "
-                        "one row per transition in every array")
-    elif not problems:
-        if arrays["obs"].shape != arrays["next_obs"].shape:
-            problems.append(f"data['next_obs'] has shape {arrays['next_obs'].shape}, data['obs'] {arrays['obs'].shape}: "
-                            "give the observation after each transition's action")
-        if (low := arrays["action"].min(initial=0)) < -1 or (high := arrays["action"].max(initial=0)) > 1:
-            problems.append(f"data['action'] is outside [-1, 1] (min {low:.3g}, max {high:.3g}): rescale it, 2 (a - low) "
-                            "/ (high - low) - 1 with your action bounds, and give make_env an env that takes [-1, 1] "
-                            "actions (gymnasium.wrappers.RescaleAction(env, -1, 1))")
-        if ((arrays["mask"] < 0) | (arrays["mask"] > 1)).any():
-            problems.append("data['mask'] is outside [0, 1]: give mask = 1 - terminal (0 where the episode terminated)")
-        elif "episode_end" in arrays and (wrong := int(((arrays["mask"] == 0) & (arrays["episode_end"] == 0)).sum())):
-            problems.append(f"data['mask'] is 0 at {wrong} transitions that are no episode_end: give mask = 1 - "
-                            "terminal (1 where the episode goes on), not the terminal flag itself")
-    if problems:
-        raise ValueError("invalid data for ofql.train: " + "; ".join(problems) + " (docs/own_data.md)")
+            continue
+        raise ValueError(f"invalid data for ofql.train: data['{key}'] {problem}: {fix} (docs/own_data.md)")
     arrays.pop("episode_end", None)
     return arrays
 
 
 def own_task(name: str, data: dict, make_env: Callable[..., gym.Env] | None,
              ref_scores: tuple[float, float] | None) -> tuple[Task, dict[str, np.ndarray]]:
-    """The Task of train(data=...)'s transitions (checked), and its evaluation environment checked against them."""
+    """The Task of train(data=...)'s transitions (checked), its evaluation env checked against them."""
     if name in PRESETS or name.startswith("ogbench/"):
         raise ValueError(f"args.env '{name}' names a task of this project, whose preset and evaluation would apply to "
                          "your data: give your task a name of its own, e.g. Args(env='my-robot')")
     data = check_data(data)
-    obs_dim, act_dim = data["obs"].shape[1], data["action"].shape[1]
+    task = Task(name, data["obs"].shape[1], data["action"].shape[1], make_env, *(ref_scores or (0.0, 1.0)),
+                f"ref_scores {ref_scores} given to ofql.train" if ref_scores else "none (score = 100 x raw return)")
     if make_env is not None:  # a mismatch fails now, not at the first evaluation
         env = make_env()
-        obs_shape, space = env.observation_space.shape, env.action_space
         env.close()
-        if obs_shape != (obs_dim,) or space.shape != (act_dim,) or np.any(space.low != -1) or np.any(space.high != 1):
-            raise ValueError(f"make_env() gives observations of shape {obs_shape} and actions {space}; the data has "
-                             f"obs_dim {obs_dim} and act_dim {act_dim} in [-1, 1]: wrap the env in "
-                             "gymnasium.wrappers.RescaleAction(env, -1, 1) (and flatten its observations)")
-    ref_min, ref_max = ref_scores or (0.0, 1.0)
-    source = f"ref_scores {ref_scores} given to ofql.train" if ref_scores else "none (score = 100 x raw return)"
-    return Task(name, obs_dim, act_dim, make_env, ref_min, ref_max, source), data
+        space, shape = env.action_space, env.observation_space.shape
+        in_unit_box = isinstance(space, gym.spaces.Box) and space.shape == (task.act_dim,) and (
+            (space.low == -1).all() and (space.high == 1).all())
+        if shape != (task.obs_dim,) or not in_unit_box:
+            raise ValueError(f"make_env() gives observations of shape {shape} and actions {space}, the data obs_dim "
+                             f"{task.obs_dim} and actions in [-1, 1]^{task.act_dim}: wrap the env in "
+                             "gymnasium.wrappers.RescaleAction(env, -1, 1)")
+    return task, data
 
 
 class ReplayBuffer:

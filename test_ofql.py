@@ -466,6 +466,109 @@ def test_resume_is_exact(tmp_path):
             assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs after resume"
 
 
+# ------------------------------------------------------------------------------------------------
+# Your own data: ofql.train(args, data=..., make_env=..., ref_scores=...) (docs/own_data.md)
+# ------------------------------------------------------------------------------------------------
+def test_in_memory_data_trains_exactly_as_the_same_task_by_name(tmp_path):
+    """The tiny Minari dataset's arrays and eval env handed to ofql.train under a name of one's own (the same preset:
+    any other dataset's) end with the same parameters and scores as training by its id; a run without make_env
+    trains and checkpoints without evaluating, and resumes with the data passed again."""
+    make_hopper_dataset("test/hopper/tiny-v0")
+    task, data = ofql.load_task("test/hopper/tiny-v0")
+    kept = {key: value.copy() for key, value in data.items()}
+    common = dict(out_dir=str(tmp_path), total_steps=20, eval_every=10, eval_episodes=1, batch_size=16, hidden_dim=32)
+    by_name = ofql.train(ofql.Args(env="test/hopper/tiny-v0", **common))
+    mine = ofql.train(ofql.Args(env="my-hopper", **common), data=data, make_env=task.make_env,
+                      ref_scores=(task.ref_min, task.ref_max))
+    assert all(np.array_equal(kept[key], data[key]) for key in kept)  # the caller's arrays are left as they were
+    a, b = (ofql.load_checkpoint(run["checkpoint"]) for run in (by_name, mine))
+    for net in ("actor", "critic", "critic_target"):
+        assert all(torch.equal(a["agent"][net][key], b["agent"][net][key]) for key in a["agent"][net])
+    assert [h["score_mean"] for h in a["history"]] == [h["score_mean"] for h in b["history"]] and len(a["history"]) == 2
+    assert b["args"]["env"] == "my-hopper" and "ref_scores" in mine["score_source"]
+    unevaluated = ofql.train(ofql.Args(env="my-hopper", **common | {"total_steps": 10}), data=data)
+    assert (unevaluated["history"], unevaluated["final_score"]) == ([], None)
+    state = ofql.load_checkpoint(unevaluated["checkpoint"])
+    state["args"]["total_steps"] = 20
+    torch.save(state, unevaluated["checkpoint"])
+    assert ofql.train(ofql.Args(resume=unevaluated["checkpoint"]), data=data)["steps"] == 20
+
+
+def good_data(n: int = 100) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(n, 3)).astype(np.float32)
+    return {"obs": obs, "action": rng.uniform(-1, 1, size=(n, 1)), "reward": rng.normal(size=n), "next_obs": obs + 0.1,
+            "mask": np.ones(n), "episode_end": np.arange(n) % 10 == 9}
+
+
+def with_bad(key, value):
+    return {**good_data(), key: value}
+
+
+def with_nan_in_row_7():
+    data = good_data()
+    data["obs"] = data["obs"].copy()
+    data["obs"][7, 1] = np.nan
+    return data
+
+
+@pytest.mark.parametrize("data, message", [
+    ({**good_data(), "actions": np.zeros((100, 1))},
+     "data must be a dict of the arrays obs, action, reward, next_obs, mask and optionally episode_end"),
+    ({k: v for k, v in good_data().items() if k != "mask"}, "data must be a dict of the arrays obs, action"),
+    (with_bad("obs", np.array([None] * 100)), r"data\['obs'\] is object of shape \(100,\): give numbers of shape "
+                                              r"\[N, dims\]"),
+    (with_bad("reward", np.array(["1.0"] * 100)), r"data\['reward'\] is <U3 of shape \(100,\): give numbers of shape"),
+    (with_bad("reward", np.zeros(99)), r"data\['reward'\] has 99 rows, data\['obs'\] 100: give one row per transition"),
+    (with_nan_in_row_7(), r"data\['obs'\] holds NaN/Inf \(first in row 7\): drop or fix those transitions"),
+    (with_bad("next_obs", np.zeros((100, 2))), r"data\['next_obs'\] has shape \(100, 2\), data\['obs'\] \(100, 3\)"),
+    (with_bad("action", np.linspace(-2, 2, 100)[:, None]), r"data\['action'\] is outside \[-1, 1\] \(-2 to 2\): "
+                                                           r"rescale it.*RescaleAction\(env, -1, 1\)"),
+    (with_bad("mask", np.full(100, 2.0)), r"data\['mask'\] is outside \[0, 1\]: give mask = 1 - terminal"),
+    (with_bad("mask", (np.arange(100) % 10 == 9).astype(float)), r"data\['episode_end'\] is 0 where data\['mask'\] "
+                                                                 r"is 0 .*not the terminal flag itself"),
+])
+def test_in_memory_data_errors_name_the_array_and_the_fix(tmp_path, data, message):
+    """Each bad array is one ValueError naming it and its fix, raised before the run folder exists; a mask given
+    as the terminal flag is caught by episode_end. The good data trains (ints and bools are accepted)."""
+    args = ofql.Args(env="mine", out_dir=str(tmp_path / "runs"), total_steps=2, batch_size=8, hidden_dim=8)
+    with pytest.raises(ValueError, match=message):
+        ofql.train(args, data=data)
+    assert not (tmp_path / "runs").exists()
+    fine = {**good_data(), "mask": np.ones(100, dtype=bool), "reward": np.arange(100)}  # bool / int arrays
+    assert ofql.train(args, data=fine)["steps"] == 2
+
+
+def test_in_memory_task_names_and_eval_envs_that_do_not_fit_are_refused(tmp_path):
+    args = ofql.Args(env="mine", out_dir=str(tmp_path), total_steps=2, batch_size=8, hidden_dim=8)
+    with pytest.raises(ValueError, match="args.env 'pendulum-swingup' names a task of this project.*Args\\(env="):
+        ofql.train(ofql.Args(out_dir=str(tmp_path)), data=good_data())  # the default env
+    pendulum = lambda **kwargs: gym.make("Pendulum-v1", **kwargs)  # noqa: E731  (actions in [-2, 2])
+    with pytest.raises(ValueError, match=r"make_env\(\) gives observations of shape \(3,\) and actions Box\(-2.0, "
+                                         r"2.0.*wrap the env in gymnasium.wrappers.RescaleAction\(env, -1, 1\)"):
+        ofql.train(args, data=good_data(), make_env=pendulum)
+    fitted = lambda **kwargs: gym.wrappers.RescaleAction(pendulum(**kwargs), -1, 1)  # noqa: E731
+    summary = ofql.train(dataclasses.replace(args, eval_every=2, eval_episodes=1), data=good_data(), make_env=fitted)
+    assert summary["history"][0]["ref_source"] == "none (score = 100 x raw return)"
+    assert summary["final_score"] == pytest.approx(100 * summary["history"][0]["return_mean"])
+
+
+def test_own_data_example_in_the_docs_runs_as_written_next_to_ofql_alone(tmp_path):
+    """docs/own_data.md's example, run as written in an empty folder holding ofql.py only."""
+    import shutil
+    import subprocess
+
+    code = re.search(r"```python\n(.*?)```", (Path(__file__).parent / "docs" / "own_data.md").read_text(), re.S)[1]
+    (tmp_path / "example.py").write_text(code)
+    shutil.copy(ofql.__file__, tmp_path / "ofql.py")
+    result = subprocess.run([sys.executable, "example.py"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final_score, checkpoint = result.stdout.splitlines()[-1].split()
+    assert math.isfinite(float(final_score)) and (tmp_path / checkpoint).exists()
+    summary = json.loads((tmp_path / checkpoint).with_name("summary.json").read_text())
+    assert [h["step"] for h in summary["history"]] == [100, 200] and "ref_scores" in summary["score_source"]
+
+
 def test_compiled_gradient_step_matches_eager_and_compiles_once_per_head_order(tmp_path):
     """--compile: 20 updates with cosine lr decay and an EMA actor end within 1e-5 of eager (inductor told to draw
     random numbers as eager does); after the first two steps (one per head order) no step compiles again, though
