@@ -11,7 +11,8 @@ du/dt = v . d_z u + d_t u is a forward-mode derivative (tangents (v, 0, 1) for (
 Twin critics are trained as in DQL; the actor loss is  L_BC - eta * Q(s, a_pi) / E|Q|.
 
 Run `python ofql.py --help` for every option; `python ofql.py --env pendulum-swingup` trains on a
-built-in task that needs no download.
+built-in task that needs no download. `ofql.train(args, data=..., make_env=...)` trains on your own arrays
+(docs/own_data.md); task names load through the data modules next to this file (ofql_data.py, ogbench_tasks.py).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class Args:
 
     env: str = "pendulum-swingup"
     """task (docs/data.md): built-in (`bandit-8modes`, `pendulum-swingup`), a paper's D4RL name (`hopper-medium-v2`),
-    a Minari dataset id (`mujoco/hopper/medium-v0`) or folder; `ogbench/<dataset>` through ogbench_tasks.py"""
+    a Minari dataset id (`mujoco/hopper/medium-v0`) or folder, `ogbench/<dataset>`; with train(data=...) your name"""
     d4rl_mirror: str | None = None
     """base URL (https://, file://) of D4RL's HDF5 files (None: $OFQL_D4RL_MIRROR, else Berkeley's); docs/data.md"""
     seed: int = 0
@@ -972,7 +973,7 @@ def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Calla
 
 
 def main(args: Args):
-    """Train from a command line (ofql.py's, baselines.py's, ogbench_tasks.py's): a user error is one line."""
+    """Train from a command line (ofql.py's, baselines.py's): a user error is one line."""
     try:
         train(args)
     except (ValueError, FileNotFoundError, DivergenceError) as error:

@@ -4,7 +4,7 @@
     python benchmarks/vs_fql.py speed --dataset cube-single-play-v0    # both take --fql-dir, --fql-python first
     python benchmarks/vs_fql.py report                                  # -> benchmarks/results/ogbench/vs_fql.md
 
-`train`: FQL (main.py, its README flags) and OFQL (ogbench_tasks.py) on the same data, task, seeds and steps, 1 CPU
+`train`: FQL (main.py, its README flags) and OFQL (ofql.py) on the same data, task, seeds and steps, 1 CPU
 thread each. A finished run writes <out>/runs/<run>.json (success % at the last step, wall time, steps/s, command)
 and is skipped later. A killed run resumes: OFQL with --resume; FQL from its last params_<step>.pkl (--save-interval)
 with --restore_path/--restore_epoch and the remaining steps (FQL reseeds numpy then, so its batch order starts over,
@@ -103,7 +103,7 @@ def run_logged(cmd: list[str], env: dict, cwd: Path, log: Path) -> float:
 def run_ofql(a, name: str, env_name: str, seed: int) -> dict:
     run_dir = Path(a.work).resolve() / "ofql" / name
     ckpt = run_dir / "checkpoint.pt"
-    cmd, resumed, wall = [sys.executable, str(REPO / "ogbench_tasks.py")], ckpt.exists(), None
+    cmd, resumed, wall = [sys.executable, str(REPO / "ofql.py")], ckpt.exists(), None
     if not (run_dir / "summary.json").exists():  # else: finished, only the harness's summary is missing
         cmd += (["--resume", str(ckpt)] if resumed else  # the checkpoint's args (threads 1 included) win
                 ["--env", f"ogbench/{env_name}", "--seed", str(seed), "--total-steps", str(a.steps),
@@ -262,7 +262,6 @@ def speed(a):
     sys.path.insert(0, str(REPO))
     import eval as ofql_eval
     import ofql
-    import ogbench_tasks
     torch.set_num_threads(1)
     worker = subprocess.Popen([a.fql_python, str(Path(__file__).resolve()), "--fql-dir", a.fql_dir, "fql-worker",
                                "--dataset", a.dataset, "--warmup", str(a.warmup)], env=fql_env(a),
@@ -278,7 +277,7 @@ def speed(a):
         raise SystemExit(f"error: the FQL worker stopped (exit code {worker.wait()})")
 
     fql_info = ask()  # FQL built and compiled before OFQL starts: one busy process at a time
-    task, _ = ogbench_tasks.load_ogbench(f"ogbench/{a.dataset.removesuffix('-v0')}-singletask-v0", with_data=False)
+    task, _ = ofql.load_task(f"ogbench/{a.dataset.removesuffix('-v0')}-singletask-v0", with_data=False)
     assert (task.obs_dim, task.act_dim) == (fql_info["obs_dim"], fql_info["act_dim"]), (task, fql_info)
     args = ofql.Args(env=task.name, device="cpu", kernels="torch", threads=1).resolved()
     raw = random_data(task.obs_dim, task.act_dim)
