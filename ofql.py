@@ -649,7 +649,7 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
     episode is rendered into it as RGB arrays."""
     device = next(agent.actor.parameters()).device
     agent.actor.eval()
-    if task.make_env is None:  # the bandit: score = mean reward of one-step samples
+    if task.score_actions is not None:  # no env, one step (the bandit): score = mean reward of policy samples
         obs = torch.zeros(1000, task.obs_dim, device=device)
         returns = outcome = task.score_actions(sample_actions(agent, obs, args).cpu().numpy())
     else:
@@ -675,7 +675,6 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
     scores = 100 * (outcome - task.ref_min) / (task.ref_max - task.ref_min)
     return {"return_mean": float(returns.mean()), "return_std": float(returns.std()), "score_mean": float(scores.mean()),
             "score_std": float(scores.std()), "ref_source": task.ref_source, "scores": scores.tolist()}
-
 
 
 # ---- Checkpoints ---------------------------------------------------------------------------

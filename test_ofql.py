@@ -561,7 +561,9 @@ def test_own_data_example_in_the_docs_runs_as_written_next_to_ofql_alone(tmp_pat
     code = re.search(r"```python\n(.*?)```", (Path(__file__).parent / "docs" / "own_data.md").read_text(), re.S)[1]
     (tmp_path / "example.py").write_text(code)
     shutil.copy(ofql.__file__, tmp_path / "ofql.py")
-    result = subprocess.run([sys.executable, "example.py"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torch's default threads oversubscribe a busy machine (~10x slower)
+    result = subprocess.run([sys.executable, "example.py"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     final_score, checkpoint = result.stdout.splitlines()[-1].split()
     assert math.isfinite(float(final_score)) and (tmp_path / checkpoint).exists()
@@ -2055,7 +2057,9 @@ def test_ofql_copied_alone_runs_without_kernels(tmp_path):
             "summary = ofql.train(ofql.Args(env='mine', total_steps=4, eval_every=2, batch_size=32, hidden_dim=16), data)\n"
             "print(summary['steps'], summary['final_score'], ofql.load_checkpoint(summary['checkpoint'])['agent']['step'])\n"
             "try: ofql.load_task('bandit-8modes')\nexcept ValueError as e: print(e)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torch's default threads oversubscribe a busy machine
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=300)
     lines = result.stdout.splitlines()
     assert result.returncode == 0 and lines[0] == "None torch", result.stderr
     assert "--kernels triton needs kernels.py next to ofql.py" in lines[1]
@@ -2063,7 +2067,7 @@ def test_ofql_copied_alone_runs_without_kernels(tmp_path):
     assert lines[-1].startswith("--env bandit-8modes loads through ofql_data.py, which is not next to ofql.py")
     shutil.copy(Path(ofql.__file__).with_name("ofql_data.py"), tmp_path / "ofql_data.py")
     result = subprocess.run([sys.executable, "ofql.py", "--env", "bandit-8modes", "--total-steps", "2", "--eval-every", "2",
-                             "--hidden-dim", "16"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                             "--hidden-dim", "16"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0 and "done: final normalized score" in result.stdout, result.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.glob("*.py")) == ["ofql.py", "ofql_data.py"]
 
