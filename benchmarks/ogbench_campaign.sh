@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The OGBench side-by-side (docs/ogbench.md, Results) as two resumable lanes, one CPU core each. Run it again after any
+# stop: finished datasets and runs are skipped, killed ones resume (generation from its chunks, OFQL from its
+# checkpoint, FQL from its last params_<step>.pkl). Needs FQL's checkout and venv (benchmarks/vs_fql.py's docstring).
+#   DATA=/work/ogbench-data WORK=/work/vs_fql-work STEPS=50000 bash benchmarks/ogbench_campaign.sh [fql|ofql]
+# (one lane alone with its name; both by default)
+set -u
+cd "$(dirname "$0")/.."
+DATA=${DATA:-$HOME/.ogbench/data} WORK=${WORK:-runs/vs_fql} STEPS=${STEPS:-50000} LOGS=${LOGS:-$WORK/logs}
+mkdir -p "$LOGS"
+generate() { [ -f "$DATA/$1.npz" ] || python ogbench_tasks.py generate "$1" --workers 1 --out-dir "$DATA"; }
+vs() {  # vs METHOD DATASET SEEDS... [--task N]
+  local method=$1 dataset=$2; shift 2
+  python benchmarks/vs_fql.py --work "$WORK" train --dataset "$dataset" --steps "$STEPS" --save-interval 5000 \
+    --dataset-dir "$DATA" --methods "$method" --seeds "$@"
+}
+fql_lane() {  # FQL (~5 steps/s on one core here): the default tasks
+  vs fql cube-single-play-v0 0 1 2
+  while [ ! -f "$DATA/cube-double-play-v0.npz" ]; do sleep 60; done; vs fql cube-double-play-v0 0 1 2
+  while [ ! -f "$DATA/puzzle-3x3-play-v0.npz" ]; do sleep 60; done; vs fql puzzle-3x3-play-v0 0
+}
+ofql_lane() {  # OFQL (~23 steps/s) and the data generation
+  generate cube-single-play-v0 && vs ofql cube-single-play-v0 0 1 2
+  generate cube-double-play-v0 && vs ofql cube-double-play-v0 0 1 2
+  generate puzzle-3x3-play-v0 && vs ofql puzzle-3x3-play-v0 0 1 2
+  for task in 1 3 4 5; do vs ofql cube-single-play-v0 0 --task "$task"; done
+}
+for lane in ${1:-fql ofql}; do "${lane}_lane" > "$LOGS/${lane}_lane.log" 2>&1 & done
+wait
+python benchmarks/vs_fql.py report
