@@ -159,17 +159,20 @@ class DiffusionActor(TimeConditionedMLP):
 # Options: ofql.py's and the policy class, through the seam ofql.Args defines (resolved, make_actor, label)
 # ---------------------------------------------------------------------------------------------
 def dql_eta(env: str) -> float:
-    """DQL's eta for the task, what the comparison rows take: 1.0 on MuJoCo (and any task without a preset), where
-    OFQL has its own measured eta; ofql.py's other presets (AntMaze, Kitchen, built-in tasks) already hold DQL's."""
-    preset = ofql.PRESETS.get(env)
-    return 1.0 if preset is None or env in ofql_data.D4RL_MUJOCO else preset.eta
+    """DQL's eta for the task, what the comparison rows take: 1.0 on MuJoCo (and OGBench), where OFQL has its own
+    measured eta; ofql.py's other presets (AntMaze, Kitchen, built-in tasks) already hold DQL's."""
+    return 1.0 if family(env) in ("mujoco", "ogbench") else ofql.task_preset(env)["eta"]
 
 
 def dql_critic(env: str) -> dict[str, float | bool]:
-    """DQL's gamma, tau and critic without LayerNorm (ofql.Preset's defaults) where the task takes OFQL's measured MuJoCo
+    """DQL's gamma, tau and critic without LayerNorm (ofql.DEFAULTS) where the task takes OFQL's measured MuJoCo
     ones (ofql.MUJOCO: the D4RL MuJoCo names and any other Minari data); elsewhere none, and the task preset's hold."""
-    mujoco = env in ofql_data.D4RL_MUJOCO or ofql.task_preset(env) is ofql.MINARI_PRESET
-    return {field: getattr(ofql.Preset, field) for field in ofql.MUJOCO} if mujoco else {}
+    return {field: ofql.DEFAULTS[field] for field in ofql.MUJOCO} if family(env) == "mujoco" else {}
+
+
+def family(env: str) -> str:
+    """The task family of a name (ofql.FAMILIES' keys), from its data module."""
+    return ofql.data_module(env).task_settings(env)[0]
 
 
 @dataclass

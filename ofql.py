@@ -10,14 +10,14 @@ Behaviour cloning regresses u onto the MeanFlow identity  u = v - (t - r) du/dt,
 du/dt = v . d_z u + d_t u is a forward-mode derivative (tangents (v, 0, 1) for (z, r, t)).
 Twin critics are trained as in DQL; the actor loss is  L_BC - eta * Q(s, a_pi) / E|Q|.
 
-Run `python ofql.py --help` for every option; `python ofql.py --env pendulum-swingup` trains on a
-built-in task that needs no download. `ofql.train(args, data=..., make_env=...)` trains on your own arrays
-(docs/own_data.md); task names load through the data modules next to this file (ofql_data.py, ogbench_tasks.py).
+`python ofql.py --help` lists every option; `ofql.train(args, data=..., make_env=...)` trains on your own arrays
+(docs/own_data.md); task names load through the data modules next to this file (docs/data.md).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -48,8 +48,7 @@ class Args:
     """OFQL's options (docs/flags.md); the comparison baselines' are `python baselines.py train --help`."""
 
     env: str = "pendulum-swingup"
-    """task (docs/data.md): built-in (`bandit-8modes`, `pendulum-swingup`), a paper's D4RL name (`hopper-medium-v2`),
-    a Minari dataset id (`mujoco/hopper/medium-v0`) or folder, `ogbench/<dataset>`; with train(data=...) your name"""
+    """task (docs/data.md): a built-in, D4RL, Minari (id or folder) or `ogbench/` name; with train(data=...) yours"""
     d4rl_mirror: str | None = None
     """base URL (https://, file://) of D4RL's HDF5 files (None: $OFQL_D4RL_MIRROR, else Berkeley's); docs/data.md"""
     seed: int = 0
@@ -135,8 +134,7 @@ class Args:
     hidden_dim: int | None = None
     """width of actor and critic MLPs (None: task preset; DQL and the paper: 256)"""
     critic_layer_norm: bool | None = None
-    """LayerNorm after each hidden activation of the critic, as FQL's critic; the paper's DQL critic has none
-    (None: task preset; on for MuJoCo, measured on the stand-ins, docs/calibration.md)"""
+    """LayerNorm after each hidden activation of the critic, as FQL's; DQL's has none (None: task preset)"""
 
     # --- evaluation
     eval_every: int | None = None
@@ -144,10 +142,8 @@ class Args:
     eval_episodes: int = 10
     """episodes per evaluation (paper: 150 per task at the end)"""
     eval_protocol: Literal["paper", "argmax", "one", "deterministic"] | None = None
-    """action selection at evaluation, filling the four fields below where unset (None: task preset): `paper` = DQL's
-    `sample_action` (50 candidates, one drawn by softmax(min target-Q)); `argmax` = the best of 50 candidates by min
-    target-Q (ours, the MuJoCo preset); `one` = one sample, no critic; `deterministic` = the one-step action of e = 0,
-    no critic (ours; docs/algorithm.md#action-selection)"""
+    """action selection, filling the four fields below where unset (None: task preset): DQL's sample_action
+    (`paper`), the `argmax` of 50 by min target-Q, `one` sample, `deterministic` e = 0 (docs/algorithm.md)"""
     eval_select: Literal["one", "softmax", "argmax"] | None = None
     """`one` sample, or `eval_samples` candidates, one drawn by softmax(Q x temperature) or argmax Q (min target-Q)"""
     eval_samples: int | None = None
@@ -173,8 +169,7 @@ class Args:
     def resolved(self) -> Args:
         """A new Args with every None field filled from the task preset and the eval protocol, values checked."""
         preset = task_preset(self.env)
-        args = dataclasses.replace(self, **{f.name: getattr(preset, f.name) for f in dataclasses.fields(Preset)
-                                            if getattr(self, f.name) is None})
+        args = dataclasses.replace(self, **{key: value for key, value in preset.items() if getattr(self, key) is None})
         select, samples, temperature, noise_scale = EVAL_PROTOCOLS[args.eval_protocol]
         if args.eval_select not in (None, select):  # a changed selection: the paper's 50 candidates and noise
             _, samples, _, noise_scale = EVAL_PROTOCOLS["paper"]
@@ -205,75 +200,42 @@ class Args:
 
 
 MUJOCO_ETA = 0.1  # OFQL's eta on MuJoCo tasks (mean-reduced BC loss), from the stand-in calibration (docs/calibration.md)
-# OFQL's MuJoCo critic (DQL: gamma 0.99, tau 0.005, no LayerNorm) and action selection, from the stand-ins
-MUJOCO = {"gamma": 0.995, "tau": 0.02, "critic_layer_norm": True}
-MUJOCO_PROTOCOL = "argmax"
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Per-task defaults: DQL's main.py table, except OFQL's MuJoCo eta, critic and action selection
-    (docs/calibration.md)."""
-
-    eta: float = MUJOCO_ETA  # OFQL's Q weight
-    lr: float = 3e-4
-    critic_lr: float = 3e-4
-    lr_decay: bool = True
-    grad_norm: float = 9.0
-    max_q_backup: bool = False
-    reward_scale: float = 1.0
-    reward_bias: float = 0.0
-    total_steps: int = 1_000_000
-    gamma: float = 0.99
-    tau: float = 0.005
-    eval_every: int = 10_000
-    hidden_dim: int = 256
-    critic_layer_norm: bool = False
-    eval_protocol: str = "deterministic"  # measured on the hopper stand-ins and Pendulum (docs/calibration.md)
-
-
-def _antmaze(eta: float, grad_norm: float, max_q: bool, lr: float = 3e-4) -> Preset:
-    """DQL's eta on DQL's (= our) mean-reduced loss and the paper's protocol, unmeasured here; DQL: 1M steps."""
-    return Preset(eta=eta, lr=lr, grad_norm=grad_norm, max_q_backup=max_q, reward_scale=4.0, reward_bias=-0.5,
-                  eval_protocol="paper")
-
-
-def _kitchen(grad_norm: float, total_steps: int = 1_000_000) -> Preset:
-    """DQL's eta (0.005) and the paper's protocol, unmeasured here; DQL stops kitchen-complete at 250k steps."""
-    return Preset(eta=0.005, grad_norm=grad_norm, total_steps=total_steps, eval_protocol="paper")
-
-
-PRESETS: dict[str, Preset] = {
-    **{name: Preset(grad_norm=clip, eval_protocol=MUJOCO_PROTOCOL, **MUJOCO) for name, clip in {  # DQL's grad clips
-        "halfcheetah-medium-v2": 9, "hopper-medium-v2": 9, "walker2d-medium-v2": 1, "halfcheetah-medium-replay-v2": 2,
-        "hopper-medium-replay-v2": 4, "walker2d-medium-replay-v2": 4, "halfcheetah-medium-expert-v2": 7,
-        "hopper-medium-expert-v2": 5, "walker2d-medium-expert-v2": 5}.items()},
-    "antmaze-umaze-v0": _antmaze(0.5, 2, False), "antmaze-umaze-diverse-v0": _antmaze(2.0, 3, True),
-    "antmaze-medium-play-v0": _antmaze(2.0, 2, True, lr=1e-3), "antmaze-medium-diverse-v0": _antmaze(3.0, 1, True),
-    "antmaze-large-play-v0": _antmaze(4.5, 10, True), "antmaze-large-diverse-v0": _antmaze(3.5, 7, True),
-    "kitchen-complete-v0": _kitchen(9, 250_000), "kitchen-partial-v0": _kitchen(10), "kitchen-mixed-v0": _kitchen(10),
+MUJOCO = {"gamma": 0.995, "tau": 0.02, "critic_layer_norm": True}  # OFQL's MuJoCo critic (DQL: 0.99, 0.005, none)
+# every preset starts from these (DQL's main.py defaults but OFQL's eta, lr decay and action selection), then takes its
+# family's (FAMILIES) and DQL's row of the task (ofql_data.task_settings); docs/algorithm.md#deviations-from-the-paper
+DEFAULTS = {"eta": MUJOCO_ETA, "lr": 3e-4, "critic_lr": 3e-4, "lr_decay": True, "grad_norm": 9.0, "max_q_backup": False,
+            "reward_scale": 1.0, "reward_bias": 0.0, "total_steps": 1_000_000, "gamma": 0.99, "tau": 0.005,
+            "eval_every": 10_000, "hidden_dim": 256, "critic_layer_norm": False, "eval_protocol": "deterministic"}
+FAMILIES = {  # OFQL's settings per task family (MuJoCo's and the built-ins' measured, docs/calibration.md)
+    "mujoco": {"eval_protocol": "argmax", **MUJOCO},  # D4RL's MuJoCo tasks, any other Minari dataset, your own data
+    "antmaze": {"reward_scale": 4.0, "reward_bias": -0.5, "eval_protocol": "paper"},  # DQL's reward (r - 0.5) * 4
+    "kitchen": {"eval_protocol": "paper"},
     # built-in tasks (no download); the bandit's critic must resolve 0.15-wide reward windows: no lr decay
-    "bandit-8modes": Preset(eta=0.3, lr=1e-3, critic_lr=1e-3, lr_decay=False, grad_norm=0.0, total_steps=2000,
-                            eval_every=500, hidden_dim=128, eval_protocol="one"),
-    "pendulum-swingup": Preset(eta=3.0, grad_norm=9.0, total_steps=6000, eval_every=1000),
+    "bandit": {"eta": 0.3, "lr": 1e-3, "critic_lr": 1e-3, "lr_decay": False, "grad_norm": 0.0, "total_steps": 2000,
+               "eval_every": 500, "hidden_dim": 128, "eval_protocol": "one"},
+    "pendulum": {"eta": 3.0, "total_steps": 6000, "eval_every": 1000},
+    "ogbench": {"critic_layer_norm": True, "eval_protocol": "one"},  # FQL's; eta MuJoCo's (docs/ogbench.md)
 }
-# any other Minari dataset id or folder: the stand-ins, Minari's MuJoCo data
-MINARI_PRESET = Preset(eval_protocol=MUJOCO_PROTOCOL, **MUJOCO)
 
 
-def ogbench_preset(env: str) -> Preset:
-    """`ogbench/<dataset>`: what carries over from FQL (docs/ogbench.md). Discount 0.995 where FQL used it (antmaze-
-    giant, humanoidmaze-medium/large, antsoccer-arena), extended to the other giant and humanoid mazes and
-    antsoccer-medium, else 0.99; FQL's critic LayerNorm (also OFQL's MuJoCo preset's); one-sample evaluation (FQL's).
-    eta: MuJoCo's; the OGBench calibration is under way (docs/ogbench.md)."""
-    name = env.removeprefix("ogbench/")
-    return Preset(gamma=0.995 if name.startswith(("humanoidmaze-", "antsoccer-")) or "maze-giant-" in name else 0.99,
-                  critic_layer_norm=True, eval_protocol="one")
+def data_module(env: str):
+    """The data module of a task name, next to this file (docs/data.md): ogbench_tasks.py for `ogbench/` names,
+    ofql_data.py for the others; imported here only, so ofql.py copied alone trains on in-memory data. None: absent."""
+    name = "ogbench_tasks" if env.startswith("ogbench/") else "ofql_data"
+    try:
+        return importlib.import_module(name)  # the optional ogbench package is imported inside its loader
+    except ModuleNotFoundError as err:
+        if err.name != name:
+            raise
+        return None
 
 
-def task_preset(env: str) -> Preset:
-    """The preset of a task name; any other name (a Minari dataset, your own data's) takes MINARI_PRESET."""
-    return ogbench_preset(env) if env.startswith("ogbench/") else PRESETS.get(env, MINARI_PRESET)
+def task_preset(env: str) -> dict:
+    """The preset of a task name: DEFAULTS, its family's (FAMILIES), DQL's row of the task; the family and the row
+    come from the data module (without one, as ofql.py copied alone, your own data's: `mujoco`)."""
+    module = data_module(env)
+    family, row = module.task_settings(env) if module else ("ogbench" if env.startswith("ogbench/") else "mujoco", {})
+    return DEFAULTS | FAMILIES[family] | row
 
 
 # --eval-protocol -> (eval_select, eval_samples, eval_temperature, eval_noise_scale)
@@ -300,21 +262,13 @@ class Task:
 
 def load_task(env_name: str, with_data: bool = True, d4rl_mirror: str | None = None
               ) -> tuple[Task, dict[str, np.ndarray] | None]:
-    """Task and raw transitions (actions in [-1, 1]) of a task name, from its family's data module next to this file,
-    imported here only (ofql.py copied alone trains on in-memory data): ogbench_tasks.py for `ogbench/` names,
-    ofql_data.py for the others (docs/data.md). with_data=False: the task only (eval.py: no episodes read)."""
-    try:
-        if env_name.startswith("ogbench/"):
-            import ogbench_tasks  # the optional ogbench package is imported inside its loader
-            fields, data = ogbench_tasks.load_ogbench(env_name, with_data)
-        else:
-            import ofql_data
-            fields, data = ofql_data.load_task(env_name, with_data, d4rl_mirror)
-    except ModuleNotFoundError as err:
-        if err.name not in ("ogbench_tasks", "ofql_data"):
-            raise
-        raise ValueError(f"--env {env_name} loads through {err.name}.py, which is not next to ofql.py: copy it there "
-                         "(docs/data.md), or train on your own arrays with ofql.train(args, data=...)") from err
+    """Task and raw transitions (actions in [-1, 1]) of a task name, from its data module (data_module; docs/data.md).
+    with_data=False: the task only (eval.py: no episodes read)."""
+    if (module := data_module(env_name)) is None:
+        name = "ogbench_tasks" if env_name.startswith("ogbench/") else "ofql_data"
+        raise ValueError(f"--env {env_name} loads through {name}.py, which is not next to ofql.py: copy it there "
+                         "(docs/data.md), or train on your own arrays with ofql.train(args, data=...)")
+    fields, data = module.load_task(env_name, with_data, d4rl_mirror)
     return Task(env_name, **fields), data
 
 
@@ -378,12 +332,10 @@ class TimeEmbedding(nn.Module):
 
 def resolve_kernels(requested: str, device: torch.device) -> str:
     """"triton" or "torch" for --kernels (see Args.kernels); asking for triton where it cannot run is an error."""
-    if kernels is not None:
-        return kernels.resolve_backend(requested, device)
-    if requested == "triton":
+    if kernels is None and requested == "triton":
         raise ValueError(f"--kernels triton needs kernels.py next to ofql.py and the triton package "
                          f"({KERNELS_IMPORT_ERROR}); use --kernels auto or torch")
-    return "torch"
+    return kernels.resolve_backend(requested, device) if kernels else "torch"
 
 
 class MeanFlowActor(nn.Module):
@@ -531,8 +483,7 @@ class OFQL:
         self.actor_sched, self.critic_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.total_steps)
                                                for opt in (self.actor_opt, self.critic_opt))
         self.step = 0
-        # --compile: step count, lr schedules and EMA stay outside (Python state would recompile it); the changing
-        # float lr does not (torch 2.13 traces floats as inputs after their first change); one batch size per run
+        # --compile: step count, lr schedules and EMA stay outside, as Python state (docs/flags.md#--compile)
         self.gradient_step = torch.compile(self.eager_gradient_step, dynamic=False, mode="reduce-overhead" if
                                            device.type == "cuda" else None) if args.compile else self.eager_gradient_step
 
@@ -625,10 +576,8 @@ class Normalizer:
 
 @torch.no_grad()
 def sample_actions(agent: OFQL, obs: torch.Tensor, args: Args) -> torch.Tensor:
-    """Actions for normalised observations by --eval-select: one sample of the evaluation policy, or `eval_samples`
-    candidates per observation scored by the min of the target critics, then one drawn with probability
-    softmax(Q x temperature) (DQL's sample_action) or the argmax; the policy's noise has std --eval-noise-scale
-    (0: the deterministic action of e = 0)."""
+    """Actions for normalised observations by --eval-select: one sample, or `eval_samples` candidates scored by the min
+    target critic, one drawn by softmax(Q x temperature) (DQL's sample_action) or the argmax; noise std --eval-noise-scale."""
     n = 1 if args.eval_select == "one" else args.eval_samples
     repeated = obs.repeat_interleave(n, 0)
     scale = args.eval_noise_scale  # at 1 the policy draws its own noise: any evaluation_act(obs) fits
@@ -644,9 +593,8 @@ def sample_actions(agent: OFQL, obs: torch.Tensor, args: Args) -> torch.Tensor:
 
 def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episodes: int, seed: int,
              frames: list | None = None) -> dict:
-    """Normalized score x 100 over `episodes` episodes run side by side (one batched policy call per step): of the
-    return, or of info[task.score_key] at each episode's end (OGBench: success). With `frames` (a list), the first
-    episode is rendered into it as RGB arrays."""
+    """Normalized score x 100 of the return (or of info[task.score_key] at the end: OGBench's success) over `episodes`
+    episodes side by side, one batched policy call per step; `frames` (a list) receives the first one's RGB frames."""
     device = next(agent.actor.parameters()).device
     agent.actor.eval()
     if task.score_actions is not None:  # no env, one step (the bandit): score = mean reward of policy samples
@@ -705,8 +653,7 @@ def set_rng_state(rng: dict, generator: torch.Generator):
 
 def save_checkpoint(path: Path, agent: OFQL, args: Args, normalizer: Normalizer, generator: torch.Generator,
                     history: list[dict]):
-    """One file with everything a resume needs, tensors and plain values only (so `load_checkpoint` runs no pickled
-    code), written to a temp file then renamed: a kill before the rename leaves the previous checkpoint untouched."""
+    """Everything a resume needs as tensors and plain values (no pickled code), written to a temp file then renamed."""
     state = {"format": CHECKPOINT_FORMAT, "args": dataclasses.asdict(args), "agent": agent.state_dict(),
              "obs_mean": torch.from_numpy(normalizer.mean), "obs_std": torch.from_numpy(normalizer.std),
              "history": history, "rng": rng_state(generator)}
@@ -790,7 +737,7 @@ def check_data(data: dict) -> dict[str, np.ndarray]:
 def own_task(name: str, data: dict, make_env: Callable[..., gym.Env] | None,
              ref_scores: tuple[float, float] | None) -> tuple[Task, dict[str, np.ndarray]]:
     """The Task of train(data=...)'s transitions (checked), its evaluation env checked against them."""
-    if name in PRESETS or name.startswith("ogbench/"):
+    if (module := data_module(name)) and module.task_settings(name) != ("mujoco", {}):  # a family's or DQL's preset
         raise ValueError(f"args.env '{name}' names a task of this project, whose preset and evaluation would apply to "
                          "your data: give your task a name of its own, e.g. Args(env='my-robot')")
     data = check_data(data)
@@ -826,8 +773,7 @@ class DivergenceError(RuntimeError):
 
 
 def make_run_dir(args: Args) -> Path:
-    """A fresh run folder under out_dir, never an existing one (a suffix is added instead); or exactly
-    `args.run_dir`, which must not hold a checkpoint (that run is continued with --resume)."""
+    """A fresh run folder under out_dir (a suffix where the name is taken), or `args.run_dir` if it holds no checkpoint."""
     given = args.run_dir is not None
     base = Path(args.run_dir) if given else Path(args.out_dir) / (
         f"{args.env.strip('/').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}")
@@ -857,11 +803,9 @@ def check_divergence(values: dict[str, float], q_bound: float) -> str | None:
 
 def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Callable[..., gym.Env] | None = None,
           ref_scores: tuple[float, float] | None = None) -> dict:
-    """Train the actor of `args` (OFQL's, or with baselines.py's BaselineArgs a comparison baseline's) on the task
-    args.env names (docs/data.md), or on your own transitions `data` (see check_data; docs/own_data.md), args.env
-    then naming your task. make_env(**kwargs): an evaluation env taking actions in [-1, 1] (None: no evaluation,
-    checkpoints only); ref_scores: the (min, max) return of the normalized score (None: 100 x return). Returns the
-    summary also written to <run_dir>/summary.json."""
+    """Train args' actor (OFQL's, or baselines.py's) on the task args.env names, or on your transitions `data`
+    (check_data; docs/own_data.md) with make_env(**kwargs), an env of actions in [-1, 1] (None: no evaluation), and
+    ref_scores, the (min, max) return of the normalized score (None: 100 x return). Returns summary.json's dict."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 

@@ -33,6 +33,34 @@ MINARI_SOURCE = {
 }
 
 
+# DQL's main.py table by task: grad clip, and on AntMaze and Kitchen eta, max-Q backup, lr and steps, which ofql.py's
+# presets keep (ofql.task_preset; DQL's MuJoCo eta, 1.0, is not OFQL's: docs/algorithm.md)
+DQL_SETTINGS = {
+    **{name: {"grad_norm": clip} for name, clip in {
+        "halfcheetah-medium-v2": 9, "hopper-medium-v2": 9, "walker2d-medium-v2": 1, "halfcheetah-medium-replay-v2": 2,
+        "hopper-medium-replay-v2": 4, "walker2d-medium-replay-v2": 4, "halfcheetah-medium-expert-v2": 7,
+        "hopper-medium-expert-v2": 5, "walker2d-medium-expert-v2": 5}.items()},
+    **{f"antmaze-{maze}-v0": {"eta": eta, "grad_norm": clip, "max_q_backup": max_q, "lr": lr}
+       for maze, (eta, clip, max_q, lr) in {
+           "umaze": (0.5, 2, False, 3e-4), "umaze-diverse": (2.0, 3, True, 3e-4), "medium-play": (2.0, 2, True, 1e-3),
+           "medium-diverse": (3.0, 1, True, 3e-4), "large-play": (4.5, 10, True, 3e-4),
+           "large-diverse": (3.5, 7, True, 3e-4)}.items()},
+    **{f"kitchen-{task}-v0": {"eta": 0.005, "grad_norm": clip, "total_steps": steps}  # DQL stops complete at 250k
+       for task, (clip, steps) in {"complete": (9, 250_000), "partial": (10, 1_000_000), "mixed": (10, 1_000_000)}.items()},
+}
+
+
+def task_settings(name: str) -> tuple[str, dict]:
+    """(family, DQL's settings) of a task name: `bandit`, `pendulum`, `antmaze` or `kitchen` (D4RL's names, Minari's
+    D4RL/antmaze/* and D4RL/kitchen/* ids and their folders: DQL's row of the same maze or task), else `mujoco`."""
+    if name in ("bandit-8modes", "pendulum-swingup"):
+        return name.split("-")[0], {}
+    family = next((f for f in ("antmaze", "kitchen") if name.startswith(f + "-") or f"/{f}/" in f"/{name}"), "mujoco")
+    if family != "mujoco" and name not in DQL_SETTINGS:  # D4RL/antmaze/medium-play-v1 -> antmaze-medium-play-v0
+        name = f"{family}-{Path(name.rstrip('/')).name.rsplit('-v', 1)[0]}-v0"
+    return family, dict(DQL_SETTINGS.get(name, {}))
+
+
 @dataclass(frozen=True)
 class Convention:
     """How a dataset family is read and scored (D4RL's conventions, docs/data.md)."""

@@ -6,8 +6,8 @@
 
 A leaf, like ofql_data.py: it imports no project file, and ofql.load_task imports it for `ogbench/` names only, so
 the optional `ogbench` package is needed only there (it is imported inside the functions that use it). It returns
-plain data (`load_ogbench`: task fields as a dict, transitions as numpy arrays); the OGBench preset (FQL's discount
-rule, critic LayerNorm, one-sample evaluation) is ofql.py's, in ofql.task_preset. The OGBench adaptation reads the
+plain data (`load_task`: task fields as a dict, transitions as numpy arrays; `task_settings`: FQL's discount of a
+dataset); the rest of the OGBench preset (critic LayerNorm, one-sample evaluation) is ofql.py's (ofql.FAMILIES). It reads the
 data as FQL does. `generate` rewrites a manipulation dataset (cube, scene, puzzle) with the scripted oracles the
 `ogbench` package ships, by OGBench's published procedure: another draw of the same distribution, not the published
 file. Training moved to ofql.py: `python ogbench_tasks.py --env ...` answers with the ofql.py command.
@@ -29,6 +29,18 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import tyro
+
+
+def task_settings(name: str) -> tuple[str, dict]:
+    """("ogbench", FQL's discount): 0.995 where FQL used it (antmaze-giant, humanoidmaze-medium/large, antsoccer-arena),
+    extended to the other giant and humanoid mazes and antsoccer-medium, else 0.99 (docs/ogbench.md)."""
+    name = name.removeprefix("ogbench/")
+    return "ogbench", {"gamma": 0.995 if name.startswith(("humanoidmaze-", "antsoccer-")) or "maze-giant-" in name else 0.99}
+
+
+def load_task(name: str, with_data: bool = True, d4rl_mirror: str | None = None):
+    """ofql.load_task's entry, as ofql_data.load_task's (d4rl_mirror unused): load_ogbench."""
+    return load_ogbench(name, with_data)
 
 
 def load_ogbench(name: str, with_data: bool = True) -> tuple[dict, dict[str, np.ndarray] | None]:

@@ -54,7 +54,7 @@ def domain_of(task: str) -> str | None:
     if task in ofql_data.D4RL_MUJOCO:
         return "MuJoCo"
     family = task.split("-")[0]
-    return {"antmaze": "AntMaze", "kitchen": "Kitchen"}.get(family) if task in ofql.PRESETS else None
+    return {"antmaze": "AntMaze", "kitchen": "Kitchen"}.get(family) if task in ofql_data.DQL_SETTINGS else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1195,9 +1195,9 @@ PAPER_TASKS = [f"{e}-{lv}-v2" for e in ("halfcheetah", "hopper", "walker2d")
 def test_every_paper_task_has_a_preset_and_a_data_source():
     assert len(PAPER_TASKS) == 18
     for name in PAPER_TASKS:
-        assert name in ofql.PRESETS and (name in ofql_data.D4RL_MUJOCO or name in ofql_data.MINARI_SOURCE), name
-    assert ofql.PRESETS["antmaze-large-play-v0"].eta == 4.5 and ofql.PRESETS["antmaze-large-play-v0"].max_q_backup
-    assert ofql.PRESETS["walker2d-medium-v2"].grad_norm == 1 and ofql.PRESETS["kitchen-mixed-v0"].eta == 0.005
+        assert name in ofql_data.DQL_SETTINGS and (name in ofql_data.D4RL_MUJOCO or name in ofql_data.MINARI_SOURCE), name
+    assert ofql.task_preset("antmaze-large-play-v0")["eta"] == 4.5 and ofql.task_preset("antmaze-large-play-v0")["max_q_backup"]
+    assert ofql.task_preset("walker2d-medium-v2")["grad_norm"] == 1 and ofql.task_preset("kitchen-mixed-v0")["eta"] == 0.005
 
 
 def test_antmaze_dict_observations_are_flattened_and_relabelled():
@@ -1487,8 +1487,11 @@ def test_generation_recipes_follow_ogbench_commands():
 
 
 def test_a_missing_data_module_names_itself_and_the_in_memory_entry(monkeypatch):
-    """ofql.py holds the OGBench preset but no loader: without ogbench_tasks.py (or ofql_data.py) next to it, a task
-    name of that family says which file it loads through."""
+    """Without ogbench_tasks.py (or ofql_data.py) next to ofql.py, a task name of that family says which file it loads
+    through. The OGBench preset: FQL's critic and evaluation (ofql.FAMILIES), FQL's discount (ogbench_tasks)."""
+    preset = ofql.Args(env=CUBE_OG).resolved()  # FQL's, unchanged from ogbench_tasks.ogbench_preset of older versions
+    assert (preset.gamma, preset.critic_layer_norm, preset.eval_protocol, preset.eta) == (0.99, True, "one", 0.1)
+    assert ofql.Args(env="ogbench/antmaze-giant-navigate-singletask-v0").resolved().gamma == 0.995
     monkeypatch.setitem(sys.modules, "ogbench_tasks", None)  # `import ogbench_tasks` fails, as where it is absent
     with pytest.raises(ValueError, match="--env " + CUBE_OG + " loads through ogbench_tasks.py, which is not next to "
                        "ofql.py.*ofql.train\\(args, data=...\\)"):
@@ -1496,9 +1499,6 @@ def test_a_missing_data_module_names_itself_and_the_in_memory_entry(monkeypatch)
     monkeypatch.setitem(sys.modules, "ofql_data", None)
     with pytest.raises(ValueError, match="--env pendulum-swingup loads through ofql_data.py"):
         ofql.load_task("pendulum-swingup")
-    preset = ofql.Args(env=CUBE_OG).resolved()  # FQL's, unchanged from ogbench_tasks.ogbench_preset of older versions
-    assert (preset.gamma, preset.critic_layer_norm, preset.eval_protocol, preset.eta) == (0.99, True, "one", 0.1)
-    assert ofql.Args(env="ogbench/antmaze-giant-navigate-singletask-v0").resolved().gamma == 0.995
 
 
 def test_ogbench_without_the_package_is_one_clear_error(monkeypatch):
