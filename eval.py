@@ -46,7 +46,7 @@ class EvalArgs:
     episodes: int = 10
     """episodes per seed"""
     seeds: list[int] = field(default_factory=lambda: [0])
-    """evaluation seeds (environment resets and policy noise)"""
+    """evaluation seeds: env seeds and policy noise from SeedSequence([seed, 0]) (training's evaluations use step >= 1)"""
     eval_protocol: Literal["paper", "argmax", "one", "deterministic"] | None = None
     """action selection (see ofql.py --eval-protocol); given, it replaces the checkpoint's selection, samples and
     temperature (None: the checkpoint's)"""
@@ -145,18 +145,16 @@ def evaluate_checkpoint(cfg: EvalArgs) -> dict:
     args = with_eval_selection(args, cfg)
     per_seed = []
     for seed in tqdm(cfg.seeds, desc="seeds", unit="seed"):
-        torch.manual_seed(seed)
         frames = [] if cfg.video and task.make_env is not None else None
         try:
-            result = ofql.evaluate(agent, task, normalizer, args, cfg.episodes, seed=1_000_000 + 1000 * seed,
-                                   frames=frames)
+            result = ofql.evaluate(agent, task, normalizer, args, cfg.episodes, seed, frames=frames)
         except Exception as err:  # rendering needs an OpenGL context that headless machines may lack
             if frames is None:
                 raise
             print(f"warning: rendering failed ({type(err).__name__}: {str(err)[:200]}); evaluating without video. "
                   "Headless MuJoCo renders with MUJOCO_GL=egl (GPU) or MUJOCO_GL=osmesa (apt install libosmesa6).")
             frames = None
-            result = ofql.evaluate(agent, task, normalizer, args, cfg.episodes, seed=1_000_000 + 1000 * seed)
+            result = ofql.evaluate(agent, task, normalizer, args, cfg.episodes, seed)
         if frames:
             write_gif(Path(cfg.video) / f"seed{seed}.gif", frames[::2], fps=25)
         per_seed.append(result)

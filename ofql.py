@@ -49,6 +49,8 @@ class Args:
 
     env: str = "pendulum-swingup"
     """task (docs/data.md): a built-in, D4RL, Minari (id or folder) or `ogbench/` name; with train(data=...) yours"""
+    preset: Literal["ofql", "paper"] = "ofql"
+    """unset flags from this project's presets (`ofql`), or from what the paper ran (`paper`: DQL's; docs/algorithm.md)"""
     d4rl_mirror: str | None = None
     """base URL (https://, file://) of D4RL's HDF5 files (None: $OFQL_D4RL_MIRROR, else Berkeley's); docs/data.md"""
     seed: int = 0
@@ -111,8 +113,8 @@ class Args:
     """steps between EMA updates"""
     eval_ema: Annotated[bool, tyro.conf.FlagConversionOff] = False
     """evaluate an EMA copy of the actor (--ema-* settings); training changes only if --ema-actor uses it too"""
-    normalize_obs: bool = True
-    """standardise observations with dataset mean/std (statistics are saved in the checkpoint)"""
+    normalize_obs: bool | None = None
+    """standardise observations with the dataset's mean/std, saved in the checkpoint (None: preset; paper: raw, DQL's)"""
     reward_scale: float | None = None
     """reward -> (reward + reward_bias) * reward_scale (None: task preset)"""
     reward_bias: float | None = None
@@ -129,8 +131,8 @@ class Args:
     """std of the logit-normal time draw"""
     time_emb_scale: float = 1.0
     """t and r are multiplied by this before the sinusoidal embedding (DQL fed integer steps)"""
-    adaptive_weight: float = 0.5
-    """MeanFlow's adaptive weight power p, loss / sg(loss + 1e-3)^p (0: off; 0.5 best on the toy; MeanFlow's: 1)"""
+    adaptive_weight: float | None = None
+    """MeanFlow's adaptive weight power p, loss / sg(loss + 1e-3)^p (None: preset, 0.5, best on the toy; paper: 0)"""
     hidden_dim: int | None = None
     """width of actor and critic MLPs (None: task preset; DQL and the paper: 256)"""
     critic_layer_norm: bool | None = None
@@ -139,8 +141,8 @@ class Args:
     # --- evaluation
     eval_every: int | None = None
     """gradient steps between evaluations (None: task preset)"""
-    eval_episodes: int = 10
-    """episodes per evaluation (paper: 150 per task at the end)"""
+    eval_episodes: int | None = None
+    """episodes per evaluation (None: preset, 10; --preset paper: the paper's 150 per task)"""
     eval_protocol: Literal["paper", "argmax", "one", "deterministic"] | None = None
     """action selection, filling the four fields below where unset (None: task preset): DQL's sample_action
     (`paper`), the `argmax` of 50 by min target-Q, `one` sample, `deterministic` e = 0 (docs/algorithm.md)"""
@@ -168,7 +170,7 @@ class Args:
 
     def resolved(self) -> Args:
         """A new Args with every None field filled from the task preset and the eval protocol, values checked."""
-        preset = task_preset(self.env)
+        preset = task_preset(self.env, paper=self.preset == "paper")
         args = dataclasses.replace(self, **{key: value for key, value in preset.items() if getattr(self, key) is None})
         select, samples, temperature, noise_scale = EVAL_PROTOCOLS[args.eval_protocol]
         if args.eval_select not in (None, select):  # a changed selection: the paper's 50 candidates and noise
@@ -179,14 +181,9 @@ class Args:
             eval_samples=1 if select == "one" else args.eval_samples or samples,
             eval_temperature=temperature if args.eval_temperature is None else args.eval_temperature,
             eval_noise_scale=noise_scale if args.eval_noise_scale is None else args.eval_noise_scale)
-        problems = [message for bad, message in (
-            (not 0.0 <= args.flow_ratio <= 1.0, f"--flow-ratio {args.flow_ratio} must be in [0, 1]"),
-            (args.eta < 0, f"--eta {args.eta} must be >= 0"),
-            (min(args.batch_size, args.total_steps, args.eval_samples) < 1,
-             "--batch-size, --total-steps and --eval-samples must be >= 1"),
-            (args.eval_temperature <= 0, f"--eval-temperature {args.eval_temperature} must be > 0"),
-            (min(args.eval_noise_scale, args.target_noise_scale) < 0,
-             "--eval-noise-scale and --target-noise-scale must be >= 0")) if bad]
+        problems = [f"--{key.replace('_', '-')} {getattr(args, key)} must be a finite number in {interval}"
+                    for key, interval in RANGES.items() if not in_range(getattr(args, key), interval)]
+        problems += [f"--{key.replace('_', '-')} {getattr(args, key)} must be >= 1" for key in COUNTS if getattr(args, key) < 1]
         if problems:
             raise ValueError("invalid arguments: " + "; ".join(problems))
         return args
@@ -205,14 +202,15 @@ MUJOCO = {"gamma": 0.995, "tau": 0.02, "critic_layer_norm": True}  # OFQL's MuJo
 # family's (FAMILIES) and DQL's row of the task (ofql_data.task_settings); docs/algorithm.md#deviations-from-the-paper
 DEFAULTS = {"eta": MUJOCO_ETA, "lr": 3e-4, "critic_lr": 3e-4, "lr_decay": True, "grad_norm": 9.0, "max_q_backup": False,
             "reward_scale": 1.0, "reward_bias": 0.0, "total_steps": 1_000_000, "gamma": 0.99, "tau": 0.005,
-            "eval_every": 10_000, "hidden_dim": 256, "critic_layer_norm": False, "eval_protocol": "deterministic"}
+            "eval_every": 10_000, "hidden_dim": 256, "critic_layer_norm": False, "eval_protocol": "deterministic",
+            "normalize_obs": True, "adaptive_weight": 0.5, "eval_episodes": 10}
 FAMILIES = {  # OFQL's settings per task family (MuJoCo's and the built-ins' measured, docs/calibration.md)
     "mujoco": {"eval_protocol": "argmax", **MUJOCO},  # D4RL's MuJoCo tasks, any other Minari dataset, your own data
     "antmaze": {"reward_scale": 4.0, "reward_bias": -0.5, "eval_protocol": "paper"},  # DQL's reward (r - 0.5) * 4
     "kitchen": {"eval_protocol": "paper"},
     # built-in tasks (no download); the bandit's critic must resolve 0.15-wide reward windows: no lr decay
     "bandit": {"eta": 0.3, "lr": 1e-3, "critic_lr": 1e-3, "lr_decay": False, "grad_norm": 0.0, "total_steps": 2000,
-               "eval_every": 500, "hidden_dim": 128, "eval_protocol": "one"},
+               "eval_every": 500, "hidden_dim": 128, "eval_protocol": "one", "eval_episodes": 1000},  # one-step episodes
     "pendulum": {"eta": 3.0, "total_steps": 6000, "eval_every": 1000},
     "ogbench": {"critic_layer_norm": True, "eval_protocol": "one"},  # FQL's; eta MuJoCo's (docs/ogbench.md)
 }
@@ -230,12 +228,39 @@ def data_module(env: str):
         return None
 
 
-def task_preset(env: str) -> dict:
+# --preset paper: what the paper ran, DQL's protocol (docs/algorithm.md#the-papers-configuration): DQL's critic and
+# sample_action, constant lr (DQL's cosine lr_decay is a no-op bug), raw observations, no adaptive weight
+PAPER = {"gamma": 0.99, "tau": 0.005, "critic_layer_norm": False, "eval_protocol": "paper", "lr_decay": False,
+         "normalize_obs": False, "adaptive_weight": 0.0, "eval_episodes": 150}
+
+
+def task_preset(env: str, paper: bool = False) -> dict:
     """The preset of a task name: DEFAULTS, its family's (FAMILIES), DQL's row of the task; the family and the row
-    come from the data module (without one, as ofql.py copied alone, your own data's: `mujoco`)."""
+    come from the data module (without one, as ofql.py copied alone, your own data's: `mujoco`). paper: PAPER over
+    it, with DQL's MuJoCo eta (1.0); AntMaze's and Kitchen's rows hold DQL's eta already."""
     module = data_module(env)
     family, row = module.task_settings(env) if module else ("ogbench" if env.startswith("ogbench/") else "mujoco", {})
-    return DEFAULTS | FAMILIES[family] | row
+    if paper and family not in ("mujoco", "antmaze", "kitchen"):
+        raise ValueError(f"invalid arguments: --preset paper is the paper's configuration of D4RL's MuJoCo, AntMaze and "
+                         f"Kitchen tasks (and other Minari data); {env} is a {family} task: drop --preset paper")
+    return DEFAULTS | FAMILIES[family] | row | (PAPER | ({"eta": 1.0} if family == "mujoco" else {}) if paper else {})
+
+
+# float flags and the interval each must lie in (NaN and Inf never do); COUNTS must be >= 1
+RANGES = {"eta": "[0, inf)", "lr": "(0, inf)", "critic_lr": "(0, inf)", "gamma": "(0, 1)", "tau": "(0, 1]",
+          "grad_norm": "(-inf, inf)", "reward_scale": "(-inf, inf)", "reward_bias": "(-inf, inf)", "flow_ratio": "[0, 1]",
+          "time_mu": "(-inf, inf)", "time_sigma": "(0, inf)", "time_emb_scale": "(0, inf)", "adaptive_weight": "[0, inf)",
+          "target_noise_scale": "[0, inf)", "eval_noise_scale": "[0, inf)", "eval_temperature": "(0, inf)",
+          "ema_decay": "[0, 1]", "divergence_margin": "(0, inf)"}
+COUNTS = ("batch_size", "total_steps", "eval_samples", "eval_episodes", "eval_every", "save_every", "log_every",
+          "max_q_samples", "ema_every")
+
+
+def in_range(value: float, interval: str) -> bool:
+    """Whether value is finite and in an interval written as in RANGES."""
+    low, high = (float(bound) for bound in interval[1:-1].split(", "))
+    return math.isfinite(value) and (low <= value if interval[0] == "[" else low < value) and (
+        value <= high if interval[-1] == "]" else value < high)
 
 
 # --eval-protocol -> (eval_select, eval_samples, eval_temperature, eval_noise_scale)
@@ -255,8 +280,6 @@ class Task:
     ref_max: float
     ref_source: str  # where the normalisation constants came from
     score_key: str | None = None  # info entry scored at an episode's end (OGBench: success); None: the return
-    # no env, one step (the bandit): reward of policy actions at a zero observation, and a plot of them
-    score_actions: Callable[[np.ndarray], np.ndarray] | None = None
     plot_samples: Callable[[np.ndarray, str, Path], None] | None = None
 
 
@@ -467,6 +490,11 @@ def td_target(actor, critic_target, batch, args: Args) -> torch.Tensor:
 
 
 # ---- Agent: networks, optimisers and one gradient step -------------------------------------
+@torch.compiler.disable  # --compile leaves fused Adam (one kernel) eager: compiled, each new lr recompiled it
+def optimizer_step(opt: torch.optim.Optimizer):
+    opt.step()
+
+
 class OFQL:
     def __init__(self, task: Task, args: Args, device: torch.device):
         self.args = args
@@ -514,7 +542,7 @@ class OFQL:
         loss.backward()
         if self.args.grad_norm > 0:
             nn.utils.clip_grad_norm_(net.parameters(), self.args.grad_norm)
-        opt.step()
+        optimizer_step(opt)
 
     def eager_gradient_step(self, batch: dict[str, torch.Tensor], swap_heads: bool) -> dict[str, torch.Tensor]:
         """Critic then actor (DQL order), then the critic target; what --compile compiles."""
@@ -591,19 +619,20 @@ def sample_actions(agent: OFQL, obs: torch.Tensor, args: Args) -> torch.Tensor:
     return actions[choice + torch.arange(len(obs), device=obs.device) * n]
 
 
-def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episodes: int, seed: int,
+def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episodes: int, seed: int, step: int = 0,
              frames: list | None = None) -> dict:
     """Normalized score x 100 of the return (or of info[task.score_key] at the end: OGBench's success) over `episodes`
-    episodes side by side, one batched policy call per step; `frames` (a list) receives the first one's RGB frames."""
+    episodes side by side, one batched policy call per step; `frames` (a list) receives the first one's RGB frames.
+    Env seeds and policy noise come from SeedSequence([seed, step]) (training: the run's seed and step >= 1; eval.py:
+    step 0), so no two (seed, step, episode) share a start, and the global RNGs are left as they were."""
     device = next(agent.actor.parameters()).device
-    agent.actor.eval()
-    if task.score_actions is not None:  # no env, one step (the bandit): score = mean reward of policy samples
-        obs = torch.zeros(1000, task.obs_dim, device=device)
-        returns = outcome = task.score_actions(sample_actions(agent, obs, args).cpu().numpy())
-    else:
+    env_seeds = np.random.SeedSequence([seed, step]).generate_state(episodes + 1, np.uint64).tolist()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(env_seeds.pop())  # evaluation's own draws: its protocol and frequency cannot change training
+        agent.actor.eval()
         envs = [task.make_env(**({"render_mode": "rgb_array"} if frames is not None and i == 0 else {}))
                 for i in range(episodes)]
-        obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
+        obs = np.stack([env.reset(seed=env_seed)[0] for env, env_seed in zip(envs, env_seeds)])
         returns, alive, final = np.zeros(episodes), np.ones(episodes, bool), np.zeros(episodes)
         while alive.any():
             idx = np.flatnonzero(alive)
@@ -619,7 +648,7 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
         for env in envs:
             env.close()
         outcome = final if task.score_key else returns
-    agent.actor.train()
+        agent.actor.train()
     scores = 100 * (outcome - task.ref_min) / (task.ref_max - task.ref_min)
     return {"return_mean": float(returns.mean()), "return_std": float(returns.std()), "score_mean": float(scores.mean()),
             "score_std": float(scores.std()), "ref_source": task.ref_source, "scores": scores.tolist()}
@@ -670,8 +699,9 @@ def load_checkpoint(path: str | Path) -> dict:
     cannot run code when opened. Clear errors for old (v1), hostile, corrupt or foreign files."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
+    except OSError as err:  # missing, a folder, no permission
+        raise ValueError(f"cannot read the checkpoint {path} ({err.strerror or err}): give --resume (eval.py: "
+                         "--checkpoint) an existing, readable file, runs/<run>/checkpoint.pt") from err
     except Exception as err:
         try:  # the functions/classes the pickle would import, read without unpickling it
             needs = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
@@ -859,7 +889,7 @@ def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Calla
                    sync_tensorboard=True, resume="allow")
     ckpt_path = run_dir / "checkpoint.pt"
     q_bound = args.divergence_margin * max(float(np.abs(data["reward"]).max()), 1e-6) / (1 - args.gamma)
-    start, t0, evaluated = agent.step, time.time(), task.make_env is not None or task.score_actions is not None
+    start, t0, evaluated = agent.step, time.time(), task.make_env is not None
     progress = tqdm(range(agent.step, args.total_steps), initial=agent.step, total=args.total_steps,
                     desc=args.env, unit="step", dynamic_ncols=True, mininterval=1.0)
     for step in progress:
@@ -881,7 +911,7 @@ def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Calla
                     writer.close()
                     raise DivergenceError(message)
         if evaluated and (done % args.eval_every == 0 or done == args.total_steps):
-            result = evaluate(agent, task, normalizer, args, args.eval_episodes, seed=10_000 * args.seed + done)
+            result = evaluate(agent, task, normalizer, args, args.eval_episodes, args.seed, done)
             history.append({"step": done, **{k: v for k, v in result.items() if k != "scores"}})
             writer.add_scalar("eval/normalized_score", result["score_mean"], done)
             writer.add_scalar("eval/return", result["return_mean"], done)

@@ -295,6 +295,20 @@ def make_bandit_data(n: int = 20_000, seed: int = 0, background: float = 0.1) ->
 
 
 
+class BanditEnv(gym.Env):
+    """bandit-8modes as an environment: one step from a zero observation, rewarded by `bandit_reward`."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float64)
+    action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def reset(self, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        return np.zeros(1), {}
+
+    def step(self, action):
+        return np.zeros(1), float(bandit_reward(np.asarray(action, np.float64)[None])[0]), True, False, {}
+
+
 def plot_bandit(samples: np.ndarray, label: str, run_dir: Path):
     """bandit_samples.png in run_dir: the bandit's offline actions next to samples of the evaluation policy."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure to close
@@ -312,12 +326,12 @@ def load_task(env_name: str, with_data: bool = True, d4rl_mirror: str | None = N
               ) -> tuple[dict, dict[str, np.ndarray] | None]:
     """(task fields, raw transitions with actions rescaled to [-1, 1]) for a task name of this file's families; the
     fields are ofql.Task's but its name (obs_dim, act_dim, make_env, ref_min, ref_max, ref_source, and the bandit's
-    score_actions and plot_samples). with_data=False skips reading the episodes (evaluation needs only the task:
+    plot_samples). with_data=False skips reading the episodes (evaluation needs only the task:
     seconds instead of minutes)."""
     if env_name == "bandit-8modes":
-        return {"obs_dim": 1, "act_dim": 2, "make_env": None, "ref_min": 0.0, "ref_max": 1.0,
-                "ref_source": "bandit: reward of the best mode", "score_actions": bandit_reward,
-                "plot_samples": plot_bandit}, make_bandit_data() if with_data else None
+        return {"obs_dim": 1, "act_dim": 2, "make_env": lambda **kwargs: BanditEnv(), "ref_min": 0.0, "ref_max": 1.0,
+                "ref_source": "bandit: reward of the best mode", "plot_samples": plot_bandit}, (
+            make_bandit_data() if with_data else None)
     source = MINARI_SOURCE.get(env_name, env_name)
     if env_name not in D4RL_MUJOCO and source == env_name and "/" not in env_name and not Path(env_name).exists():
         known = ["bandit-8modes", *D4RL_MUJOCO, *MINARI_SOURCE]

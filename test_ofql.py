@@ -553,6 +553,78 @@ def test_in_memory_task_names_and_eval_envs_that_do_not_fit_are_refused(tmp_path
     assert summary["final_score"] == pytest.approx(100 * summary["history"][0]["return_mean"])
 
 
+def pendulum_in_unit_box(**kwargs) -> gym.Env:
+    return gym.wrappers.RescaleAction(gym.make("Pendulum-v1", **kwargs), -1, 1)
+
+
+def test_evaluation_cannot_change_training(tmp_path):
+    """Evaluation draws from its own generator: evaluating every 2 or every 6 steps, or with another protocol, leaves
+    the parameters at step 6 bit-identical (issue 28 item 3: runs with different protocols are paired)."""
+    states = []
+    for i, (every, protocol) in enumerate([(2, "argmax"), (6, "argmax"), (3, "paper")]):
+        args = ofql.Args(env="mine", out_dir=str(tmp_path / str(i)), total_steps=6, batch_size=8, hidden_dim=8, seed=3,
+                         eval_every=every, eval_episodes=1, eval_protocol=protocol)
+        agent = ofql.load_checkpoint(ofql.train(args, data=good_data(), make_env=pendulum_in_unit_box)["checkpoint"])
+        states.append({f"{net}.{k}": v for net in ("actor", "critic") for k, v in agent["agent"][net].items()})
+    for state in states[1:]:
+        assert state.keys() == states[0].keys() and all(torch.equal(state[k], states[0][k]) for k in state)
+
+
+class SeedRecordingBandit(ofql_data.BanditEnv):
+    """The bandit's one-step env, recording every reset seed in `seeds` and starting from `start`."""
+
+    seeds: list = []
+    start = np.zeros(1)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.seeds.append(seed)
+        return self.start.copy(), {}
+
+
+def test_evaluation_seeds_never_collide_and_leave_the_global_rng_alone(monkeypatch):
+    """Env seeds from SeedSequence([seed, step]): the old 10,000 x seed + step + i put seed 0 at step 20k on seed 1's
+    starts at 10k; now no (seed, step, episode) of this grid shares one, and evaluation leaves torch's RNG as it was."""
+    monkeypatch.setattr(SeedRecordingBandit, "seeds", [])
+    task = dataclasses.replace(ofql.load_task("bandit-8modes", with_data=False)[0],
+                               make_env=lambda **kwargs: SeedRecordingBandit())
+    args = small_args(hidden_dim=8)
+    agent = ofql.OFQL(task, args, torch.device("cpu"))
+    keys = [(seed, step) for seed in range(3) for step in range(0, 20_001, 1000)]
+    before = torch.get_rng_state()
+    for seed, step in keys:
+        ofql.evaluate(agent, task, ofql.Normalizer(np.zeros(1), np.ones(1)), args, 5, seed, step)
+    assert torch.equal(before, torch.get_rng_state())
+    assert len(SeedRecordingBandit.seeds) == 5 * len(keys) == len(set(SeedRecordingBandit.seeds))
+
+
+def test_evaluation_feeds_the_agent_normalised_observations(monkeypatch):
+    """A normalised agent acts on (obs - mean) / std at evaluation, never on raw observations."""
+    monkeypatch.setattr(SeedRecordingBandit, "start", np.array([5.0]))
+    task = dataclasses.replace(ofql.load_task("bandit-8modes", with_data=False)[0],
+                               make_env=lambda **kwargs: SeedRecordingBandit())
+    args = small_args(hidden_dim=8)
+    agent, seen, sample_actions = ofql.OFQL(task, args, torch.device("cpu")), [], ofql.sample_actions
+    monkeypatch.setattr(ofql, "sample_actions", lambda agent, obs, args: seen.append(obs) or sample_actions(agent, obs, args))
+    ofql.evaluate(agent, task, ofql.Normalizer(np.array([2.0]), np.array([0.5])), args, 3, seed=0)
+    assert torch.equal(torch.cat(seen), torch.full((3, 1), 6.0))
+
+
+def test_training_normalises_obs_and_next_obs_with_the_dataset_statistics(tmp_path, monkeypatch):
+    """The observation statistics are the dataset's (not the env's resets), and next_obs is normalised as obs is."""
+    seen, replay_buffer = {}, ofql.ReplayBuffer
+    monkeypatch.setattr(ofql, "ReplayBuffer", lambda data, *rest: seen.update(data) or replay_buffer(data, *rest))
+    data = good_data()
+    data = {**data, "obs": data["obs"] * 3 + 5, "next_obs": data["next_obs"] * 3 + 5}
+    args = ofql.Args(env="mine", out_dir=str(tmp_path), total_steps=2, batch_size=8, hidden_dim=8, eval_every=2,
+                     eval_episodes=1)
+    summary = ofql.train(args, data=data, make_env=pendulum_in_unit_box)
+    mean, std = data["obs"].mean(0), data["obs"].std(0) + 1e-3
+    for key in ("obs", "next_obs"):
+        np.testing.assert_allclose(seen[key], (data[key] - mean) / std, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ofql.load_checkpoint(summary["checkpoint"])["obs_mean"].numpy(), mean, rtol=1e-6)
+
+
 def test_own_data_example_in_the_docs_runs_as_written_next_to_ofql_alone(tmp_path):
     """docs/own_data.md's example, run as written in an empty folder holding ofql.py only."""
     import shutil
@@ -574,7 +646,9 @@ def test_own_data_example_in_the_docs_runs_as_written_next_to_ofql_alone(tmp_pat
 def test_compiled_gradient_step_matches_eager_and_compiles_once_per_head_order(tmp_path):
     """--compile: 20 updates with cosine lr decay and an EMA actor end within 1e-5 of eager (inductor told to draw
     random numbers as eager does); after the first two steps (one per head order) no step compiles again, though
-    the lr changes at every step."""
+    the lr changes at every step, and Dynamo warns of nothing (no recompile limit hit)."""
+    import logging
+
     import torch._dynamo
     import torch._inductor.config
 
@@ -590,11 +664,20 @@ def test_compiled_gradient_step_matches_eager_and_compiles_once_per_head_order(t
         initial = {net: {k: v.clone() for k, v in getattr(agents[compiled], net).state_dict().items()}
                    for net in ("actor", "actor_target", "critic", "critic_target")}
         torch.manual_seed(1)
-        with torch._inductor.config.patch(fallback_random=True):
-            for i, batch in enumerate(batches):
-                if compiled and i == 2:
-                    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-                agents[compiled].update(batch, swap_heads=i % 2 == 1)
+        dynamo_log, messages = logging.getLogger("torch._dynamo"), []
+        handler = logging.Handler()
+        handler.emit = lambda record: messages.append(record.getMessage())
+        dynamo_log.addHandler(handler)
+        try:
+            with torch._inductor.config.patch(fallback_random=True):
+                for i, batch in enumerate(batches):
+                    if compiled and i == 2:
+                        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                    agents[compiled].update(batch, swap_heads=i % 2 == 1)
+        finally:
+            dynamo_log.removeHandler(handler)
+        # Adam's step recompiled at every new lr until Dynamo's recompile_limit (8), a warning with a stack trace
+        assert not [m for m in messages if "recompile_limit" in m or "recompile limit" in m], messages
     assert graphs > 0 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "recompiled, or never compiled"
     eager, compiled = agents[False], agents[True]
     for net in ("actor", "actor_target", "critic", "critic_target"):
@@ -662,10 +745,38 @@ def test_nan_or_inf_in_dataset_is_refused(field, name):
         ofql.load_task("test/hopper/nan-v0")
 
 
-@pytest.mark.parametrize("field,value", [("flow_ratio", 1.5), ("eta", -0.1)])
-def test_invalid_hyperparameters_are_refused(field, value):
-    with pytest.raises(ValueError, match=field.replace("_", "-")):
+@pytest.mark.parametrize("field,value,interval", [
+    ("flow_ratio", 1.5, "[0, 1]"), ("eta", -0.1, "[0, inf)"), ("eta", math.nan, "[0, inf)"), ("lr", 0.0, "(0, inf)"),
+    ("critic_lr", math.inf, "(0, inf)"), ("gamma", 1.0, "(0, 1)"), ("tau", 0.0, "(0, 1]"), ("grad_norm", math.nan,
+    "(-inf, inf)"), ("eval_temperature", 0.0, "(0, inf)"), ("eval_noise_scale", -1.0, "[0, inf)"),
+    ("target_noise_scale", math.nan, "[0, inf)"), ("time_sigma", 0.0, "(0, inf)"), ("ema_decay", 1.5, "[0, 1]"),
+    ("adaptive_weight", -1.0, "[0, inf)"), ("reward_scale", math.inf, "(-inf, inf)")])
+def test_invalid_hyperparameters_are_refused(field, value, interval):
+    """Every float flag is checked for finiteness and range before any work, and the message names flag and range
+    (docs/reliability.md's table of bad inputs)."""
+    message = f"--{field.replace('_', '-')} {value} must be a finite number in {interval}"
+    with pytest.raises(ValueError, match=re.escape(message)):
         small_args(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["batch_size", "total_steps", "eval_episodes", "eval_every", "max_q_samples"])
+def test_counts_below_one_are_refused(field):
+    with pytest.raises(ValueError, match=f"--{field.replace('_', '-')} 0 must be >= 1"):
+        small_args(**{field: 0})
+
+
+def test_nan_eta_stops_before_any_work(tmp_path):
+    """`--eta nan` used to train until the divergence guard; now the run stops first and creates nothing."""
+    with pytest.raises(ValueError, match=re.escape("--eta nan must be a finite number in [0, inf)")):
+        ofql.train(ofql.Args(env="bandit-8modes", eta=math.nan, out_dir=str(tmp_path / "runs")))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_of_a_missing_or_unreadable_file_names_the_flag_and_the_fix(tmp_path):
+    for path in (tmp_path / "nowhere" / "checkpoint.pt", tmp_path):  # missing; a folder, not a file
+        with pytest.raises(ValueError, match="cannot read the checkpoint .*give --resume \\(eval.py: --checkpoint\\) "
+                           "an existing, readable file, runs/<run>/checkpoint.pt"):
+            ofql.train(ofql.Args(resume=str(path)))
 
 
 def test_corrupt_or_truncated_checkpoint_is_refused(tmp_path):
@@ -1484,6 +1595,51 @@ def test_generation_recipes_follow_ogbench_commands():
     in_drawer = healthy.copy()
     in_drawer[3, 15:17] = -0.31, 0.07
     assert ogbench_tasks.scene_episode_is_healthy(in_drawer)
+
+
+def test_preset_paper_resolves_as_the_table_says():
+    """--preset paper: every field of docs/algorithm.md's four-task table, as Args(env, preset="paper").resolved()."""
+    text = (Path(__file__).parent / "docs" / "algorithm.md").read_text()
+    header = "| field | hopper-medium-v2 | walker2d-medium-replay-v2 | antmaze-medium-play-v0 | kitchen-partial-v0 |"
+    rows = text.split(header)[1].split("\n\n")[0].strip().splitlines()[1:]
+    tasks = header.strip("| ").split(" | ")[1:]
+    resolved = {task: ofql.Args(env=task, preset="paper").resolved() for task in tasks}
+    assert len(rows) >= 20
+    for row in rows:
+        field, *values = [cell.strip(" `") for cell in row.strip("|").split("|")]
+        for task, value in zip(tasks, values):
+            want = {"True": True, "False": False}.get(value, value)
+            got = getattr(resolved[task], field)
+            assert got == (type(got)(want) if isinstance(got, (int, float)) and not isinstance(got, bool) else want), (
+                task, field, got, value)
+    with pytest.raises(ValueError, match="--preset paper is the paper's configuration .* bandit task"):
+        ofql.Args(env="bandit-8modes", preset="paper").resolved()
+
+
+@pytest.mark.parametrize("name,family,fields", [
+    ("hopper-medium-v2", "mujoco", {"eta": 0.1, "gamma": 0.995, "grad_norm": 9, "eval_protocol": "argmax"}),
+    ("walker2d-medium-v2", "mujoco", {"grad_norm": 1, "critic_layer_norm": True}),
+    ("antmaze-large-play-v0", "antmaze", {"eta": 4.5, "max_q_backup": True, "reward_scale": 4.0, "gamma": 0.99}),
+    ("D4RL/antmaze/large-play-v1", "antmaze", {"eta": 4.5, "grad_norm": 10, "max_q_backup": True, "reward_bias": -0.5,
+                                               "eval_protocol": "paper"}),
+    ("D4RL/antmaze/umaze-v1", "antmaze", {"eta": 0.5, "max_q_backup": False, "reward_scale": 4.0}),
+    ("D4RL/antmaze/medium-play-v1", "antmaze", {"eta": 2.0, "lr": 1e-3}),
+    ("/data/minari/D4RL/antmaze/medium-diverse-v1", "antmaze", {"eta": 3.0, "grad_norm": 1}),  # a dataset folder
+    ("kitchen-mixed-v0", "kitchen", {"eta": 0.005, "grad_norm": 10, "eval_protocol": "paper"}),
+    ("D4RL/kitchen/complete-v2", "kitchen", {"eta": 0.005, "grad_norm": 9, "total_steps": 250_000, "gamma": 0.99}),
+    ("mujoco/hopper/medium-v0", "mujoco", {"eta": 0.1, "gamma": 0.995, "tau": 0.02, "eval_protocol": "argmax"}),
+    ("standin/hopper/medium-expert-v0", "mujoco", {"eta": 0.1, "critic_layer_norm": True}),
+    ("ogbench/cube-single-play-singletask-v0", "ogbench", {"gamma": 0.99, "eval_protocol": "one"}),
+    ("ogbench/humanoidmaze-medium-navigate-singletask-v0", "ogbench", {"gamma": 0.995, "critic_layer_norm": True}),
+    ("bandit-8modes", "bandit", {"eta": 0.3, "lr_decay": False, "eval_protocol": "one", "eval_episodes": 1000}),
+    ("pendulum-swingup", "pendulum", {"eta": 3.0, "total_steps": 6000, "eval_protocol": "deterministic"}),
+    ("my-robot", "mujoco", {"eta": 0.1, "gamma": 0.995, "eval_protocol": "argmax"}),  # your own data's name
+])
+def test_every_task_family_resolves_its_preset(name, family, fields):
+    """Each family's preset, Minari's D4RL/antmaze and D4RL/kitchen ids included (they took MuJoCo's before)."""
+    assert ofql.data_module(name).task_settings(name)[0] == family
+    args = ofql.Args(env=name).resolved()
+    assert {key: getattr(args, key) for key in fields} == fields
 
 
 def test_a_missing_data_module_names_itself_and_the_in_memory_entry(monkeypatch):
@@ -2490,3 +2646,15 @@ def test_twin_critic_heads_match_separate_mlps_with_and_without_layer_norm():
             err = (q[head] - x.squeeze(-1)).abs().max().item()
             print(f"layer_norm={layer_norm} head {head}: max abs error {err:.2e}")
             assert err < 1e-12
+
+
+def test_every_number_of_the_readme_results_table_comes_from_a_committed_json():
+    """benchmarks/check_readme_numbers.py: each number of the README's results table is in a JSON under
+    benchmarks/results/ of its row (CORL's in ../shared/datasets/README.md), or its cell says it has none."""
+    if not (Path(__file__).parent.parent / "shared" / "datasets" / "README.md").exists():
+        pytest.skip("CORL's numbers live in ../shared/datasets/README.md, absent here")
+    import subprocess
+
+    run = subprocess.run([sys.executable, "benchmarks/check_readme_numbers.py"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent)
+    assert run.returncode == 0, run.stdout[-3000:]

@@ -89,7 +89,7 @@ def bc_heldout(env: str, weight_decay: float, steps: int, seed: int) -> list[dic
         agent.optimise(agent.actor.bc_loss(obs[idx], action[idx], args), agent.actor, opt)
         schedule.step()
         if step % 2500 == 0:
-            score = ofql.evaluate(agent, task, normalizer, args, 10, seed=step)["score_mean"]
+            score = ofql.evaluate(agent, task, normalizer, args, 10, args.seed, step)["score_mean"]
             rows.append({"step": step, "score": score, "train_loss": loss_on(0, n_train),
                          "heldout_loss": loss_on(n_train, len(obs)), "det_mse_train": deterministic_mse(0, 20_000),
                          "det_mse_heldout": deterministic_mse(n_train, len(obs)), "seconds": time.time() - t0})
@@ -122,7 +122,7 @@ def regression_bc(env: str, loss: str, steps: int, seed: int) -> list[dict]:
         opt.step()
         schedule.step()
         if step % 2500 == 0:
-            score = ofql.evaluate(agent, task, normalizer, args, 10, seed=step)["score_mean"]
+            score = ofql.evaluate(agent, task, normalizer, args, 10, args.seed, step)["score_mean"]
             rows.append({"step": step, "loss": loss, "score": score, "seconds": time.time() - t0})
             print(json.dumps(rows[-1]), flush=True)
     return rows

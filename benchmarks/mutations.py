@@ -1,7 +1,7 @@
 """Mutation check of the test suite: apply each plausible bug to a scratch copy of ofql.py and report the
 first test that fails (a test suite that passes on a broken algorithm proves nothing).
 
-    python benchmarks/mutations.py [--json out.json] [name ...]     # ~4 minutes on one core
+    python benchmarks/mutations.py [--json out.json] [name ...]     # ~5 minutes on one core
 
 Each mutation is run against the fast tests first, then the slower learning tests, stopping at the first
 failure (pytest -x), so the table names one catching test per mutation, not all of them.
@@ -35,8 +35,17 @@ MUTATIONS = {
             tangent = torch.cat([v, demb_r, torch.zeros_like(emb_t), torch.zeros_like(obs)], -1)"""),
     "target v instead of the MeanFlow target": ("target = v - (t - r)[:, None] * dudt", "target = v"),
     "BC loss sign flipped": ("    return err.mean()\n", "    return -err.mean()\n"),
+    "evaluation on raw observations of a normalised agent": (
+        "obs_t = torch.as_tensor(normalizer(obs[idx]),", "obs_t = torch.as_tensor(obs[idx],"),
+    "observation statistics fitted on env resets": (
+        'Normalizer.fit(data["obs"], args.normalize_obs)',
+        'Normalizer.fit(np.stack([task.make_env().reset(seed=i)[0] for i in range(100)]), args.normalize_obs)'),
+    "obs normalised but not next_obs": (
+        'data["obs"], data["next_obs"] = normalizer(data["obs"]), normalizer(data["next_obs"])',
+        'data["obs"] = normalizer(data["obs"])'),
 }
-FAST = "dudt or bc_loss_is_zero or td_target_is or polyak or normalises_q or chain"
+FAST = ("dudt or bc_loss_is_zero or td_target_is or polyak or normalises_q or chain or normalised_observations or "
+        "dataset_statistics")
 SLOW = "covers_every_mode or beats_one_step_flow or q_guidance"
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
