@@ -183,7 +183,6 @@ class Args:
             eval_noise_scale=noise_scale if args.eval_noise_scale is None else args.eval_noise_scale)
         problems = [f"--{key.replace('_', '-')} {getattr(args, key)} must be a finite number in {interval}"
                     for key, interval in RANGES.items() if not in_range(getattr(args, key), interval)]
-        problems += [f"--{key.replace('_', '-')} {getattr(args, key)} must be >= 1" for key in COUNTS if getattr(args, key) < 1]
         if problems:
             raise ValueError("invalid arguments: " + "; ".join(problems))
         return args
@@ -241,19 +240,19 @@ def task_preset(env: str, paper: bool = False) -> dict:
     module = data_module(env)
     family, row = module.task_settings(env) if module else ("ogbench" if env.startswith("ogbench/") else "mujoco", {})
     if paper and family not in ("mujoco", "antmaze", "kitchen"):
-        raise ValueError(f"invalid arguments: --preset paper is the paper's configuration of D4RL's MuJoCo, AntMaze and "
-                         f"Kitchen tasks (and other Minari data); {env} is a {family} task: drop --preset paper")
+        raise ValueError(f"invalid arguments: --preset paper is for D4RL's MuJoCo, AntMaze and Kitchen tasks and other "
+                         f"Minari data (the paper's); {env} is a {family} task: drop --preset paper")
     return DEFAULTS | FAMILIES[family] | row | (PAPER | ({"eta": 1.0} if family == "mujoco" else {}) if paper else {})
 
 
-# float flags and the interval each must lie in (NaN and Inf never do); COUNTS must be >= 1
+# numeric flags and the interval each must lie in (NaN and Inf never do)
 RANGES = {"eta": "[0, inf)", "lr": "(0, inf)", "critic_lr": "(0, inf)", "gamma": "(0, 1)", "tau": "(0, 1]",
           "grad_norm": "(-inf, inf)", "reward_scale": "(-inf, inf)", "reward_bias": "(-inf, inf)", "flow_ratio": "[0, 1]",
           "time_mu": "(-inf, inf)", "time_sigma": "(0, inf)", "time_emb_scale": "(0, inf)", "adaptive_weight": "[0, inf)",
           "target_noise_scale": "[0, inf)", "eval_noise_scale": "[0, inf)", "eval_temperature": "(0, inf)",
-          "ema_decay": "[0, 1]", "divergence_margin": "(0, inf)"}
-COUNTS = ("batch_size", "total_steps", "eval_samples", "eval_episodes", "eval_every", "save_every", "log_every",
-          "max_q_samples", "ema_every")
+          "ema_decay": "[0, 1]", "divergence_margin": "(0, inf)", **dict.fromkeys((
+              "batch_size", "total_steps", "eval_samples", "eval_episodes", "eval_every", "save_every", "log_every",
+              "max_q_samples", "ema_every"), "[1, inf)")}
 
 
 def in_range(value: float, interval: str) -> bool:
