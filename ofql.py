@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -216,15 +215,18 @@ FAMILIES = {  # OFQL's settings per task family (MuJoCo's and the built-ins' mea
 
 
 def data_module(env: str):
-    """The data module of a task name, next to this file (docs/data.md): ogbench_tasks.py for `ogbench/` names,
-    ofql_data.py for the others; imported here only, so ofql.py copied alone trains on in-memory data. None: absent."""
-    name = "ogbench_tasks" if env.startswith("ogbench/") else "ofql_data"
+    """The data module of a task name next to this file (docs/data.md), None if absent: imported here only, so ofql.py
+    copied alone trains on in-memory data."""
     try:
-        return importlib.import_module(name)  # the optional ogbench package is imported inside its loader
+        if env.startswith("ogbench/"):
+            import ogbench_tasks as module  # the optional ogbench package is imported inside its loader
+        else:
+            import ofql_data as module
     except ModuleNotFoundError as err:
-        if err.name != name:
+        if err.name not in ("ogbench_tasks", "ofql_data"):
             raise
         return None
+    return module
 
 
 # --preset paper: what the paper ran, DQL's protocol (docs/algorithm.md#the-papers-configuration): DQL's critic and
@@ -234,9 +236,8 @@ PAPER = {"gamma": 0.99, "tau": 0.005, "critic_layer_norm": False, "eval_protocol
 
 
 def task_preset(env: str, paper: bool = False) -> dict:
-    """The preset of a task name: DEFAULTS, its family's (FAMILIES), DQL's row of the task; the family and the row
-    come from the data module (without one, as ofql.py copied alone, your own data's: `mujoco`). paper: PAPER over
-    it, with DQL's MuJoCo eta (1.0); AntMaze's and Kitchen's rows hold DQL's eta already."""
+    """DEFAULTS, the family's settings and DQL's row of the task (from its data module; none: `mujoco`); paper: PAPER
+    over them, with DQL's MuJoCo eta (1.0) (AntMaze's and Kitchen's rows hold DQL's eta already)."""
     module = data_module(env)
     family, row = module.task_settings(env) if module else ("ogbench" if env.startswith("ogbench/") else "mujoco", {})
     if paper and family not in ("mujoco", "antmaze", "kitchen"):
@@ -622,8 +623,7 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
              frames: list | None = None) -> dict:
     """Normalized score x 100 of the return (or of info[task.score_key] at the end: OGBench's success) over `episodes`
     episodes side by side, one batched policy call per step; `frames` (a list) receives the first one's RGB frames.
-    Env seeds and policy noise come from SeedSequence([seed, step]) (training: the run's seed and step >= 1; eval.py:
-    step 0), so no two (seed, step, episode) share a start, and the global RNGs are left as they were."""
+    Env seeds and noise come from SeedSequence([seed, step]) (training: step >= 1; eval.py: 0), the global RNGs untouched."""
     device = next(agent.actor.parameters()).device
     env_seeds = np.random.SeedSequence([seed, step]).generate_state(episodes + 1, np.uint64).tolist()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
