@@ -605,7 +605,7 @@ class Normalizer:
 @torch.no_grad()
 def sample_actions(agent: OFQL, obs: torch.Tensor, args: Args) -> torch.Tensor:
     """Actions for normalised observations by --eval-select: one sample, or `eval_samples` candidates scored by the min
-    target critic, one drawn by softmax(Q x temperature) (DQL's sample_action) or the argmax; noise std --eval-noise-scale."""
+    target critic, one drawn by softmax(Q x temperature) (DQL's sample_action) or the argmax (--eval-noise-scale)."""
     n = 1 if args.eval_select == "one" else args.eval_samples
     repeated = obs.repeat_interleave(n, 0)
     scale = args.eval_noise_scale  # at 1 the policy draws its own noise: any evaluation_act(obs) fits
@@ -623,7 +623,7 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
              frames: list | None = None) -> dict:
     """Normalized score x 100 of the return (or of info[task.score_key] at the end: OGBench's success) over `episodes`
     episodes side by side, one batched policy call per step; `frames` (a list) receives the first one's RGB frames.
-    Env seeds and noise come from SeedSequence([seed, step]) (training: step >= 1; eval.py: 0), the global RNGs untouched."""
+    Env seeds and noise from SeedSequence([seed, step]) (training: step >= 1; eval.py: 0); global RNGs untouched."""
     device = next(agent.actor.parameters()).device
     env_seeds = np.random.SeedSequence([seed, step]).generate_state(episodes + 1, np.uint64).tolist()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
