@@ -49,6 +49,8 @@ FQL_FLAGS = {  # FQL's README commands, per dataset prefix (first match)
 PUBLISHED = {"cube-single-play-v0": (2, "97 ± 2", "96 ± 1", "ReBRAC 92, IQL 85"),
              "cube-double-play-v0": (2, "36 ± 6", "29 ± 2", "ReBRAC 7, IQL 1"),
              "puzzle-3x3-play-v0": (4, "16 ± 5", "30 ± 1", "ReBRAC 2, IQL 2")}
+OFQL_SETTINGS = ("eta", "eval_protocol", "critic_layer_norm", "normalize_obs", "gamma", "tau", "lr_decay", "grad_norm",
+                 "hidden_dim", "adaptive_weight")  # recorded per OFQL run; the report groups OFQL rows by them
 MIN_TIME, REPEATS = 0.5, 5  # decision timing: seconds per repetition, repetitions (median)
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
            "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
@@ -103,18 +105,26 @@ def run_logged(cmd: list[str], env: dict, cwd: Path, log: Path) -> float:
 def run_ofql(a, name: str, env_name: str, seed: int) -> dict:
     run_dir = Path(a.work).resolve() / "ofql" / name
     ckpt = run_dir / "checkpoint.pt"
-    cmd, resumed, wall = [sys.executable, str(REPO / "ofql.py")], ckpt.exists(), None
-    if not (run_dir / "summary.json").exists():  # else: finished, only the harness's summary is missing
-        cmd += (["--resume", str(ckpt)] if resumed else  # the checkpoint's args (threads 1 included) win
-                ["--env", f"ogbench/{env_name}", "--seed", str(seed), "--total-steps", str(a.steps),
-                 "--eval-every", str(a.eval_every), "--eval-episodes", str(a.eval_episodes),
-                 "--save-every", str(a.save_interval), "--threads", "1", "--device", "cpu", "--exp-name", "vs_fql",
-                 "--run-dir", str(run_dir)])
+    command = [sys.executable, str(REPO / "ofql.py"), "--env", f"ogbench/{env_name}", "--seed", str(seed),
+               "--total-steps", str(a.steps), "--eval-every", str(a.eval_every), "--eval-episodes", str(a.eval_episodes),
+               "--save-every", str(a.save_interval), "--threads", "1", "--device", "cpu", "--exp-name", "vs_fql",
+               "--run-dir", str(run_dir), *a.ofql_flag]
+    resumed, wall = False, None
+    if not (run_dir / "summary.json").exists():  # else: finished earlier, only the harness's summary is missing
+        resumed = ckpt.exists()  # the checkpoint's args (threads 1 included) win
         env = {**os.environ, **THREADS, "OGBENCH_DATASET_DIR": str(Path(a.dataset_dir).resolve())}
-        wall = run_logged(cmd, env, REPO, run_dir / "log.txt")
+        wall = run_logged([sys.executable, str(REPO / "ofql.py"), "--resume", str(ckpt)] if resumed else command,
+                          env, REPO, run_dir / "log.txt")
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"evals": {h["step"]: h["score_mean"] for h in summary["history"]}, "wall_time_s": wall,
-            "steps_per_s": summary["steps_per_second"], "resumed": resumed, "command": cmd, "run_dir": str(run_dir)}
+            "steps_per_s": summary["steps_per_second"], "resumed": resumed, "command": command,
+            "ofql_args": {k: summary["args"][k] for k in OFQL_SETTINGS}, "run_dir": str(run_dir)}
+
+
+def ofql_config(args: dict) -> str:
+    """The OFQL settings a report row is about, e.g. `eta 0.1, one, LN, obs-norm`."""
+    return ", ".join([f"eta {args['eta']}", args["eval_protocol"], "LN" if args["critic_layer_norm"] else "no LN",
+                      "obs-norm" if args["normalize_obs"] else "raw obs", f"gamma {args['gamma']}"])
 
 
 def fql_attempts(base: Path) -> list[tuple[int, Path]]:
@@ -164,7 +174,7 @@ def train(a):
     out.mkdir(parents=True, exist_ok=True)
     for seed in a.seeds:
         for method in a.methods:
-            name = f"{method}__{a.dataset}__task{a.task}__seed{seed}__{a.steps}"
+            name = f"{method}__{a.dataset}__task{a.task}__seed{seed}__{a.steps}" + (f"__{a.tag}" if a.tag else "")
             if (out / f"{name}.json").exists():
                 print(f"skip {name}: {out / f'{name}.json'} exists")
                 continue
@@ -328,23 +338,29 @@ def report(a):
     speeds = [json.loads(p.read_text()) for p in sorted(out.glob("speed_*.json"))]
     groups: dict = {}
     for r in runs:
-        groups.setdefault((r["dataset"], r["task"], r["steps"]), {}).setdefault(r["method"], []).append(r["success"])
+        by = groups.setdefault((r["dataset"], r["task"], r["steps"]), {"fql": [], "ofql": {}})
+        if r["method"] == "fql":
+            by["fql"].append(r["success"])
+        else:
+            by["ofql"].setdefault(ofql_config(r["ofql_args"]), []).append(r["success"])
 
     def fmt(v: list[float]) -> str:
         return f"{statistics.mean(v):.1f} ± {statistics.pstdev(v):.1f} ({len(v)})" if v else "—"
     lines = ["# OFQL vs FQL on OGBench (benchmarks/vs_fql.py)", "",
-             "Success rate %: the evaluation at the last step, mean ± std over seeds (number of seeds). FQL paper: "
-             "Tables 2-3, 1M steps, 8 seeds, mean of the evaluations at 800k/900k/1M.", "",
-             "| dataset | task | steps | OFQL | FQL (here) | FQL paper (this task / 5-task avg) | paper, others |",
-             "|---|---|---|---|---|---|---|"]
+             "Success rate %: the evaluation at the last step (50 episodes), mean ± std over seeds (number of seeds), "
+             "on regenerated datasets (docs/ogbench.md). FQL paper: Tables 2-3, 1M steps, 8 seeds, mean of the "
+             "evaluations at 800k/900k/1M, on the published files.", "",
+             "| dataset | task | steps | OFQL | OFQL settings | FQL (here) | FQL paper (this task / 5-task avg) | "
+             "paper, others |", "|---|---|---|---|---|---|---|---|"]
     rows = []
     for (dataset, task, steps), by in sorted(groups.items()):
         default_task, on_task, five, others = PUBLISHED.get(dataset, (None, "—", "—", "—"))
         on_task, others = (on_task, others) if task == default_task else ("—", "—")
-        rows.append({"dataset": dataset, "task": task, "steps": steps, "ofql": by.get("ofql", []),
-                     "fql": by.get("fql", []), "fql_paper_task": on_task, "fql_paper_5task": five})
-        lines.append(f"| {dataset} | task{task} | {steps:,} | {fmt(by.get('ofql', []))} | {fmt(by.get('fql', []))} | "
-                     f"{on_task} / {five} | {others} |")
+        for config, ofql in sorted(by["ofql"].items()) or [("—", [])]:
+            rows.append({"dataset": dataset, "task": task, "steps": steps, "ofql": ofql, "ofql_settings": config,
+                         "fql": by["fql"], "fql_paper_task": on_task, "fql_paper_5task": five})
+            lines.append(f"| {dataset} | task{task} | {steps:,} | {fmt(ofql)} | {config} | {fmt(by['fql'])} | "
+                         f"{on_task} / {five} | {others} |")
     if speeds:
         lines += ["", "Speed on this CPU, 1 thread: gradient steps/s at batch 256 (median of interleaved rounds), "
                   "decisions/s at batch 1.", "", "| dataset | FQL steps/s | OFQL steps/s | decisions/s |",
@@ -376,6 +392,8 @@ def main():
     t.add_argument("--methods", nargs="+", choices=("ofql", "fql"), default=["ofql", "fql"])
     t.add_argument("--dataset-dir", default=None, help="folder with <dataset>.npz (default: $OGBENCH_DATASET_DIR)")
     t.add_argument("--fql-flag", action="append", default=[], help="extra flag for FQL's main.py (repeatable)")
+    t.add_argument("--ofql-flag", action="append", default=[], help="extra flag for ofql.py, e.g. --ofql-flag=--eta=0.3")
+    t.add_argument("--tag", default="", help="suffix of the run names (runs with other --ofql-flag need their own)")
     for name in ("speed", "fql-worker"):
         s = sub.add_parser(name, help="steps/s and decisions/s of both" if name == "speed" else argparse.SUPPRESS)
         s.add_argument("--dataset", default="cube-single-play-v0")
