@@ -24,6 +24,7 @@ ROWS = {  # the start of a row's first cell -> globs of the files its numbers co
                                 CAL + "med-gamma0.995-tau0.02-eta0.1-deterministic-50k-3seeds/*.json", "CORL"],
     "hopper stand-in medium-replay": [CAL + "mr-gamma0.995-tau0.02-eta0.1-deterministic-50k-3seeds/*.json",
                                       CAL + "protocols-rescored-gamma0.995-tau0.02-50k/**/*.json"],
+    "OGBench cube-single-play": ["benchmarks/results/ogbench/runs/*.json"],
     "toy, paper Figure 3": ["benchmarks/results/toy_figure.json"],
     "training steps/s": ["benchmarks/results/train_speed_cpu_1thread.json"],
     "decisions/s at batch 1": ["benchmarks/results/decision_frequency_cpu_1thread.json"],
