@@ -38,6 +38,11 @@ def task_settings(name: str) -> tuple[str, dict]:
     return "ogbench", {"gamma": 0.995 if name.startswith(("humanoidmaze-", "antsoccer-")) or "maze-giant-" in name else 0.99}
 
 
+def dataset_folder(out_dir: str | None = None) -> Path:
+    """Where OGBench files are read and written: out_dir, else $OGBENCH_DATASET_DIR, else ogbench's ~/.ogbench/data."""
+    return Path(out_dir or os.environ.get("OGBENCH_DATASET_DIR", "~/.ogbench/data")).expanduser()
+
+
 def load_task(name: str, with_data: bool = True, d4rl_mirror: str | None = None):
     """ofql.load_task's entry, as ofql_data.load_task's (d4rl_mirror unused): load_ogbench."""
     return load_ogbench(name, with_data)
@@ -68,7 +73,7 @@ def load_ogbench(name: str, with_data: bool = True) -> tuple[dict, dict[str, np.
     env.close()
     if not with_data:
         return task, None
-    folder = Path(os.environ.get("OGBENCH_DATASET_DIR", "~/.ogbench/data")).expanduser()
+    folder = dataset_folder()
     try:
         env, data, _ = ogbench.make_env_and_datasets(dataset, dataset_dir=str(folder))  # (env, train, validation)
     except OSError as err:  # offline (URLError), a name the server lacks (HTTPError), an unwritable folder
@@ -101,7 +106,7 @@ class Recipe:
 
     @classmethod
     def of(cls, dataset: str) -> Recipe:
-        parts = dataset.removesuffix(".npz").split("-")
+        parts = dataset.split("-")
         known = [f"{e}-{k}-v0" for e in ("cube-single", "cube-double", "cube-triple", "cube-quadruple", "scene",
                                         "puzzle-3x3", "puzzle-4x4", "puzzle-4x5", "puzzle-4x6") for k in ("play", "noisy")]
         if dataset not in known:
@@ -143,7 +148,8 @@ def scene_episode_is_healthy(qpos: np.ndarray) -> bool:
 
 
 def run_episode(recipe: Recipe, env, oracles: dict) -> dict[str, np.ndarray]:
-    """One data-collection episode of EPISODE_STEPS steps; the oracle takes a new random subtask whenever it is done."""
+    """One data-collection episode (until the env's time limit); the oracle takes a new random subtask whenever it is
+    done."""
     p_stack = np.random.uniform(*STACK_PROBABILITY[recipe.env_id.split("-")[1]]) if recipe.env_id.startswith("cube") \
         else 0.5
     noise = np.random.uniform(0, 0.1) if recipe.oracle == "markov" else 0.0  # this episode's noise level xi
@@ -180,7 +186,8 @@ def generate_chunk(recipe: Recipe, seed: int, chunk: int, episodes: int, episode
     whichever worker makes it and whenever."""
     import ogbench.manipspace  # noqa: F401  (registers the data-collection environments)
 
-    # A fresh env and oracles per chunk (~1 s): one carried over from another chunk changes the draws (checked)
+    # A fresh env and oracles per chunk (~1 s): nothing a previous chunk left behind (simulator or oracle state) can
+    # reach this one's draws
     env = gym.make(recipe.env_id, terminate_at_goal=False, mode="data_collection", max_episode_steps=episode_steps)
     oracles = make_oracles(recipe, env)
     entropy = np.random.SeedSequence([seed, chunk]).generate_state(2)
@@ -230,10 +237,6 @@ class GenerateArgs:
     """steps per episode (OGBench: 1001); shorter only for test files"""
 
 
-def dataset_folder(out_dir: str | None = None) -> Path:
-    return Path(out_dir or os.environ.get("OGBENCH_DATASET_DIR", "~/.ogbench/data")).expanduser()
-
-
 def generate(args: GenerateArgs) -> tuple[Path, Path]:
     """Write <dataset>.npz and <dataset>-val.npz. Chunks of CHUNK_EPISODES episodes go to a hidden folder next to them
     as they finish, so a killed generation resumes where it stopped; the folder is removed once both files exist."""
@@ -257,8 +260,9 @@ def generate(args: GenerateArgs) -> tuple[Path, Path]:
                          "start over, or rerun with its settings to resume it")
     manifest.write_text(json.dumps(identity))
     sizes = [min(CHUNK_EPISODES, total - start) for start in range(0, total, CHUNK_EPISODES)]
-    todo = [c for c in range(len(sizes)) if not (work / f"chunk-{c:05d}.npz").exists()]
-    jobs = [(recipe, args.seed, c, sizes[c], args.episode_steps, work / f"chunk-{c:05d}.npz") for c in todo]
+    chunk_paths = [work / f"chunk-{c:05d}.npz" for c in range(len(sizes))]
+    todo = [c for c, path in enumerate(chunk_paths) if not path.exists()]
+    jobs = [(recipe, args.seed, c, sizes[c], args.episode_steps, chunk_paths[c]) for c in todo]
     with tqdm(total=total, initial=total - sum(sizes[c] for c in todo), unit="episode",
               desc=f"generating {recipe.dataset}") as progress:
         if args.workers == 1:
@@ -269,7 +273,7 @@ def generate(args: GenerateArgs) -> tuple[Path, Path]:
             with context.Pool(min(args.workers, len(jobs) or 1)) as pool:
                 for done in pool.imap_unordered(generate_chunk_job, jobs):
                     progress.update(done)
-    chunks = [dict(np.load(work / f"chunk-{c:05d}.npz")) for c in range(len(sizes))]
+    chunks = [dict(np.load(path)) for path in chunk_paths]
     data = {k: np.concatenate([chunk[k] for chunk in chunks]) for k in chunks[0]}
     split = train * args.episode_steps  # OGBench: the first episodes train, the last tenth validates
     write_npz(paths[0], {k: v[:split] for k, v in data.items()})
