@@ -152,6 +152,15 @@ def main(cfg: Config) -> dict:
     result = {"device": name, "dry_run": cfg.dry_run, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "triton": triton.__version__, "commit": commit or "unknown", "steps": {}}
     start = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"gpu-{'dry-run' if cfg.dry_run else name.replace(' ', '_')}-{result['date']}"
+
+    def write() -> None:  # after every step: a run stopped at a time limit keeps the steps it finished
+        result["wall_s"] = time.time() - start
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        (out / f"{stem}.md").write_text(markdown(result))
+
     steps = [("kernel_tests", lambda: kernel_tests(cfg)), ("build_analysis", lambda: build_analysis(cfg)),
              ("decision_frequency", lambda: decision_frequency(cfg, device)),
              ("training_speed", lambda: training_speed(cfg, device)),
@@ -163,12 +172,7 @@ def main(cfg: Config) -> dict:
         except Exception as err:  # record it and go on: one broken step must not cost the others' numbers
             traceback.print_exc()
             result["steps"][step] = {"error": f"{type(err).__name__}: {err}"}
-    result["wall_s"] = time.time() - start
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"gpu-{'dry-run' if cfg.dry_run else name.replace(' ', '_')}-{result['date']}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{stem}.md").write_text(markdown(result))
+        write()
     print(markdown(result))
     print(f"wrote {out / stem}.json and .md")
     return result
