@@ -506,7 +506,10 @@ class _WeightSet:
         return None  # a deep copy of the module (an EMA target) must build its own, over its own parameters
 
     def scratch(self, numel: int) -> torch.Tensor:
-        """A reused scratch buffer of at least `numel` floats (calls on one stream run in order)."""
+        """A reused scratch buffer of at least `numel` floats (calls on one stream run in order). Under torch.compile
+        a fresh one: a cached buffer made inside a CUDA graph is overwritten by the graph's next replay."""
+        if torch.compiler.is_compiling():
+            return torch.empty(numel, device=self.device)
         if self._scratch is None or self._scratch.numel() < numel:
             self._scratch = torch.empty(numel, device=self.device)
         return self._scratch

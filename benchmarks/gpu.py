@@ -64,10 +64,14 @@ def kernel_tests(cfg: Config) -> dict:
     command = [sys.executable, "-m", "pytest", "-q", "test_ofql.py", "-k", KERNEL_TESTS, "-p", "no:cacheprovider"]
     command += ["--collect-only"] if cfg.dry_run else []
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    log = Path(cfg.out) / "kernel_tests.log"  # every failure's traceback, beside the JSON
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(done.stdout + done.stderr)
     summary = (done.stdout.strip().splitlines() or [""])[-1]
     if done.returncode != 0:
-        raise RuntimeError(f"pytest exited {done.returncode}: {summary}\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    return {"command": " ".join(command[1:]), "summary": summary, "collected_only": cfg.dry_run}
+        failed = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
+        raise RuntimeError(f"pytest exited {done.returncode}: {summary} (tracebacks: {log})\n" + "\n".join(failed))
+    return {"command": " ".join(command[1:]), "summary": summary, "collected_only": cfg.dry_run, "log": str(log)}
 
 
 def build_analysis(cfg: Config) -> list[dict]:

@@ -117,15 +117,20 @@ def main(cfg: Config) -> dict:
     agents = {name: make_agent(name, args, device) for name in cfg.variants if name not in skipped}
     times = {name: [] for name in agents}
     for round_ in range(cfg.rounds + 1):  # round 0 warms up (and compiles)
-        for name, agent in agents.items():
-            with patched(agent, name):
-                start = time.perf_counter()
-                for i in range(cfg.steps):
-                    agent.update(buffer.sample(cfg.batch_size), swap_heads=i % 2 == 0)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if round_ > 0:
-                    times[name].append(cfg.steps / (time.perf_counter() - start))
+        for name, agent in list(agents.items()):
+            try:
+                with patched(agent, name):
+                    start = time.perf_counter()
+                    for i in range(cfg.steps):
+                        agent.update(buffer.sample(cfg.batch_size), swap_heads=i % 2 == 0)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+            except Exception as err:  # one broken variant must not cost the others' rows
+                skipped[name] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                del agents[name], times[name]
+                continue
+            if round_ > 0:
+                times[name].append(cfg.steps / (time.perf_counter() - start))
     speeds = {name: statistics.median(v) for name, v in times.items()}
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "threads": cfg.threads,
               "batch_size": cfg.batch_size, "torch": torch.__version__, "steps_per_second": speeds,
