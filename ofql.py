@@ -63,7 +63,7 @@ class Args:
     device: str = "auto"
     """`auto` (CUDA if available, else CPU), `cpu` or `cuda`"""
     kernels: Literal["auto", "triton", "torch"] = "auto"
-    """actor kernels (u + du/dt, no-grad actions): kernels.py's `triton` (CUDA), `torch`, `auto` (triton if usable)"""
+    """actor kernels (u + du/dt, no-grad actions): kernels.py's `triton` (CUDA), `torch`, `auto` = torch (docs/kernels.md)"""
     kernel_precision: Literal["auto", "ieee", "tf32", "bf16"] = "auto"
     """Triton matmul inputs (fp32 sums): `ieee`, `tf32`/`bf16` (sm_80+, docs/kernels.md), `auto` = tf32 if any"""
     threads: int | None = None

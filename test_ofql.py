@@ -2171,6 +2171,9 @@ def test_kernel_backend_and_precision_are_resolved_in_one_place(monkeypatch):
     monkeypatch.setattr(kernels, "INTERPRETED", True)  # the interpreter is for tests: only on request
     assert kernels.resolve_backend("auto", "cpu") == "torch" and kernels.resolve_backend("triton", "cpu") == "triton"
     assert ofql.resolve_kernels("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setattr(kernels, "INTERPRETED", False)  # a usable GPU: the kernels still only on request (H200 run)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert kernels.resolve_backend("auto", "cuda") == "torch" and kernels.resolve_backend("triton", "cuda") == "triton"
     monkeypatch.setattr(ofql, "kernels", None)  # ofql.py copied without kernels.py / triton
     monkeypatch.setattr(ofql, "KERNELS_IMPORT_ERROR", ImportError("No module named 'kernels'"))
     assert ofql.resolve_kernels("auto", torch.device("cpu")) == "torch"
