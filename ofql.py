@@ -196,27 +196,22 @@ class Args:
 
 MUJOCO_ETA = 0.1  # OFQL's eta on MuJoCo tasks (mean-reduced BC loss), from the stand-in calibration (docs/calibration.md)
 MUJOCO = {"gamma": 0.995, "tau": 0.02, "critic_layer_norm": True}  # OFQL's MuJoCo critic (DQL: 0.99, 0.005, none)
-# every preset starts from these (DQL's main.py defaults but OFQL's eta, lr decay and action selection), then takes its
-# family's (FAMILIES) and DQL's row of the task (ofql_data.task_settings); docs/algorithm.md#deviations-from-the-paper
+# every preset starts from these (DQL's main.py defaults but OFQL's eta, lr decay and action selection), then takes the
+# task's family settings and DQL's row from its data module (task_settings); docs/algorithm.md#deviations-from-the-paper
 DEFAULTS = {"eta": MUJOCO_ETA, "lr": 3e-4, "critic_lr": 3e-4, "lr_decay": True, "grad_norm": 9.0, "max_q_backup": False,
             "reward_scale": 1.0, "reward_bias": 0.0, "total_steps": 1_000_000, "gamma": 0.99, "tau": 0.005,
             "eval_every": 10_000, "hidden_dim": 256, "critic_layer_norm": False, "eval_protocol": "deterministic",
             "normalize_obs": True, "adaptive_weight": 0.5, "eval_episodes": 10}
-FAMILIES = {  # OFQL's settings per task family (MuJoCo's and the built-ins' measured, docs/calibration.md)
-    "mujoco": {"eval_protocol": "argmax", **MUJOCO},  # D4RL's MuJoCo tasks, any other Minari dataset, your own data
-    "antmaze": {"reward_scale": 4.0, "reward_bias": -0.5, "eval_protocol": "paper"},  # DQL's reward (r - 0.5) * 4
-    "kitchen": {"eval_protocol": "paper"},
-    # built-in tasks (no download); the bandit's critic must resolve 0.15-wide reward windows: no lr decay
-    "bandit": {"eta": 0.3, "lr": 1e-3, "critic_lr": 1e-3, "lr_decay": False, "grad_norm": 0.0, "total_steps": 2000,
-               "eval_every": 500, "hidden_dim": 128, "eval_protocol": "one", "eval_episodes": 1000},  # one-step episodes
-    "pendulum": {"eta": 3.0, "total_steps": 6000, "eval_every": 1000},
-    "ogbench": {"critic_layer_norm": True, "eval_protocol": "one"},  # FQL's; eta MuJoCo's (docs/ogbench.md)
-}
+# --preset paper: what the paper ran, DQL's protocol (docs/algorithm.md#the-papers-configuration): DQL's critic and
+# sample_action, constant lr (DQL's cosine lr_decay is a no-op bug), raw observations, no adaptive weight
+PAPER = {"gamma": 0.99, "tau": 0.005, "critic_layer_norm": False, "eval_protocol": "paper", "lr_decay": False,
+         "normalize_obs": False, "adaptive_weight": 0.0, "eval_episodes": 150}
 
 
-def data_module(env: str):
-    """The data module of a task name next to this file (docs/data.md), None if absent: imported here only, so ofql.py
-    copied alone trains on in-memory data."""
+def data_module(env: str, required: bool = False):
+    """The data module of a task name next to this file (docs/data.md): ogbench_tasks.py for `ogbench/` names, else
+    ofql_data.py. Imported here only, so ofql.py copied alone trains on in-memory data; absent: None (or, `required`,
+    a ValueError that names it)."""
     try:
         if env.startswith("ogbench/"):
             import ogbench_tasks as module  # the optional ogbench package is imported inside its loader
@@ -225,25 +220,23 @@ def data_module(env: str):
     except ModuleNotFoundError as err:
         if err.name not in ("ogbench_tasks", "ofql_data"):
             raise
+        if required:
+            raise ValueError(f"--env {env} loads through {err.name}.py, which is not next to ofql.py: copy it there "
+                             "(docs/data.md), or train on your own arrays with ofql.train(args, data=...)") from None
         return None
     return module
 
 
-# --preset paper: what the paper ran, DQL's protocol (docs/algorithm.md#the-papers-configuration): DQL's critic and
-# sample_action, constant lr (DQL's cosine lr_decay is a no-op bug), raw observations, no adaptive weight
-PAPER = {"gamma": 0.99, "tau": 0.005, "critic_layer_norm": False, "eval_protocol": "paper", "lr_decay": False,
-         "normalize_obs": False, "adaptive_weight": 0.0, "eval_episodes": 150}
-
-
 def task_preset(env: str, paper: bool = False) -> dict:
-    """DEFAULTS, the family's settings and DQL's row of the task (from its data module; none: `mujoco`); paper: PAPER
-    over them, with DQL's MuJoCo eta (1.0) (AntMaze's and Kitchen's rows hold DQL's eta already)."""
-    module = data_module(env)
-    family, row = module.task_settings(env) if module else ("ogbench" if env.startswith("ogbench/") else "mujoco", {})
+    """DEFAULTS, then the task's family settings and DQL's row from its data module (none: `mujoco`, your own data's);
+    the `mujoco` family (D4RL's MuJoCo names, other Minari data, yours) takes MUJOCO and the argmax protocol under
+    DQL's row. paper: PAPER over them, with DQL's MuJoCo eta (1.0) (AntMaze's and Kitchen's rows hold DQL's eta)."""
+    family, settings = module.task_settings(env) if (module := data_module(env)) else ("mujoco", {})
     if paper and family not in ("mujoco", "antmaze", "kitchen"):
         raise ValueError(f"invalid arguments: --preset paper is for D4RL's MuJoCo, AntMaze and Kitchen tasks and other "
                          f"Minari data (the paper's); {env} is a {family} task: drop --preset paper")
-    return DEFAULTS | FAMILIES[family] | row | (PAPER | ({"eta": 1.0} if family == "mujoco" else {}) if paper else {})
+    mujoco = {"eval_protocol": "argmax", **MUJOCO} if family == "mujoco" else {}
+    return DEFAULTS | mujoco | settings | (PAPER | ({"eta": 1.0} if family == "mujoco" else {}) if paper else {})
 
 
 # numeric flags and the interval each must lie in (NaN and Inf never do)
@@ -287,11 +280,7 @@ def load_task(env_name: str, with_data: bool = True, d4rl_mirror: str | None = N
               ) -> tuple[Task, dict[str, np.ndarray] | None]:
     """Task and raw transitions (actions in [-1, 1]) of a task name, from its data module (data_module; docs/data.md).
     with_data=False: the task only (eval.py: no episodes read)."""
-    if (module := data_module(env_name)) is None:
-        name = "ogbench_tasks" if env_name.startswith("ogbench/") else "ofql_data"
-        raise ValueError(f"--env {env_name} loads through {name}.py, which is not next to ofql.py: copy it there "
-                         "(docs/data.md), or train on your own arrays with ofql.train(args, data=...)")
-    fields, data = module.load_task(env_name, with_data, d4rl_mirror)
+    fields, data = data_module(env_name, required=True).load_task(env_name, with_data, d4rl_mirror)
     return Task(env_name, **fields), data
 
 
