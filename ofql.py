@@ -608,18 +608,16 @@ def sample_actions(agent: OFQL, obs: torch.Tensor, args: Args) -> torch.Tensor:
     return actions[choice + torch.arange(len(obs), device=obs.device) * n]
 
 
-def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episodes: int, seed: int, step: int = 0,
-             frames: list | None = None) -> dict:
+def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episodes: int, seed: int, step: int = 0) -> dict:
     """Normalized score x 100 of the return (or of info[task.score_key] at the end: OGBench's success) over `episodes`
-    episodes side by side, one batched policy call per step; `frames` (a list) receives the first one's RGB frames.
+    episodes side by side, one batched policy call per step, in envs made in episode order (eval.py records the first).
     Env seeds and noise from SeedSequence([seed, step]) (training: step >= 1; eval.py: 0); global RNGs untouched."""
     device = next(agent.actor.parameters()).device
     env_seeds = np.random.SeedSequence([seed, step]).generate_state(episodes + 1, np.uint64).tolist()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(env_seeds.pop())  # evaluation's own draws: its protocol and frequency cannot change training
         agent.actor.eval()
-        envs = [task.make_env(**({"render_mode": "rgb_array"} if frames is not None and i == 0 else {}))
-                for i in range(episodes)]
+        envs = [task.make_env() for _ in range(episodes)]
         obs = np.stack([env.reset(seed=env_seed)[0] for env, env_seed in zip(envs, env_seeds)])
         returns, alive, final = np.zeros(episodes), np.ones(episodes, bool), np.zeros(episodes)
         while alive.any():
@@ -631,8 +629,6 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
                 if task.score_key:
                     final[i] = info[task.score_key]
                 alive[i] = not (term or trunc)
-                if frames is not None and i == 0:
-                    frames.append(envs[0].render())
         for env in envs:
             env.close()
         outcome = final if task.score_key else returns
