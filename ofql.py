@@ -196,22 +196,32 @@ class Args:
 
 MUJOCO_ETA = 0.1  # OFQL's eta on MuJoCo tasks (mean-reduced BC loss), from the stand-in calibration (docs/calibration.md)
 MUJOCO = {"gamma": 0.995, "tau": 0.02, "critic_layer_norm": True}  # OFQL's MuJoCo critic (DQL: 0.99, 0.005, none)
-# every preset starts from these (DQL's main.py defaults but OFQL's eta, lr decay and action selection), then takes the
-# task's family settings and DQL's row from its data module (task_settings); docs/algorithm.md#deviations-from-the-paper
+# every preset starts from DQL's main.py defaults but OFQL's eta, lr decay and action selection (docs/algorithm.md)
 DEFAULTS = {"eta": MUJOCO_ETA, "lr": 3e-4, "critic_lr": 3e-4, "lr_decay": True, "grad_norm": 9.0, "max_q_backup": False,
             "reward_scale": 1.0, "reward_bias": 0.0, "total_steps": 1_000_000, "gamma": 0.99, "tau": 0.005,
             "eval_every": 10_000, "hidden_dim": 256, "critic_layer_norm": False, "eval_protocol": "deterministic",
             "normalize_obs": True, "adaptive_weight": 0.5, "eval_episodes": 10}
-# --preset paper: what the paper ran, DQL's protocol (docs/algorithm.md#the-papers-configuration): DQL's critic and
-# sample_action, constant lr (DQL's cosine lr_decay is a no-op bug), raw observations, no adaptive weight
+# --preset paper: DQL's critic and sample_action, constant lr (DQL's decay is a no-op bug), raw obs, no adaptive weight
 PAPER = {"gamma": 0.99, "tau": 0.005, "critic_layer_norm": False, "eval_protocol": "paper", "lr_decay": False,
          "normalize_obs": False, "adaptive_weight": 0.0, "eval_episodes": 150}
+# numeric flags and the interval each must lie in (NaN and Inf never do)
+RANGES = {"eta": "[0, inf)", "lr": "(0, inf)", "critic_lr": "(0, inf)", "gamma": "(0, 1)", "tau": "(0, 1]",
+          "grad_norm": "(-inf, inf)", "reward_scale": "(-inf, inf)", "reward_bias": "(-inf, inf)", "flow_ratio": "[0, 1]",
+          "time_mu": "(-inf, inf)", "time_sigma": "(0, inf)", "time_emb_scale": "(0, inf)", "adaptive_weight": "[0, inf)",
+          "target_noise_scale": "[0, inf)", "eval_noise_scale": "[0, inf)", "eval_temperature": "(0, inf)",
+          "ema_decay": "[0, 1]", "divergence_margin": "(0, inf)", **dict.fromkeys((
+              "batch_size", "total_steps", "eval_samples", "eval_episodes", "eval_every", "save_every", "log_every",
+              "max_q_samples", "ema_every"), "[1, inf)")}
+# --eval-protocol -> (eval_select, eval_samples, eval_temperature, eval_noise_scale)
+EVAL_PROTOCOLS = {"paper": ("softmax", 50, 1.0, 1.0), "argmax": ("argmax", 50, 1.0, 1.0), "one": ("one", 1, 1.0, 1.0),
+                  "deterministic": ("one", 1, 1.0, 0.0)}
+TRANSITIONS = ("obs", "action", "reward", "next_obs", "mask", "episode_end")  # train(data=...)'s; the last optional
+CHECKPOINT_FORMAT = "ofql-checkpoint-v2"  # v1 pickled numpy/python objects; v2 holds tensors and plain values only
 
 
 def data_module(env: str, required: bool = False):
-    """The data module of a task name next to this file (docs/data.md): ogbench_tasks.py for `ogbench/` names, else
-    ofql_data.py. Imported here only, so ofql.py copied alone trains on in-memory data; absent: None (or, `required`,
-    a ValueError that names it)."""
+    """The data module of a task name (docs/data.md), ogbench_tasks.py for `ogbench/` names, else ofql_data.py: imported
+    here only, so ofql.py copied alone trains on in-memory data. Absent: None, or a ValueError where `required`."""
     try:
         if env.startswith("ogbench/"):
             import ogbench_tasks as module  # the optional ogbench package is imported inside its loader
@@ -239,26 +249,11 @@ def task_preset(env: str, paper: bool = False) -> dict:
     return DEFAULTS | mujoco | settings | (PAPER | ({"eta": 1.0} if family == "mujoco" else {}) if paper else {})
 
 
-# numeric flags and the interval each must lie in (NaN and Inf never do)
-RANGES = {"eta": "[0, inf)", "lr": "(0, inf)", "critic_lr": "(0, inf)", "gamma": "(0, 1)", "tau": "(0, 1]",
-          "grad_norm": "(-inf, inf)", "reward_scale": "(-inf, inf)", "reward_bias": "(-inf, inf)", "flow_ratio": "[0, 1]",
-          "time_mu": "(-inf, inf)", "time_sigma": "(0, inf)", "time_emb_scale": "(0, inf)", "adaptive_weight": "[0, inf)",
-          "target_noise_scale": "[0, inf)", "eval_noise_scale": "[0, inf)", "eval_temperature": "(0, inf)",
-          "ema_decay": "[0, 1]", "divergence_margin": "(0, inf)", **dict.fromkeys((
-              "batch_size", "total_steps", "eval_samples", "eval_episodes", "eval_every", "save_every", "log_every",
-              "max_q_samples", "ema_every"), "[1, inf)")}
-
-
 def in_range(value: float, interval: str) -> bool:
     """Whether value is finite and in an interval written as in RANGES."""
     low, high = (float(bound) for bound in interval[1:-1].split(", "))
     return math.isfinite(value) and (low <= value if interval[0] == "[" else low < value) and (
         value <= high if interval[-1] == "]" else value < high)
-
-
-# --eval-protocol -> (eval_select, eval_samples, eval_temperature, eval_noise_scale)
-EVAL_PROTOCOLS = {"paper": ("softmax", 50, 1.0, 1.0), "argmax": ("argmax", 50, 1.0, 1.0), "one": ("one", 1, 1.0, 1.0),
-                  "deterministic": ("one", 1, 1.0, 0.0)}
 
 
 @dataclass
@@ -639,9 +634,6 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
 
 
 # ---- Checkpoints ---------------------------------------------------------------------------
-CHECKPOINT_FORMAT = "ofql-checkpoint-v2"  # v1 pickled numpy/python objects; v2 holds tensors and plain values only
-
-
 def rng_state(generator: torch.Generator) -> dict:
     """Every RNG's state as tensors and plain values (numpy: (name, keys, pos, has_gauss, cached_gaussian))."""
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
@@ -707,9 +699,6 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 # ---- Training ------------------------------------------------------------------------------
-TRANSITIONS = ("obs", "action", "reward", "next_obs", "mask", "episode_end")  # train(data=...)'s; the last optional
-
-
 def check_data(data: dict) -> dict[str, np.ndarray]:
     """train(data=...)'s transitions, one row each: obs and next_obs [N, obs_dim], action [N, act_dim] in [-1, 1],
     reward and mask [N] (mask = 1 - terminal: a time limit is no terminal), optionally episode_end [N] (1 on an
