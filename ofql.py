@@ -271,12 +271,10 @@ class Task:
     plot_samples: Callable[[np.ndarray, str, Path], None] | None = None
 
 
-def load_task(env_name: str, with_data: bool = True, d4rl_mirror: str | None = None
-              ) -> tuple[Task, dict[str, np.ndarray] | None]:
-    """Task and raw transitions (actions in [-1, 1]) of a task name, from its data module (data_module; docs/data.md).
-    with_data=False: the task only (eval.py: no episodes read)."""
+def load_task(env_name: str, with_data: bool = True, d4rl_mirror: str | None = None) -> tuple[Task, dict | None]:
+    """Task and checked transitions (check_data) of a task name from its data module; with_data=False: the task only."""
     fields, data = data_module(env_name, required=True).load_task(env_name, with_data, d4rl_mirror)
-    return Task(env_name, **fields), data
+    return Task(env_name, **fields), None if data is None else check_data(data)
 
 
 # ---- Networks ------------------------------------------------------------------------------
@@ -831,11 +829,8 @@ def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Calla
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    if data is None:
-        task, data = load_task(args.env, d4rl_mirror=args.d4rl_mirror)
-        data = check_data(data)
-    else:
-        task, data = own_task(args.env, data, make_env, ref_scores)
+    task, data = (load_task(args.env, d4rl_mirror=args.d4rl_mirror) if data is None
+                  else own_task(args.env, data, make_env, ref_scores))
     if args.batch_size > len(data["obs"]):
         raise ValueError(f"--batch-size {args.batch_size} is larger than the dataset ({len(data['obs'])} transitions)")
     normalizer = (Normalizer(resumed["obs_mean"].numpy(), resumed["obs_std"].numpy()) if resumed is not None
