@@ -21,7 +21,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -619,14 +618,12 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
             for i, action in zip(idx, sample_actions(agent, obs_t, args).cpu().numpy()):
                 obs[i], reward, term, trunc, info = envs[i].step(action)
                 returns[i] += reward
-                if task.score_key:
-                    final[i] = info[task.score_key]
+                final[i] = info[task.score_key] if task.score_key else 0.0
                 alive[i] = not (term or trunc)
         for env in envs:
             env.close()
-        outcome = final if task.score_key else returns
         agent.actor.train()
-    scores = 100 * (outcome - task.ref_min) / (task.ref_max - task.ref_min)
+    scores = 100 * ((final if task.score_key else returns) - task.ref_min) / (task.ref_max - task.ref_min)
     return {"return_mean": float(returns.mean()), "return_std": float(returns.std()), "score_mean": float(scores.mean()),
             "score_std": float(scores.std()), "ref_source": task.ref_source, "scores": scores.tolist()}
 
@@ -678,16 +675,14 @@ def load_checkpoint(path: str | Path) -> dict:
                          "--checkpoint) an existing, readable file, runs/<run>/checkpoint.pt") from err
     except Exception as err:
         try:  # the functions/classes the pickle would import, read without unpickling it
-            needs = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+            needs = ", ".join(sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path)))
         except Exception:  # not a torch.save zip file
-            needs = set()
-        if needs:  # an ofql-checkpoint-v1 file too: it pickled numpy arrays
-            raise ValueError(f"{path} is not a safe OFQL checkpoint: it holds pickled objects ({', '.join(sorted(needs))}) "
-                             f"whose loading could run arbitrary code, so it was not opened. This version writes and "
-                             f"opens {CHECKPOINT_FORMAT} files only; a file of an older ofql.py (v1, numpy objects) "
-                             "needs the ofql.py that wrote it, or a retrain") from err
-        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(err).__name__}); "
-                         "use another checkpoint of the run") from err
+            needs = ""
+        unsafe = (f"{path} is not a safe OFQL checkpoint: it holds pickled objects ({needs}) whose loading could run "
+                  f"arbitrary code, so it was not opened. This version opens {CHECKPOINT_FORMAT} files only; a file of "
+                  "an older ofql.py (v1, numpy objects) needs the ofql.py that wrote it, or a retrain")
+        corrupt = f"{path} is unreadable (truncated or corrupt: {type(err).__name__}); use another checkpoint of the run"
+        raise ValueError(unsafe if needs else corrupt) from err  # a v1 file is unsafe (numpy objects)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an OFQL checkpoint (written by ofql.py save_checkpoint)")
     if state["args"].pop("mujoco_data", "d4rl") != "d4rl":  # an option of older versions (D4RL names on Minari data)
@@ -713,9 +708,8 @@ def check_data(data: dict) -> dict[str, np.ndarray]:
             fix = "give numbers of shape " + ("[N, dims] (one dim: x.reshape(-1, 1))" if ndim == 2 else "[N]")
         elif arrays and len(value) != len(arrays["obs"]):
             problem, fix = f"has {len(value)} rows, data['obs'] {len(arrays['obs'])}", "give one row per transition"
-        elif not np.isfinite(value).all():
-            problem = f"holds NaN/Inf (first in row {np.argwhere(~np.isfinite(value))[0, 0]})"
-            fix = "drop or fix those transitions"
+        elif (bad := ~np.isfinite(value)).any():
+            problem, fix = f"holds NaN/Inf (first in row {np.argwhere(bad)[0, 0]})", "drop or fix those transitions"
         elif key == "next_obs" and value.shape != arrays["obs"].shape:
             problem, fix = f"has shape {value.shape}, data['obs'] {arrays['obs'].shape}", "give each next observation"
         elif key == "action" and value.size and np.abs(value).max() > 1:
@@ -745,12 +739,10 @@ def own_task(name: str, data: dict, make_env: Callable[..., gym.Env] | None,
     task = Task(name, data["obs"].shape[1], data["action"].shape[1], make_env, *(ref_scores or (0.0, 1.0)),
                 f"ref_scores {ref_scores} given to ofql.train" if ref_scores else "none (score = 100 x raw return)")
     if make_env is not None:  # a mismatch fails now, not at the first evaluation
-        env = make_env()
-        env.close()
-        space, shape = env.action_space, env.observation_space.shape
-        in_unit_box = isinstance(space, gym.spaces.Box) and space.shape == (task.act_dim,) and (
-            (space.low == -1).all() and (space.high == 1).all())
-        if shape != (task.obs_dim,) or not in_unit_box:
+        with make_env() as env:  # closed at once: only its spaces are checked
+            space, shape = env.action_space, env.observation_space.shape
+        if shape != (task.obs_dim,) or not (isinstance(space, gym.spaces.Box) and space.shape == (task.act_dim,)
+                                            and (space.low == -1).all() and (space.high == 1).all()):
             raise ValueError(f"make_env() gives observations of shape {shape} and actions {space}, the data obs_dim "
                              f"{task.obs_dim} and actions in [-1, 1]^{task.act_dim}: wrap the env in "
                              "gymnasium.wrappers.RescaleAction(env, -1, 1)")
@@ -787,10 +779,9 @@ def make_run_dir(args: Args) -> Path:
             run_dir.mkdir(parents=True, exist_ok=given)
             return run_dir
         except OSError as err:
-            if isinstance(err, FileExistsError) and not given:
-                continue  # another run took this name
-            raise ValueError(f"cannot create the run folder {run_dir} ({err.strerror}); pass a writable "
-                             f"{'--run-dir' if given else '--out-dir'}") from err
+            if given or not isinstance(err, FileExistsError):  # else another run took this name: the next suffix
+                raise ValueError(f"cannot create the run folder {run_dir} ({err.strerror}); pass a writable "
+                                 f"{'--run-dir' if given else '--out-dir'}") from err
     raise ValueError(f"too many runs named {base}*; pass another --exp-name")
 
 
@@ -809,7 +800,6 @@ def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Calla
     ref_scores, the (min, max) return of the normalized score (None: 100 x return). Returns summary.json's dict."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
-
     resumed = load_checkpoint(args.resume) if args.resume else None
     if resumed is not None:  # rebuilt with the class of `args`: baselines.py's BaselineArgs knows its extra fields
         if unknown := set(resumed["args"]) - {f.name for f in dataclasses.fields(args)}:
@@ -818,8 +808,7 @@ def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Calla
                              f"--resume {args.resume}")
         args = dataclasses.replace(type(args)(**resumed["args"]), resume=args.resume)
     args = args.resolved()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -839,14 +828,13 @@ def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Calla
     data["reward"] = (data["reward"] + args.reward_bias) * args.reward_scale
     buffer = ReplayBuffer(data, device, generator)
     agent = OFQL(task, args, device)
-    history: list[dict] = []
     if resumed is not None:
         run_dir, history = Path(args.resume).parent, resumed["history"]
         agent.load_state_dict(resumed["agent"])
         set_rng_state(resumed["rng"], generator)
         print(f"resumed {args.resume} at step {agent.step}")
     else:
-        run_dir = make_run_dir(args)
+        run_dir, history = make_run_dir(args), []
     print(f"{args.label} on {args.env}, {args.total_steps} steps; run folder: {run_dir}", flush=True)
     if args.compile:
         print("--compile: the first two gradient steps compile (about a minute on a CPU)", flush=True)
@@ -858,11 +846,10 @@ def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Calla
     ckpt_path = run_dir / "checkpoint.pt"
     q_bound = args.divergence_margin * max(float(np.abs(data["reward"]).max()), 1e-6) / (1 - args.gamma)
     start, t0, evaluated = agent.step, time.time(), task.make_env is not None
-    progress = tqdm(range(agent.step, args.total_steps), initial=agent.step, total=args.total_steps,
+    progress = tqdm(range(agent.step + 1, args.total_steps + 1), initial=agent.step, total=args.total_steps,
                     desc=args.env, unit="step", dynamic_ncols=True, mininterval=1.0)
-    for step in progress:
+    for done in progress:  # the step count after this update
         metrics = agent.update(buffer.sample(args.batch_size), swap_heads=random.random() < 0.5)
-        done = step + 1
         if done % args.log_every == 0 or done == args.total_steps:
             values = {k: v.item() for k, v in metrics.items()}
             values["charts/steps_per_second"] = (done - start) / (time.time() - t0)
@@ -888,15 +875,13 @@ def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Calla
         if done % args.save_every == 0 or done == args.total_steps:
             save_checkpoint(ckpt_path, agent, args, normalizer, generator, history)
             if args.keep_checkpoints:
-                shutil.copyfile(ckpt_path, run_dir / f"checkpoint_{done}.pt")
+                (run_dir / f"checkpoint_{done}.pt").write_bytes(ckpt_path.read_bytes())
     progress.close()
     if task.plot_samples is not None:  # the bandit: the evaluation policy's samples next to the data
         with torch.no_grad():
             samples = agent.evaluation_act(torch.zeros(2000, task.obs_dim, device=device)).cpu().numpy()
         task.plot_samples(samples, args.label, run_dir)
-
-    wall = time.time() - t0
-    scores = [h["score_mean"] for h in history]
+    wall, scores = time.time() - t0, [h["score_mean"] for h in history]
     summary = {"env": args.env, "steps": agent.step, "wall_time_s": wall,
                "steps_per_second": (agent.step - start) / max(wall, 1e-9),
                "final_score": scores[-1] if scores else None, "best_score": max(scores) if scores else None,
