@@ -1,14 +1,13 @@
 """One-Step Flow Q-Learning (OFQL), single-file reference implementation.
 
-OFQL (Nguyen & Yoo, arXiv 2508.13904) is Diffusion Q-Learning with the DDPM policy replaced by a
-MeanFlow *average-velocity* policy u(z, r, t; s). One network call turns noise into an action:
+OFQL (Nguyen & Yoo, arXiv 2508.13904) is Diffusion Q-Learning with the DDPM policy replaced by a MeanFlow
+*average-velocity* policy u(z, r, t; s). One network call turns noise into an action:
 
     a = clip(e - u(e, r=0, t=1; s), -1, 1),   e ~ N(0, I)
 
-Time convention: z_t = (1 - t) a + t e, t = 1 is noise, velocity v = e - a, 0 <= r <= t <= 1.
-Behaviour cloning regresses u onto the MeanFlow identity  u = v - (t - r) du/dt,  where
-du/dt = v . d_z u + d_t u is a forward-mode derivative (tangents (v, 0, 1) for (z, r, t)).
-Twin critics are trained as in DQL; the actor loss is  L_BC - eta * Q(s, a_pi) / E|Q|.
+Time convention: z_t = (1 - t) a + t e, t = 1 is noise, velocity v = e - a, 0 <= r <= t <= 1. Behaviour cloning
+regresses u onto the MeanFlow identity  u = v - (t - r) du/dt,  where du/dt = v . d_z u + d_t u is a forward-mode
+derivative (tangents (v, 0, 1) for (z, r, t)). The actor loss is  L_BC - eta * Q(s, a_pi) / E|Q|;  twin critics: DQL's.
 
 `python ofql.py --help` lists every option; `ofql.train(args, data=..., make_env=...)` trains on your own arrays
 (docs/own_data.md); task names load through the data modules next to this file (docs/data.md).
@@ -75,7 +74,6 @@ class Args:
     """Weights & Biases project name, with --track"""
     resume: str | None = None
     """checkpoint file to continue from (its run folder is reused; its args win over the command line)"""
-
     # --- training
     total_steps: int | None = None
     """gradient steps (None: the task preset; paper: 1M)"""
@@ -117,7 +115,6 @@ class Args:
     """reward -> (reward + reward_bias) * reward_scale (None: task preset)"""
     reward_bias: float | None = None
     """see reward_scale (None: task preset)"""
-
     # --- flow policy
     flow_ratio: float = 0.5
     """fraction of each batch with r = t (flow-matching target v; 1 = FM only); MeanFlow's flow_ratio is 1 - this"""
@@ -135,7 +132,6 @@ class Args:
     """width of actor and critic MLPs (None: task preset; DQL and the paper: 256)"""
     critic_layer_norm: bool | None = None
     """LayerNorm after each hidden activation of the critic, as FQL's; DQL's has none (None: task preset)"""
-
     # --- evaluation
     eval_every: int | None = None
     """gradient steps between evaluations (None: task preset)"""
@@ -174,11 +170,10 @@ class Args:
         if args.eval_select not in (None, select):  # a changed selection: the paper's 50 candidates and noise
             _, samples, _, noise_scale = EVAL_PROTOCOLS["paper"]
             select = args.eval_select
-        args = dataclasses.replace(
-            args, save_every=args.eval_every if args.save_every is None else args.save_every, eval_select=select,
-            eval_samples=1 if select == "one" else args.eval_samples or samples,
-            eval_temperature=temperature if args.eval_temperature is None else args.eval_temperature,
-            eval_noise_scale=noise_scale if args.eval_noise_scale is None else args.eval_noise_scale)
+        samples = 1 if select == "one" else args.eval_samples or samples
+        unset = {"save_every": args.eval_every, "eval_temperature": temperature, "eval_noise_scale": noise_scale}
+        args = dataclasses.replace(args, eval_select=select, eval_samples=samples,
+                                   **{key: value for key, value in unset.items() if getattr(args, key) is None})
         problems = [f"--{key.replace('_', '-')} {getattr(args, key)} must be a finite number in {interval}"
                     for key, interval in RANGES.items() if not in_range(getattr(args, key), interval)]
         if problems:
@@ -237,9 +232,8 @@ def data_module(env: str, required: bool = False):
 
 
 def task_preset(env: str, paper: bool = False) -> dict:
-    """DEFAULTS, then the task's family settings and DQL's row from its data module (none: `mujoco`, your own data's);
-    the `mujoco` family (D4RL's MuJoCo names, other Minari data, yours) takes MUJOCO and the argmax protocol under
-    DQL's row. paper: PAPER over them, with DQL's MuJoCo eta (1.0) (AntMaze's and Kitchen's rows hold DQL's eta)."""
+    """DEFAULTS, then the family settings and DQL's row of the task from its data module (`mujoco`, your own data's and
+    other Minari data's: MUJOCO and argmax selection under DQL's row); paper: PAPER and DQL's MuJoCo eta (1) over it."""
     family, settings = module.task_settings(env) if (module := data_module(env)) else ("mujoco", {})
     if paper and family not in ("mujoco", "antmaze", "kitchen"):
         raise ValueError(f"invalid arguments: --preset paper is for D4RL's MuJoCo, AntMaze and Kitchen tasks and other "
@@ -319,8 +313,7 @@ class TimeEmbedding(nn.Module):
 
     def __init__(self, dim: int = 16, scale: float = 1.0):
         super().__init__()
-        half = dim // 2
-        self.register_buffer("freqs", scale * torch.exp(-math.log(10000) / (half - 1) * torch.arange(half)))
+        self.register_buffer("freqs", scale * torch.exp(-math.log(10000) / (dim // 2 - 1) * torch.arange(dim // 2)))
         self.mlp = mlp([dim, 2 * dim, dim])
 
     def forward(self, time: torch.Tensor) -> torch.Tensor:
@@ -361,8 +354,7 @@ class MeanFlowActor(nn.Module):
         """u(z, r, t) with its graph, and du/dt = v . d_z u + d_t u (JVP, tangents (v, 0, 1) for (z, r, t)) without."""
         if self.backend == "triton":  # one fused launch for u and du/dt; u's backward is torch over saved activations
             return kernels.velocity_and_dudt(kernels.actor_weights(self), z, r, t, obs, v)
-        emb_t, demb_t = self.emb_t.forward_with_tangent(t)
-        emb_r = self.emb_r(r)
+        (emb_t, demb_t), emb_r = self.emb_t.forward_with_tangent(t), self.emb_r(r)
         x = torch.cat([z, emb_r, emb_t, obs], -1)
         with torch.no_grad():
             tangent = torch.cat([v, torch.zeros_like(emb_r), demb_t, torch.zeros_like(obs)], -1)
@@ -383,8 +375,7 @@ class MeanFlowActor(nn.Module):
 
     def one_step_times(self, device) -> torch.Tensor:
         """[emb(r = 0), emb(t = 1)] [1, 2 * time_dim]: the time input of every one-step action."""
-        one = torch.ones(1, device=device)
-        return torch.cat([self.emb_r(0 * one), self.emb_t(one)], -1)
+        return torch.cat([self.emb_r(torch.zeros(1, device=device)), self.emb_t(torch.ones(1, device=device))], -1)
 
 
 class EnsembleLinear(nn.Module):
@@ -471,9 +462,8 @@ def td_target(actor, critic_target, batch, args: Args) -> torch.Tensor:
 
 
 # ---- Agent: networks, optimisers and one gradient step -------------------------------------
-@torch.compiler.disable  # --compile leaves fused Adam (one kernel) eager: compiled, each new lr recompiled it
-def optimizer_step(opt: torch.optim.Optimizer):
-    opt.step()
+# --compile leaves fused Adam (one kernel) eager: compiled, each new lr recompiled it
+optimizer_step = torch.compiler.disable(lambda opt: opt.step())
 
 
 class OFQL:
@@ -549,9 +539,8 @@ class OFQL:
         return metrics
 
     # what a checkpoint holds, with the step: file key -> attribute ("actor_target": the EMA copy, else the actor)
-    STATE = {"actor": "actor", "actor_target": "actor_ema", "critic": "critic", "critic_target": "critic_target",
-             "actor_opt": "actor_opt", "critic_opt": "critic_opt", "actor_sched": "actor_sched",
-             "critic_sched": "critic_sched"}
+    STATE = {key: key for key in ("actor", "actor_target", "critic", "critic_target", "actor_opt", "critic_opt",
+                                  "actor_sched", "critic_sched")} | {"actor_target": "actor_ema"}
 
     def state_dict(self) -> dict:
         return {key: getattr(self, attr).state_dict() for key, attr in self.STATE.items()} | {"step": self.step}
