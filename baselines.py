@@ -171,7 +171,8 @@ def dql_critic(env: str) -> dict[str, float | bool]:
 
 
 def family(env: str) -> str:
-    """The task family of a name (ofql.FAMILIES' keys), from its data module."""
+    """The task family of a name (`mujoco`, `antmaze`, `kitchen`, `bandit`, `pendulum` or `ogbench`), from its data
+    module's task_settings."""
     return ofql.data_module(env).task_settings(env)[0]
 
 

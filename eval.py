@@ -30,6 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
 
+import gymnasium as gym
 import numpy as np
 import torch
 import tyro
@@ -131,6 +132,33 @@ def with_eval_selection(args: ofql.Args, cfg: EvalArgs) -> ofql.Args:
     return dataclasses.replace(args, **given).resolved() if given else args
 
 
+class RecordFrames(gym.Wrapper):
+    """An env that appends its RGB frame to `frames` after every step (--video)."""
+
+    def __init__(self, env: gym.Env, frames: list):
+        super().__init__(env)
+        self.frames = frames
+
+    def step(self, action):
+        result = self.env.step(action)
+        self.frames.append(self.env.render())
+        return result
+
+
+def recording(task: ofql.Task, frames: list) -> ofql.Task:
+    """The task whose first env made, ofql.evaluate's first episode, appends its RGB frames to `frames`."""
+    envs_made = 0
+
+    def make_env(**kwargs):
+        nonlocal envs_made
+        envs_made += 1
+        if envs_made > 1:
+            return task.make_env(**kwargs)
+        return RecordFrames(task.make_env(render_mode="rgb_array", **kwargs), frames)
+
+    return dataclasses.replace(task, make_env=make_env)
+
+
 def write_gif(path: Path, frames: list[np.ndarray], fps: int):
     from PIL import Image
 
@@ -147,7 +175,8 @@ def evaluate_checkpoint(cfg: EvalArgs) -> dict:
     for seed in tqdm(cfg.seeds, desc="seeds", unit="seed"):
         frames = [] if cfg.video and task.make_env is not None else None
         try:
-            result = ofql.evaluate(agent, task, normalizer, args, cfg.episodes, seed, frames=frames)
+            result = ofql.evaluate(agent, recording(task, frames) if frames is not None else task, normalizer, args,
+                                   cfg.episodes, seed)
         except Exception as err:  # rendering needs an OpenGL context that headless machines may lack
             if frames is None:
                 raise

@@ -1,14 +1,13 @@
 """One-Step Flow Q-Learning (OFQL), single-file reference implementation.
 
-OFQL (Nguyen & Yoo, arXiv 2508.13904) is Diffusion Q-Learning with the DDPM policy replaced by a
-MeanFlow *average-velocity* policy u(z, r, t; s). One network call turns noise into an action:
+OFQL (Nguyen & Yoo, arXiv 2508.13904) is Diffusion Q-Learning with the DDPM policy replaced by a MeanFlow
+*average-velocity* policy u(z, r, t; s). One network call turns noise into an action:
 
     a = clip(e - u(e, r=0, t=1; s), -1, 1),   e ~ N(0, I)
 
-Time convention: z_t = (1 - t) a + t e, t = 1 is noise, velocity v = e - a, 0 <= r <= t <= 1.
-Behaviour cloning regresses u onto the MeanFlow identity  u = v - (t - r) du/dt,  where
-du/dt = v . d_z u + d_t u is a forward-mode derivative (tangents (v, 0, 1) for (z, r, t)).
-Twin critics are trained as in DQL; the actor loss is  L_BC - eta * Q(s, a_pi) / E|Q|.
+Time convention: z_t = (1 - t) a + t e, t = 1 is noise, velocity v = e - a, 0 <= r <= t <= 1. Behaviour cloning
+regresses u onto the MeanFlow identity  u = v - (t - r) du/dt,  where du/dt = v . d_z u + d_t u is a forward-mode
+derivative (tangents (v, 0, 1) for (z, r, t)). The actor loss is  L_BC - eta * Q(s, a_pi) / E|Q|;  twin critics: DQL's.
 
 `python ofql.py --help` lists every option; `ofql.train(args, data=..., make_env=...)` trains on your own arrays
 (docs/own_data.md); task names load through the data modules next to this file (docs/data.md).
@@ -21,7 +20,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +74,6 @@ class Args:
     """Weights & Biases project name, with --track"""
     resume: str | None = None
     """checkpoint file to continue from (its run folder is reused; its args win over the command line)"""
-
     # --- training
     total_steps: int | None = None
     """gradient steps (None: the task preset; paper: 1M)"""
@@ -118,7 +115,6 @@ class Args:
     """reward -> (reward + reward_bias) * reward_scale (None: task preset)"""
     reward_bias: float | None = None
     """see reward_scale (None: task preset)"""
-
     # --- flow policy
     flow_ratio: float = 0.5
     """fraction of each batch with r = t (flow-matching target v; 1 = FM only); MeanFlow's flow_ratio is 1 - this"""
@@ -136,7 +132,6 @@ class Args:
     """width of actor and critic MLPs (None: task preset; DQL and the paper: 256)"""
     critic_layer_norm: bool | None = None
     """LayerNorm after each hidden activation of the critic, as FQL's; DQL's has none (None: task preset)"""
-
     # --- evaluation
     eval_every: int | None = None
     """gradient steps between evaluations (None: task preset)"""
@@ -175,11 +170,10 @@ class Args:
         if args.eval_select not in (None, select):  # a changed selection: the paper's 50 candidates and noise
             _, samples, _, noise_scale = EVAL_PROTOCOLS["paper"]
             select = args.eval_select
-        args = dataclasses.replace(
-            args, save_every=args.eval_every if args.save_every is None else args.save_every, eval_select=select,
-            eval_samples=1 if select == "one" else args.eval_samples or samples,
-            eval_temperature=temperature if args.eval_temperature is None else args.eval_temperature,
-            eval_noise_scale=noise_scale if args.eval_noise_scale is None else args.eval_noise_scale)
+        samples = 1 if select == "one" else args.eval_samples or samples
+        unset = {"save_every": args.eval_every, "eval_temperature": temperature, "eval_noise_scale": noise_scale}
+        args = dataclasses.replace(args, eval_select=select, eval_samples=samples,
+                                   **{key: value for key, value in unset.items() if getattr(args, key) is None})
         problems = [f"--{key.replace('_', '-')} {getattr(args, key)} must be a finite number in {interval}"
                     for key, interval in RANGES.items() if not in_range(getattr(args, key), interval)]
         if problems:
@@ -196,56 +190,14 @@ class Args:
 
 MUJOCO_ETA = 0.1  # OFQL's eta on MuJoCo tasks (mean-reduced BC loss), from the stand-in calibration (docs/calibration.md)
 MUJOCO = {"gamma": 0.995, "tau": 0.02, "critic_layer_norm": True}  # OFQL's MuJoCo critic (DQL: 0.99, 0.005, none)
-# every preset starts from these (DQL's main.py defaults but OFQL's eta, lr decay and action selection), then takes its
-# family's (FAMILIES) and DQL's row of the task (ofql_data.task_settings); docs/algorithm.md#deviations-from-the-paper
+# every preset starts from DQL's main.py defaults but OFQL's eta, lr decay and action selection (docs/algorithm.md)
 DEFAULTS = {"eta": MUJOCO_ETA, "lr": 3e-4, "critic_lr": 3e-4, "lr_decay": True, "grad_norm": 9.0, "max_q_backup": False,
             "reward_scale": 1.0, "reward_bias": 0.0, "total_steps": 1_000_000, "gamma": 0.99, "tau": 0.005,
             "eval_every": 10_000, "hidden_dim": 256, "critic_layer_norm": False, "eval_protocol": "deterministic",
             "normalize_obs": True, "adaptive_weight": 0.5, "eval_episodes": 10}
-FAMILIES = {  # OFQL's settings per task family (MuJoCo's and the built-ins' measured, docs/calibration.md)
-    "mujoco": {"eval_protocol": "argmax", **MUJOCO},  # D4RL's MuJoCo tasks, any other Minari dataset, your own data
-    "antmaze": {"reward_scale": 4.0, "reward_bias": -0.5, "eval_protocol": "paper"},  # DQL's reward (r - 0.5) * 4
-    "kitchen": {"eval_protocol": "paper"},
-    # built-in tasks (no download); the bandit's critic must resolve 0.15-wide reward windows: no lr decay
-    "bandit": {"eta": 0.3, "lr": 1e-3, "critic_lr": 1e-3, "lr_decay": False, "grad_norm": 0.0, "total_steps": 2000,
-               "eval_every": 500, "hidden_dim": 128, "eval_protocol": "one", "eval_episodes": 1000},  # one-step episodes
-    "pendulum": {"eta": 3.0, "total_steps": 6000, "eval_every": 1000},
-    "ogbench": {"critic_layer_norm": True, "eval_protocol": "one"},  # FQL's; eta MuJoCo's (docs/ogbench.md)
-}
-
-
-def data_module(env: str):
-    """The data module of a task name next to this file (docs/data.md), None if absent: imported here only, so ofql.py
-    copied alone trains on in-memory data."""
-    try:
-        if env.startswith("ogbench/"):
-            import ogbench_tasks as module  # the optional ogbench package is imported inside its loader
-        else:
-            import ofql_data as module
-    except ModuleNotFoundError as err:
-        if err.name not in ("ogbench_tasks", "ofql_data"):
-            raise
-        return None
-    return module
-
-
-# --preset paper: what the paper ran, DQL's protocol (docs/algorithm.md#the-papers-configuration): DQL's critic and
-# sample_action, constant lr (DQL's cosine lr_decay is a no-op bug), raw observations, no adaptive weight
+# --preset paper: DQL's critic and sample_action, constant lr (DQL's decay is a no-op bug), raw obs, no adaptive weight
 PAPER = {"gamma": 0.99, "tau": 0.005, "critic_layer_norm": False, "eval_protocol": "paper", "lr_decay": False,
          "normalize_obs": False, "adaptive_weight": 0.0, "eval_episodes": 150}
-
-
-def task_preset(env: str, paper: bool = False) -> dict:
-    """DEFAULTS, the family's settings and DQL's row of the task (from its data module; none: `mujoco`); paper: PAPER
-    over them, with DQL's MuJoCo eta (1.0) (AntMaze's and Kitchen's rows hold DQL's eta already)."""
-    module = data_module(env)
-    family, row = module.task_settings(env) if module else ("ogbench" if env.startswith("ogbench/") else "mujoco", {})
-    if paper and family not in ("mujoco", "antmaze", "kitchen"):
-        raise ValueError(f"invalid arguments: --preset paper is for D4RL's MuJoCo, AntMaze and Kitchen tasks and other "
-                         f"Minari data (the paper's); {env} is a {family} task: drop --preset paper")
-    return DEFAULTS | FAMILIES[family] | row | (PAPER | ({"eta": 1.0} if family == "mujoco" else {}) if paper else {})
-
-
 # numeric flags and the interval each must lie in (NaN and Inf never do)
 RANGES = {"eta": "[0, inf)", "lr": "(0, inf)", "critic_lr": "(0, inf)", "gamma": "(0, 1)", "tau": "(0, 1]",
           "grad_norm": "(-inf, inf)", "reward_scale": "(-inf, inf)", "reward_bias": "(-inf, inf)", "flow_ratio": "[0, 1]",
@@ -254,6 +206,40 @@ RANGES = {"eta": "[0, inf)", "lr": "(0, inf)", "critic_lr": "(0, inf)", "gamma":
           "ema_decay": "[0, 1]", "divergence_margin": "(0, inf)", **dict.fromkeys((
               "batch_size", "total_steps", "eval_samples", "eval_episodes", "eval_every", "save_every", "log_every",
               "max_q_samples", "ema_every"), "[1, inf)")}
+# --eval-protocol -> (eval_select, eval_samples, eval_temperature, eval_noise_scale)
+EVAL_PROTOCOLS = {"paper": ("softmax", 50, 1.0, 1.0), "argmax": ("argmax", 50, 1.0, 1.0), "one": ("one", 1, 1.0, 1.0),
+                  "deterministic": ("one", 1, 1.0, 0.0)}
+TRANSITIONS = ("obs", "action", "reward", "next_obs", "mask", "episode_end")  # train(data=...)'s; the last optional
+CHECKPOINT_FORMAT = "ofql-checkpoint-v2"  # v1 pickled numpy/python objects; v2 holds tensors and plain values only
+
+
+def data_module(env: str, required: bool = False):
+    """The data module of a task name (docs/data.md), ogbench_tasks.py for `ogbench/` names, else ofql_data.py: imported
+    here only, so ofql.py copied alone trains on in-memory data. Absent: None, or a ValueError where `required`."""
+    try:
+        if env.startswith("ogbench/"):
+            import ogbench_tasks as module  # the optional ogbench package is imported inside its loader
+        else:
+            import ofql_data as module
+    except ModuleNotFoundError as err:
+        if err.name not in ("ogbench_tasks", "ofql_data"):
+            raise
+        if required:
+            raise ValueError(f"--env {env} loads through {err.name}.py, which is not next to ofql.py: copy it there "
+                             "(docs/data.md), or train on your own arrays with ofql.train(args, data=...)") from None
+        return None
+    return module
+
+
+def task_preset(env: str, paper: bool = False) -> dict:
+    """DEFAULTS, then the family settings and DQL's row of the task from its data module (`mujoco`, your own data's and
+    other Minari data's: MUJOCO and argmax selection under DQL's row); paper: PAPER and DQL's MuJoCo eta (1) over it."""
+    family, settings = module.task_settings(env) if (module := data_module(env)) else ("mujoco", {})
+    if paper and family not in ("mujoco", "antmaze", "kitchen"):
+        raise ValueError(f"invalid arguments: --preset paper is for D4RL's MuJoCo, AntMaze and Kitchen tasks and other "
+                         f"Minari data (the paper's); {env} is a {family} task: drop --preset paper")
+    mujoco = {"eval_protocol": "argmax", **MUJOCO} if family == "mujoco" else {}
+    return DEFAULTS | mujoco | settings | (PAPER | ({"eta": 1.0} if family == "mujoco" else {}) if paper else {})
 
 
 def in_range(value: float, interval: str) -> bool:
@@ -261,11 +247,6 @@ def in_range(value: float, interval: str) -> bool:
     low, high = (float(bound) for bound in interval[1:-1].split(", "))
     return math.isfinite(value) and (low <= value if interval[0] == "[" else low < value) and (
         value <= high if interval[-1] == "]" else value < high)
-
-
-# --eval-protocol -> (eval_select, eval_samples, eval_temperature, eval_noise_scale)
-EVAL_PROTOCOLS = {"paper": ("softmax", 50, 1.0, 1.0), "argmax": ("argmax", 50, 1.0, 1.0), "one": ("one", 1, 1.0, 1.0),
-                  "deterministic": ("one", 1, 1.0, 0.0)}
 
 
 @dataclass
@@ -283,16 +264,10 @@ class Task:
     plot_samples: Callable[[np.ndarray, str, Path], None] | None = None
 
 
-def load_task(env_name: str, with_data: bool = True, d4rl_mirror: str | None = None
-              ) -> tuple[Task, dict[str, np.ndarray] | None]:
-    """Task and raw transitions (actions in [-1, 1]) of a task name, from its data module (data_module; docs/data.md).
-    with_data=False: the task only (eval.py: no episodes read)."""
-    if (module := data_module(env_name)) is None:
-        name = "ogbench_tasks" if env_name.startswith("ogbench/") else "ofql_data"
-        raise ValueError(f"--env {env_name} loads through {name}.py, which is not next to ofql.py: copy it there "
-                         "(docs/data.md), or train on your own arrays with ofql.train(args, data=...)")
-    fields, data = module.load_task(env_name, with_data, d4rl_mirror)
-    return Task(env_name, **fields), data
+def load_task(env_name: str, with_data: bool = True, d4rl_mirror: str | None = None) -> tuple[Task, dict | None]:
+    """Task and checked transitions (check_data) of a task name from its data module; with_data=False: the task only."""
+    fields, data = data_module(env_name, required=True).load_task(env_name, with_data, d4rl_mirror)
+    return Task(env_name, **fields), None if data is None else check_data(data)
 
 
 # ---- Networks ------------------------------------------------------------------------------
@@ -338,8 +313,7 @@ class TimeEmbedding(nn.Module):
 
     def __init__(self, dim: int = 16, scale: float = 1.0):
         super().__init__()
-        half = dim // 2
-        self.register_buffer("freqs", scale * torch.exp(-math.log(10000) / (half - 1) * torch.arange(half)))
+        self.register_buffer("freqs", scale * torch.exp(-math.log(10000) / (dim // 2 - 1) * torch.arange(dim // 2)))
         self.mlp = mlp([dim, 2 * dim, dim])
 
     def forward(self, time: torch.Tensor) -> torch.Tensor:
@@ -380,8 +354,7 @@ class MeanFlowActor(nn.Module):
         """u(z, r, t) with its graph, and du/dt = v . d_z u + d_t u (JVP, tangents (v, 0, 1) for (z, r, t)) without."""
         if self.backend == "triton":  # one fused launch for u and du/dt; u's backward is torch over saved activations
             return kernels.velocity_and_dudt(kernels.actor_weights(self), z, r, t, obs, v)
-        emb_t, demb_t = self.emb_t.forward_with_tangent(t)
-        emb_r = self.emb_r(r)
+        (emb_t, demb_t), emb_r = self.emb_t.forward_with_tangent(t), self.emb_r(r)
         x = torch.cat([z, emb_r, emb_t, obs], -1)
         with torch.no_grad():
             tangent = torch.cat([v, torch.zeros_like(emb_r), demb_t, torch.zeros_like(obs)], -1)
@@ -402,8 +375,7 @@ class MeanFlowActor(nn.Module):
 
     def one_step_times(self, device) -> torch.Tensor:
         """[emb(r = 0), emb(t = 1)] [1, 2 * time_dim]: the time input of every one-step action."""
-        one = torch.ones(1, device=device)
-        return torch.cat([self.emb_r(0 * one), self.emb_t(one)], -1)
+        return torch.cat([self.emb_r(torch.zeros(1, device=device)), self.emb_t(torch.ones(1, device=device))], -1)
 
 
 class EnsembleLinear(nn.Module):
@@ -490,9 +462,8 @@ def td_target(actor, critic_target, batch, args: Args) -> torch.Tensor:
 
 
 # ---- Agent: networks, optimisers and one gradient step -------------------------------------
-@torch.compiler.disable  # --compile leaves fused Adam (one kernel) eager: compiled, each new lr recompiled it
-def optimizer_step(opt: torch.optim.Optimizer):
-    opt.step()
+# --compile leaves fused Adam (one kernel) eager: compiled, each new lr recompiled it
+optimizer_step = torch.compiler.disable(lambda opt: opt.step())
 
 
 class OFQL:
@@ -568,9 +539,8 @@ class OFQL:
         return metrics
 
     # what a checkpoint holds, with the step: file key -> attribute ("actor_target": the EMA copy, else the actor)
-    STATE = {"actor": "actor", "actor_target": "actor_ema", "critic": "critic", "critic_target": "critic_target",
-             "actor_opt": "actor_opt", "critic_opt": "critic_opt", "actor_sched": "actor_sched",
-             "critic_sched": "critic_sched"}
+    STATE = {key: key for key in ("actor", "actor_target", "critic", "critic_target", "actor_opt", "critic_opt",
+                                  "actor_sched", "critic_sched")} | {"actor_target": "actor_ema"}
 
     def state_dict(self) -> dict:
         return {key: getattr(self, attr).state_dict() for key, attr in self.STATE.items()} | {"step": self.step}
@@ -619,18 +589,16 @@ def sample_actions(agent: OFQL, obs: torch.Tensor, args: Args) -> torch.Tensor:
     return actions[choice + torch.arange(len(obs), device=obs.device) * n]
 
 
-def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episodes: int, seed: int, step: int = 0,
-             frames: list | None = None) -> dict:
+def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episodes: int, seed: int, step: int = 0) -> dict:
     """Normalized score x 100 of the return (or of info[task.score_key] at the end: OGBench's success) over `episodes`
-    episodes side by side, one batched policy call per step; `frames` (a list) receives the first one's RGB frames.
+    episodes side by side, one batched policy call per step, in envs made in episode order (eval.py records the first).
     Env seeds and noise from SeedSequence([seed, step]) (training: step >= 1; eval.py: 0); global RNGs untouched."""
     device = next(agent.actor.parameters()).device
     env_seeds = np.random.SeedSequence([seed, step]).generate_state(episodes + 1, np.uint64).tolist()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(env_seeds.pop())  # evaluation's own draws: its protocol and frequency cannot change training
         agent.actor.eval()
-        envs = [task.make_env(**({"render_mode": "rgb_array"} if frames is not None and i == 0 else {}))
-                for i in range(episodes)]
+        envs = [task.make_env() for _ in range(episodes)]
         obs = np.stack([env.reset(seed=env_seed)[0] for env, env_seed in zip(envs, env_seeds)])
         returns, alive, final = np.zeros(episodes), np.ones(episodes, bool), np.zeros(episodes)
         while alive.any():
@@ -639,24 +607,17 @@ def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episod
             for i, action in zip(idx, sample_actions(agent, obs_t, args).cpu().numpy()):
                 obs[i], reward, term, trunc, info = envs[i].step(action)
                 returns[i] += reward
-                if task.score_key:
-                    final[i] = info[task.score_key]
+                final[i] = info[task.score_key] if task.score_key else 0.0
                 alive[i] = not (term or trunc)
-                if frames is not None and i == 0:
-                    frames.append(envs[0].render())
         for env in envs:
             env.close()
-        outcome = final if task.score_key else returns
         agent.actor.train()
-    scores = 100 * (outcome - task.ref_min) / (task.ref_max - task.ref_min)
+    scores = 100 * ((final if task.score_key else returns) - task.ref_min) / (task.ref_max - task.ref_min)
     return {"return_mean": float(returns.mean()), "return_std": float(returns.std()), "score_mean": float(scores.mean()),
             "score_std": float(scores.std()), "ref_source": task.ref_source, "scores": scores.tolist()}
 
 
 # ---- Checkpoints ---------------------------------------------------------------------------
-CHECKPOINT_FORMAT = "ofql-checkpoint-v2"  # v1 pickled numpy/python objects; v2 holds tensors and plain values only
-
-
 def rng_state(generator: torch.Generator) -> dict:
     """Every RNG's state as tensors and plain values (numpy: (name, keys, pos, has_gauss, cached_gaussian))."""
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
@@ -703,16 +664,14 @@ def load_checkpoint(path: str | Path) -> dict:
                          "--checkpoint) an existing, readable file, runs/<run>/checkpoint.pt") from err
     except Exception as err:
         try:  # the functions/classes the pickle would import, read without unpickling it
-            needs = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+            needs = ", ".join(sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path)))
         except Exception:  # not a torch.save zip file
-            needs = set()
-        if needs:  # an ofql-checkpoint-v1 file too: it pickled numpy arrays
-            raise ValueError(f"{path} is not a safe OFQL checkpoint: it holds pickled objects ({', '.join(sorted(needs))}) "
-                             f"whose loading could run arbitrary code, so it was not opened. This version writes and "
-                             f"opens {CHECKPOINT_FORMAT} files only; a file of an older ofql.py (v1, numpy objects) "
-                             "needs the ofql.py that wrote it, or a retrain") from err
-        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(err).__name__}); "
-                         "use another checkpoint of the run") from err
+            needs = ""
+        unsafe = (f"{path} is not a safe OFQL checkpoint: it holds pickled objects ({needs}) whose loading could run "
+                  f"arbitrary code, so it was not opened. This version opens {CHECKPOINT_FORMAT} files only; a file of "
+                  "an older ofql.py (v1, numpy objects) needs the ofql.py that wrote it, or a retrain")
+        corrupt = f"{path} is unreadable (truncated or corrupt: {type(err).__name__}); use another checkpoint of the run"
+        raise ValueError(unsafe if needs else corrupt) from err  # a v1 file is unsafe (numpy objects)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an OFQL checkpoint (written by ofql.py save_checkpoint)")
     if state["args"].pop("mujoco_data", "d4rl") != "d4rl":  # an option of older versions (D4RL names on Minari data)
@@ -722,9 +681,6 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 # ---- Training ------------------------------------------------------------------------------
-TRANSITIONS = ("obs", "action", "reward", "next_obs", "mask", "episode_end")  # train(data=...)'s; the last optional
-
-
 def check_data(data: dict) -> dict[str, np.ndarray]:
     """train(data=...)'s transitions, one row each: obs and next_obs [N, obs_dim], action [N, act_dim] in [-1, 1],
     reward and mask [N] (mask = 1 - terminal: a time limit is no terminal), optionally episode_end [N] (1 on an
@@ -741,9 +697,8 @@ def check_data(data: dict) -> dict[str, np.ndarray]:
             fix = "give numbers of shape " + ("[N, dims] (one dim: x.reshape(-1, 1))" if ndim == 2 else "[N]")
         elif arrays and len(value) != len(arrays["obs"]):
             problem, fix = f"has {len(value)} rows, data['obs'] {len(arrays['obs'])}", "give one row per transition"
-        elif not np.isfinite(value).all():
-            problem = f"holds NaN/Inf (first in row {np.argwhere(~np.isfinite(value))[0, 0]})"
-            fix = "drop or fix those transitions"
+        elif (bad := ~np.isfinite(value)).any():
+            problem, fix = f"holds NaN/Inf (first in row {np.argwhere(bad)[0, 0]})", "drop or fix those transitions"
         elif key == "next_obs" and value.shape != arrays["obs"].shape:
             problem, fix = f"has shape {value.shape}, data['obs'] {arrays['obs'].shape}", "give each next observation"
         elif key == "action" and value.size and np.abs(value).max() > 1:
@@ -773,12 +728,10 @@ def own_task(name: str, data: dict, make_env: Callable[..., gym.Env] | None,
     task = Task(name, data["obs"].shape[1], data["action"].shape[1], make_env, *(ref_scores or (0.0, 1.0)),
                 f"ref_scores {ref_scores} given to ofql.train" if ref_scores else "none (score = 100 x raw return)")
     if make_env is not None:  # a mismatch fails now, not at the first evaluation
-        env = make_env()
-        env.close()
-        space, shape = env.action_space, env.observation_space.shape
-        in_unit_box = isinstance(space, gym.spaces.Box) and space.shape == (task.act_dim,) and (
-            (space.low == -1).all() and (space.high == 1).all())
-        if shape != (task.obs_dim,) or not in_unit_box:
+        with make_env() as env:  # closed at once: only its spaces are checked
+            space, shape = env.action_space, env.observation_space.shape
+        if shape != (task.obs_dim,) or not (isinstance(space, gym.spaces.Box) and space.shape == (task.act_dim,)
+                                            and (space.low == -1).all() and (space.high == 1).all()):
             raise ValueError(f"make_env() gives observations of shape {shape} and actions {space}, the data obs_dim "
                              f"{task.obs_dim} and actions in [-1, 1]^{task.act_dim}: wrap the env in "
                              "gymnasium.wrappers.RescaleAction(env, -1, 1)")
@@ -815,10 +768,9 @@ def make_run_dir(args: Args) -> Path:
             run_dir.mkdir(parents=True, exist_ok=given)
             return run_dir
         except OSError as err:
-            if isinstance(err, FileExistsError) and not given:
-                continue  # another run took this name
-            raise ValueError(f"cannot create the run folder {run_dir} ({err.strerror}); pass a writable "
-                             f"{'--run-dir' if given else '--out-dir'}") from err
+            if given or not isinstance(err, FileExistsError):  # else another run took this name: the next suffix
+                raise ValueError(f"cannot create the run folder {run_dir} ({err.strerror}); pass a writable "
+                                 f"{'--run-dir' if given else '--out-dir'}") from err
     raise ValueError(f"too many runs named {base}*; pass another --exp-name")
 
 
@@ -837,7 +789,6 @@ def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Calla
     ref_scores, the (min, max) return of the normalized score (None: 100 x return). Returns summary.json's dict."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
-
     resumed = load_checkpoint(args.resume) if args.resume else None
     if resumed is not None:  # rebuilt with the class of `args`: baselines.py's BaselineArgs knows its extra fields
         if unknown := set(resumed["args"]) - {f.name for f in dataclasses.fields(args)}:
@@ -846,8 +797,7 @@ def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Calla
                              f"--resume {args.resume}")
         args = dataclasses.replace(type(args)(**resumed["args"]), resume=args.resume)
     args = args.resolved()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -857,11 +807,8 @@ def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Calla
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    if data is None:
-        task, data = load_task(args.env, d4rl_mirror=args.d4rl_mirror)
-        data = check_data(data)
-    else:
-        task, data = own_task(args.env, data, make_env, ref_scores)
+    task, data = (load_task(args.env, d4rl_mirror=args.d4rl_mirror) if data is None
+                  else own_task(args.env, data, make_env, ref_scores))
     if args.batch_size > len(data["obs"]):
         raise ValueError(f"--batch-size {args.batch_size} is larger than the dataset ({len(data['obs'])} transitions)")
     normalizer = (Normalizer(resumed["obs_mean"].numpy(), resumed["obs_std"].numpy()) if resumed is not None
@@ -870,14 +817,13 @@ def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Calla
     data["reward"] = (data["reward"] + args.reward_bias) * args.reward_scale
     buffer = ReplayBuffer(data, device, generator)
     agent = OFQL(task, args, device)
-    history: list[dict] = []
     if resumed is not None:
         run_dir, history = Path(args.resume).parent, resumed["history"]
         agent.load_state_dict(resumed["agent"])
         set_rng_state(resumed["rng"], generator)
         print(f"resumed {args.resume} at step {agent.step}")
     else:
-        run_dir = make_run_dir(args)
+        run_dir, history = make_run_dir(args), []
     print(f"{args.label} on {args.env}, {args.total_steps} steps; run folder: {run_dir}", flush=True)
     if args.compile:
         print("--compile: the first two gradient steps compile (about a minute on a CPU)", flush=True)
@@ -889,11 +835,10 @@ def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Calla
     ckpt_path = run_dir / "checkpoint.pt"
     q_bound = args.divergence_margin * max(float(np.abs(data["reward"]).max()), 1e-6) / (1 - args.gamma)
     start, t0, evaluated = agent.step, time.time(), task.make_env is not None
-    progress = tqdm(range(agent.step, args.total_steps), initial=agent.step, total=args.total_steps,
+    progress = tqdm(range(agent.step + 1, args.total_steps + 1), initial=agent.step, total=args.total_steps,
                     desc=args.env, unit="step", dynamic_ncols=True, mininterval=1.0)
-    for step in progress:
+    for done in progress:  # the step count after this update
         metrics = agent.update(buffer.sample(args.batch_size), swap_heads=random.random() < 0.5)
-        done = step + 1
         if done % args.log_every == 0 or done == args.total_steps:
             values = {k: v.item() for k, v in metrics.items()}
             values["charts/steps_per_second"] = (done - start) / (time.time() - t0)
@@ -919,15 +864,13 @@ def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Calla
         if done % args.save_every == 0 or done == args.total_steps:
             save_checkpoint(ckpt_path, agent, args, normalizer, generator, history)
             if args.keep_checkpoints:
-                shutil.copyfile(ckpt_path, run_dir / f"checkpoint_{done}.pt")
+                (run_dir / f"checkpoint_{done}.pt").write_bytes(ckpt_path.read_bytes())
     progress.close()
     if task.plot_samples is not None:  # the bandit: the evaluation policy's samples next to the data
         with torch.no_grad():
             samples = agent.evaluation_act(torch.zeros(2000, task.obs_dim, device=device)).cpu().numpy()
         task.plot_samples(samples, args.label, run_dir)
-
-    wall = time.time() - t0
-    scores = [h["score_mean"] for h in history]
+    wall, scores = time.time() - t0, [h["score_mean"] for h in history]
     summary = {"env": args.env, "steps": agent.step, "wall_time_s": wall,
                "steps_per_second": (agent.step - start) / max(wall, 1e-9),
                "final_score": scores[-1] if scores else None, "best_score": max(scores) if scores else None,

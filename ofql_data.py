@@ -34,7 +34,7 @@ MINARI_SOURCE = {
 
 
 # DQL's main.py table by task: grad clip, and on AntMaze and Kitchen eta, max-Q backup, lr and steps, which ofql.py's
-# presets keep (ofql.task_preset; DQL's MuJoCo eta, 1.0, is not OFQL's: docs/algorithm.md)
+# presets keep (task_settings, ofql.task_preset; DQL's MuJoCo eta, 1.0, is not OFQL's: docs/algorithm.md)
 DQL_SETTINGS = {
     **{name: {"grad_norm": clip} for name, clip in {
         "halfcheetah-medium-v2": 9, "hopper-medium-v2": 9, "walker2d-medium-v2": 1, "halfcheetah-medium-replay-v2": 2,
@@ -50,15 +50,30 @@ DQL_SETTINGS = {
 }
 
 
+# OFQL's settings of this module's families but `mujoco` (ofql.py's own), under DQL's row of the task (built-ins'
+# measured, docs/calibration.md)
+FAMILY_SETTINGS = {
+    "antmaze": {"reward_scale": 4.0, "reward_bias": -0.5, "eval_protocol": "paper"},  # DQL's reward (r - 0.5) * 4
+    "kitchen": {"eval_protocol": "paper"},
+    # built-in tasks (no download); the bandit (one-step episodes): its critic must resolve 0.15-wide reward windows,
+    # so no lr decay
+    "bandit": {"eta": 0.3, "lr": 1e-3, "critic_lr": 1e-3, "lr_decay": False, "grad_norm": 0.0, "total_steps": 2000,
+               "eval_every": 500, "hidden_dim": 128, "eval_protocol": "one", "eval_episodes": 1000},
+    "pendulum": {"eta": 3.0, "total_steps": 6000, "eval_every": 1000},
+}
+
+
 def task_settings(name: str) -> tuple[str, dict]:
-    """(family, DQL's settings) of a task name: `bandit`, `pendulum`, `antmaze` or `kitchen` (D4RL's names, Minari's
-    D4RL/antmaze/* and D4RL/kitchen/* ids and their folders: DQL's row of the same maze or task), else `mujoco`."""
+    """(family, settings) of a task name for ofql.task_preset: `bandit`, `pendulum`, `antmaze` or `kitchen` (D4RL's
+    names, Minari's D4RL/antmaze/* and D4RL/kitchen/* ids and their folders: DQL's row of the same maze or task), else
+    `mujoco`; settings: the family's (FAMILY_SETTINGS), then DQL's row of the task (DQL_SETTINGS)."""
     if name in ("bandit-8modes", "pendulum-swingup"):
-        return name.split("-")[0], {}
+        family = name.split("-")[0]
+        return family, dict(FAMILY_SETTINGS[family])
     family = next((f for f in ("antmaze", "kitchen") if name.startswith(f + "-") or f"/{f}/" in f"/{name}"), "mujoco")
     if family != "mujoco" and name not in DQL_SETTINGS:  # D4RL/antmaze/medium-play-v1 -> antmaze-medium-play-v0
         name = f"{family}-{Path(name.rstrip('/')).name.rsplit('-v', 1)[0]}-v0"
-    return family, dict(DQL_SETTINGS.get(name, {}))
+    return family, FAMILY_SETTINGS.get(family, {}) | DQL_SETTINGS.get(name, {})
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,11 @@
 
 A leaf, like ofql_data.py: it imports no project file, and ofql.load_task imports it for `ogbench/` names only, so
 the optional `ogbench` package is needed only there (it is imported inside the functions that use it). It returns
-plain data (`load_task`: task fields as a dict, transitions as numpy arrays; `task_settings`: FQL's discount of a
-dataset); the rest of the OGBench preset (critic LayerNorm, one-sample evaluation) is ofql.py's (ofql.FAMILIES). It reads the
-data as FQL does. `generate` rewrites a manipulation dataset (cube, scene, puzzle) with the scripted oracles the
-`ogbench` package ships, by OGBench's published procedure: another draw of the same distribution, not the published
-file. Training moved to ofql.py: `python ogbench_tasks.py --env ...` answers with the ofql.py command.
+plain data (`load_task`: task fields as a dict, transitions as numpy arrays; `task_settings`: the OGBench preset, FQL's
+critic LayerNorm, one-sample evaluation and discount of a dataset). It reads the data as FQL does. `generate` rewrites
+a manipulation dataset (cube, scene, puzzle) with the scripted oracles the `ogbench` package ships, by OGBench's
+published procedure: another draw of the same distribution, not the published file. Training moved to ofql.py:
+`python ogbench_tasks.py --env ...` answers with the ofql.py command.
 """
 from __future__ import annotations
 
@@ -32,10 +32,12 @@ import tyro
 
 
 def task_settings(name: str) -> tuple[str, dict]:
-    """("ogbench", FQL's discount): 0.995 where FQL used it (antmaze-giant, humanoidmaze-medium/large, antsoccer-arena),
-    extended to the other giant and humanoid mazes and antsoccer-medium, else 0.99 (docs/ogbench.md)."""
+    """("ogbench", settings) for ofql.task_preset: FQL's critic LayerNorm and one-sample evaluation (eta: ofql.py's
+    MuJoCo default), and FQL's discount: 0.995 where FQL used it (antmaze-giant, humanoidmaze-medium/large,
+    antsoccer-arena), extended to the other giant and humanoid mazes and antsoccer-medium, else 0.99 (docs/ogbench.md)."""
     name = name.removeprefix("ogbench/")
-    return "ogbench", {"gamma": 0.995 if name.startswith(("humanoidmaze-", "antsoccer-")) or "maze-giant-" in name else 0.99}
+    gamma = 0.995 if name.startswith(("humanoidmaze-", "antsoccer-")) or "maze-giant-" in name else 0.99
+    return "ogbench", {"critic_layer_norm": True, "eval_protocol": "one", "gamma": gamma}
 
 
 def dataset_folder(out_dir: str | None = None) -> Path:

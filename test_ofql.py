@@ -1644,7 +1644,7 @@ def test_every_task_family_resolves_its_preset(name, family, fields):
 
 def test_a_missing_data_module_names_itself_and_the_in_memory_entry(monkeypatch):
     """Without ogbench_tasks.py (or ofql_data.py) next to ofql.py, a task name of that family says which file it loads
-    through. The OGBench preset: FQL's critic and evaluation (ofql.FAMILIES), FQL's discount (ogbench_tasks)."""
+    through. The OGBench preset: FQL's critic, evaluation and discount (ogbench_tasks.task_settings)."""
     preset = ofql.Args(env=CUBE_OG).resolved()  # FQL's, unchanged from ogbench_tasks.ogbench_preset of older versions
     assert (preset.gamma, preset.critic_layer_norm, preset.eval_protocol, preset.eta) == (0.99, True, "one", 0.1)
     assert ofql.Args(env="ogbench/antmaze-giant-navigate-singletask-v0").resolved().gamma == 0.995
