@@ -344,8 +344,11 @@ def report(a):
         else:
             by["ofql"].setdefault(ofql_config(r["ofql_args"]), []).append(r["success"])
 
+    def mean_std(v: list[float]) -> list[float] | None:  # std over seeds (population), as the table shows it
+        return [round(statistics.mean(v), 1), round(statistics.pstdev(v), 1)] if v else None
+
     def fmt(v: list[float]) -> str:
-        return f"{statistics.mean(v):.1f} ± {statistics.pstdev(v):.1f} ({len(v)})" if v else "—"
+        return f"{mean_std(v)[0]:.1f} ± {mean_std(v)[1]:.1f} ({len(v)})" if v else "—"
     lines = ["# OFQL vs FQL on OGBench (benchmarks/vs_fql.py)", "",
              "Success rate %: the evaluation at the last step (50 episodes), mean ± std over seeds (number of seeds), "
              "on regenerated datasets (docs/ogbench.md). FQL paper: Tables 2-3, 1M steps, 8 seeds, mean of the "
@@ -357,8 +360,9 @@ def report(a):
         default_task, on_task, five, others = PUBLISHED.get(dataset, (None, "—", "—", "—"))
         on_task, others = (on_task, others) if task == default_task else ("—", "—")
         for config, ofql in sorted(by["ofql"].items()) or [("—", [])]:
-            rows.append({"dataset": dataset, "task": task, "steps": steps, "ofql": ofql, "ofql_settings": config,
-                         "fql": by["fql"], "fql_paper_task": on_task, "fql_paper_5task": five})
+            rows.append({"dataset": dataset, "task": task, "steps": steps, "ofql": ofql, "ofql_mean_std": mean_std(ofql),
+                         "ofql_settings": config, "fql": by["fql"], "fql_mean_std": mean_std(by["fql"]),
+                         "fql_paper_task": on_task, "fql_paper_5task": five})
             lines.append(f"| {dataset} | task{task} | {steps:,} | {fmt(ofql)} | {config} | {fmt(by['fql'])} | "
                          f"{on_task} / {five} | {others} |")
     if speeds:
