@@ -329,7 +329,11 @@ def _bf16_round(x):
 @triton.jit
 def _mm(x, w_t, PRECISION: tl.constexpr):
     """x [M, K] @ w_t [K, N] with fp32 accumulation. Tiles of at least 16 x 16 x 16: tl.dot in PRECISION (tensor
-    cores for tf32 / bf16); smaller (one-row blocks, batch < 16): fp32 FMA, a broadcast product summed over K."""
+    cores for tf32 / bf16); smaller (one-row blocks, batch < 16): fp32 FMA, a broadcast product summed over K.
+    K = 1 (a one-row block's weight gradient) is the outer product itself: summed, Triton 3.6 rewrote it into a
+    tf32 tl.dot (its CombineBroadcastMulReducePattern), tensor cores in an ieee build (seen on an H200)."""
+    if x.shape[1] == 1:
+        return x * w_t
     if x.shape[0] < 16 or x.shape[1] < 16 or w_t.shape[1] < 16:
         return tl.sum(x[:, :, None] * w_t[None, :, :], axis=1)
     elif PRECISION == "bf16":
