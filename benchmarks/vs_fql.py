@@ -348,7 +348,7 @@ def report(a):
         return [round(statistics.mean(v), 1), round(statistics.pstdev(v), 1)] if v else None
 
     def fmt(v: list[float]) -> str:
-        return f"{mean_std(v)[0]:.1f} ± {mean_std(v)[1]:.1f} ({len(v)})" if v else "—"
+        return "{:.1f} ± {:.1f} ({})".format(*mean_std(v), len(v)) if v else "—"
     lines = ["# OFQL vs FQL on OGBench (benchmarks/vs_fql.py)", "",
              "Success rate %: the evaluation at the last step (50 episodes), mean ± std over seeds (number of seeds), "
              "on regenerated datasets (docs/ogbench.md). FQL paper: Tables 2-3, 1M steps, 8 seeds, mean of the "
