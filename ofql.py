@@ -93,6 +93,8 @@ class Args:
     """max gradient norm of actor and critic (None: task preset; <= 0 disables clipping)"""
     eta: float | None = None
     """weight of the Q term in the actor loss, L_BC - eta Q / E|Q| (None: task preset)"""
+    target_q: Literal["min", "mean"] | None = None
+    """twin target heads in the TD target: DQL's `min`, or FQL's `mean` on OGBench (None: task preset)"""
     max_q_backup: bool | None = None
     """TD target from the max over `max_q_samples` next actions per head (None: task preset)"""
     max_q_samples: int = 10
@@ -192,9 +194,9 @@ MUJOCO_ETA = 0.1  # OFQL's eta on MuJoCo tasks (mean-reduced BC loss), from the 
 MUJOCO = {"gamma": 0.995, "tau": 0.02, "critic_layer_norm": True}  # OFQL's MuJoCo critic (DQL: 0.99, 0.005, none)
 # every preset starts from DQL's main.py defaults but OFQL's eta, lr decay and action selection (docs/algorithm.md)
 DEFAULTS = {"eta": MUJOCO_ETA, "lr": 3e-4, "critic_lr": 3e-4, "lr_decay": True, "grad_norm": 9.0, "max_q_backup": False,
-            "reward_scale": 1.0, "reward_bias": 0.0, "total_steps": 1_000_000, "gamma": 0.99, "tau": 0.005,
-            "eval_every": 10_000, "hidden_dim": 256, "critic_layer_norm": False, "eval_protocol": "deterministic",
-            "normalize_obs": True, "adaptive_weight": 0.5, "eval_episodes": 10}
+            "target_q": "min", "reward_scale": 1.0, "reward_bias": 0.0, "total_steps": 1_000_000, "gamma": 0.99,
+            "tau": 0.005, "eval_every": 10_000, "hidden_dim": 256, "critic_layer_norm": False, "normalize_obs": True,
+            "eval_protocol": "deterministic", "adaptive_weight": 0.5, "eval_episodes": 10}
 # --preset paper: DQL's critic and sample_action, constant lr (DQL's decay is a no-op bug), raw obs, no adaptive weight
 PAPER = {"gamma": 0.99, "tau": 0.005, "critic_layer_norm": False, "eval_protocol": "paper", "lr_decay": False,
          "normalize_obs": False, "adaptive_weight": 0.0, "eval_episodes": 150}
@@ -366,8 +368,7 @@ class MeanFlowActor(nn.Module):
 
     def act(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """One-step policy a = clip(e - u(e, 0, 1; s), -1, 1)."""
-        if noise is None:
-            noise = torch.randn(obs.shape[0], self.act_dim, device=obs.device)
+        noise = torch.randn(obs.shape[0], self.act_dim, device=obs.device) if noise is None else noise
         if self.backend == "triton" and not torch.is_grad_enabled():  # TD target and evaluation: the act kernel
             return kernels.act(kernels.actor_weights(self), obs, noise)
         emb = self.one_step_times(obs.device).expand(obs.shape[0], -1)
@@ -448,8 +449,8 @@ def meanflow_bc_loss(actor: MeanFlowActor, obs, action, args: Args, generator=No
 
 
 def td_target(actor, critic_target, batch, args: Args) -> torch.Tensor:
-    """r + gamma * mask * min_i Q'_i(s', a'), a' from the (EMA) one-step policy (noise std --target-noise-scale);
-    with max-Q backup, max over `max_q_samples` next actions per head before the min over heads."""
+    """r + gamma * mask * min_i Q'_i(s', a') (mean_i with --target-q mean), a' from the (EMA) one-step policy (noise
+    std --target-noise-scale); with max-Q backup, max over `max_q_samples` next actions per head before the min/mean."""
     with torch.no_grad():
         next_obs = batch["next_obs"]
         if args.max_q_backup:
@@ -458,7 +459,7 @@ def td_target(actor, critic_target, batch, args: Args) -> torch.Tensor:
         q_next = critic_target(next_obs, actor.act(next_obs, noise))
         if args.max_q_backup:
             q_next = q_next.view(2, -1, args.max_q_samples).max(-1).values
-        return batch["reward"] + args.gamma * batch["mask"] * q_next.min(0).values
+        return batch["reward"] + args.gamma * batch["mask"] * (q_next.mean(0) if args.target_q == "mean" else q_next.amin(0))
 
 
 # ---- Agent: networks, optimisers and one gradient step -------------------------------------
@@ -487,7 +488,7 @@ class OFQL:
                                            device.type == "cuda" else None) if args.compile else self.eager_gradient_step
 
     def critic_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """TD error of both heads against r + gamma * mask * min_i Q'_i(s', a')."""
+        """TD error of both heads against td_target's r + gamma * mask * min_i (or mean_i) Q'_i(s', a')."""
         target = td_target(self.actor_target, self.critic_target, batch, self.args)
         q = self.critic(batch["obs"], batch["action"])
         loss = (q - target).pow(2).mean(1).sum()
@@ -824,9 +825,8 @@ def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Calla
         print(f"resumed {args.resume} at step {agent.step}")
     else:
         run_dir, history = make_run_dir(args), []
-    print(f"{args.label} on {args.env}, {args.total_steps} steps; run folder: {run_dir}", flush=True)
-    if args.compile:
-        print("--compile: the first two gradient steps compile (about a minute on a CPU)", flush=True)
+    print(f"{args.label} on {args.env}, {args.total_steps} steps; run folder: {run_dir}" + (
+        "\n--compile: the first two gradient steps compile (about a minute on a CPU)" if args.compile else ""), flush=True)
     writer = SummaryWriter(str(run_dir))
     if args.track:
         import wandb

@@ -278,13 +278,15 @@ class FixedHeads(torch.nn.Module):
         return self.values[:, obs[:, 0].long()] + 0 * action.sum(-1)
 
 
-def test_td_target_is_reward_plus_discounted_min_over_heads_masked_by_terminals():
-    heads = torch.tensor([[1.0, 5.0, -2.0], [3.0, 4.0, -1.0]])  # min per next obs: 1, 4, -2
+@pytest.mark.parametrize("target_q, next_q", [("min", [1.0, 4.0, -2.0]), ("mean", [2.0, 4.5, -1.5])])
+def test_td_target_is_reward_plus_discounted_min_or_mean_over_heads_masked_by_terminals(target_q, next_q):
+    heads = torch.tensor([[1.0, 5.0, -2.0], [3.0, 4.0, -1.0]])
     batch = {"next_obs": torch.tensor([[0.0], [1.0], [2.0]]), "reward": torch.tensor([0.5, 1.0, 2.0]),
              "mask": torch.tensor([1.0, 1.0, 0.0])}
     actor = ofql.MeanFlowActor(1, 2, hidden=8)
-    target = ofql.td_target(actor, FixedHeads(heads), batch, small_args(gamma=0.9, max_q_backup=False))
-    torch.testing.assert_close(target, torch.tensor([0.5 + 0.9 * 1.0, 1.0 + 0.9 * 4.0, 2.0]))
+    args = small_args(gamma=0.9, max_q_backup=False, target_q=target_q)
+    target = ofql.td_target(actor, FixedHeads(heads), batch, args)
+    torch.testing.assert_close(target, torch.tensor([0.5 + 0.9 * next_q[0], 1.0 + 0.9 * next_q[1], 2.0]))
 
 
 def test_td_target_next_actions_use_the_target_noise_scale():
