@@ -50,7 +50,7 @@ PUBLISHED = {"cube-single-play-v0": (2, "97 ± 2", "96 ± 1", "ReBRAC 92, IQL 85
              "cube-double-play-v0": (2, "36 ± 6", "29 ± 2", "ReBRAC 7, IQL 1"),
              "puzzle-3x3-play-v0": (4, "16 ± 5", "30 ± 1", "ReBRAC 2, IQL 2")}
 OFQL_SETTINGS = ("eta", "eval_protocol", "critic_layer_norm", "normalize_obs", "gamma", "tau", "lr_decay", "grad_norm",
-                 "hidden_dim", "adaptive_weight")  # recorded per OFQL run; the report groups OFQL rows by them
+                 "hidden_dim", "adaptive_weight", "target_q")  # recorded per OFQL run; the report groups OFQL rows by them
 MIN_TIME, REPEATS = 0.5, 5  # decision timing: seconds per repetition, repetitions (median)
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
            "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
@@ -124,7 +124,8 @@ def run_ofql(a, name: str, env_name: str, seed: int) -> dict:
 def ofql_config(args: dict) -> str:
     """The OFQL settings a report row is about, e.g. `eta 0.1, one, LN, obs-norm`."""
     return ", ".join([f"eta {args['eta']}", args["eval_protocol"], "LN" if args["critic_layer_norm"] else "no LN",
-                      "obs-norm" if args["normalize_obs"] else "raw obs", f"gamma {args['gamma']}"])
+                      "obs-norm" if args["normalize_obs"] else "raw obs", f"gamma {args['gamma']}",
+                      f"target {args.get('target_q', 'min')} of heads"])  # runs before --target-q: the min
 
 
 def fql_attempts(base: Path) -> list[tuple[int, Path]]:
