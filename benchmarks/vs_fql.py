@@ -51,7 +51,7 @@ PUBLISHED = {"cube-single-play-v0": (2, "97 ± 2", "96 ± 1", "ReBRAC 92, IQL 85
              "puzzle-3x3-play-v0": (4, "16 ± 5", "30 ± 1", "ReBRAC 2, IQL 2")}
 OFQL_SETTINGS = ("eta", "eval_protocol", "critic_layer_norm", "normalize_obs", "gamma", "tau", "lr_decay", "grad_norm",
                  "hidden_dim", "adaptive_weight", "target_q")  # recorded per OFQL run; the report groups OFQL rows by them
-USUAL_SETTINGS = {"tau": 0.005, "lr_decay": True, "grad_norm": 9.0, "adaptive_weight": 0.5}  # named in a row if not so
+UNSHOWN_SETTINGS = ("tau", "lr_decay", "grad_norm", "adaptive_weight")  # named in a row only where not the preset's
 MIN_TIME, REPEATS = 0.5, 5  # decision timing: seconds per repetition, repetitions (median)
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
            "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
@@ -122,9 +122,9 @@ def run_ofql(a, name: str, env_name: str, seed: int) -> dict:
             "ofql_args": {k: summary["args"][k] for k in OFQL_SETTINGS}, "run_dir": str(run_dir)}
 
 
-def ofql_config(args: dict) -> str:
-    """The OFQL settings a report row is about, e.g. `eta 0.1, one, LN, obs-norm`."""
-    others = [f"{key} {args[key]}" for key, usual in USUAL_SETTINGS.items() if args[key] != usual]  # never pooled
+def ofql_config(args: dict, preset: dict) -> str:
+    """The OFQL settings a report row is about, e.g. `eta 0.1, one, LN, obs-norm`; `preset`: ofql's for the dataset."""
+    others = [f"{key} {args[key]}" for key in UNSHOWN_SETTINGS if args[key] != preset[key]]  # never pooled
     return ", ".join([f"eta {args['eta']}", args["eval_protocol"], "LN" if args["critic_layer_norm"] else "no LN",
                       "obs-norm" if args["normalize_obs"] else "raw obs", f"gamma {args['gamma']}",
                       f"target {args.get('target_q', 'min')} of heads", f"width {args['hidden_dim']}", *others])
@@ -336,6 +336,8 @@ def speed(a):
 
 
 def report(a):
+    sys.path.insert(0, str(REPO))
+    import ofql
     out = Path(a.out)
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     speeds = [json.loads(p.read_text()) for p in sorted(out.glob("speed_*.json"))]
@@ -345,7 +347,8 @@ def report(a):
         if r["method"] == "fql":
             by["fql"].append(r["success"])
         else:
-            by["ofql"].setdefault(ofql_config(r["ofql_args"]), []).append(r["success"])
+            preset = ofql.task_preset(f"ogbench/{r['env_name']}")
+            by["ofql"].setdefault(ofql_config(r["ofql_args"], preset), []).append(r["success"])
 
     def mean_std(v: list[float]) -> list[float] | None:  # std over seeds (population), as the table shows it
         return [round(statistics.mean(v), 1), round(statistics.pstdev(v), 1)] if v else None
