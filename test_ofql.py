@@ -2559,6 +2559,24 @@ def test_toy_figure_writes_its_png_and_json_with_mode_coverage(tmp_path):
     assert saved["data"]["near_mode"] > 0.75 and saved["uniform"]["near_mode"] < 0.15
 
 
+def test_onestep_drift_integrates_the_flow_and_reads_a_checkpoint(tmp_path, monkeypatch):
+    """benchmarks/onestep_drift.py: its Euler integration of u(z, t, t) from noise (t = 1) to t = 0 matches the closed
+    form of a linear field (u = z - m: z(0) = m + (e - m)(1 - 1/n)^n, so a sign or direction slip fails), and it
+    scores a real checkpoint (the step, finite gaps), refusing data of another observation size."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "benchmarks"))
+    import onestep_drift
+
+    m, noise = torch.tensor([[0.3, -0.2]]), torch.tensor([[0.9, 0.1], [-0.4, 0.5]])
+    field = lambda z, r, t, obs: z - m  # noqa: E731
+    expected = (m + (noise - m) * (1 - 1 / 7) ** 7).clamp(-1, 1)
+    torch.testing.assert_close(onestep_drift.euler_flow(field, noise, torch.zeros(2, 1), 7), expected)
+    summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=3, eval_every=3, hidden_dim=32))
+    rng = np.random.default_rng(0)
+    row = onestep_drift.drift(summary["checkpoint"], rng.normal(size=(64, 1)), rng.uniform(-1, 1, (64, 2)), 5, 0)
+    assert row["step"] == 3 and all(np.isfinite(v) for k, v in row.items() if k.startswith(("rms", "q_")))
+    with pytest.raises(ValueError, match="expects 1-dim observations, the data has 3"):
+        onestep_drift.drift(summary["checkpoint"], rng.normal(size=(8, 3)), rng.uniform(-1, 1, (8, 2)), 5, 0)
+
 # ------------------------------------------------------------------------------------------------
 # Architecture: imports run one way, kernels.py <- ofql.py <- ogbench_tasks.py <- baselines.py <- eval.py, sweep.py, benchmarks/
 # ------------------------------------------------------------------------------------------------
