@@ -50,8 +50,9 @@ PUBLISHED = {"cube-single-play-v0": (2, "97 ± 2", "96 ± 1", "ReBRAC 92, IQL 85
              "cube-double-play-v0": (2, "36 ± 6", "29 ± 2", "ReBRAC 7, IQL 1"),
              "puzzle-3x3-play-v0": (4, "16 ± 5", "30 ± 1", "ReBRAC 2, IQL 2")}
 OFQL_SETTINGS = ("eta", "eval_protocol", "critic_layer_norm", "normalize_obs", "gamma", "tau", "lr_decay", "grad_norm",
-                 "hidden_dim", "adaptive_weight", "target_q")  # recorded per OFQL run; the report groups OFQL rows by them
-UNSHOWN_SETTINGS = ("tau", "lr_decay", "grad_norm", "adaptive_weight")  # named in a row only where not the preset's
+                 "hidden_dim", "adaptive_weight", "target_q", "time_sampler", "flow_ratio")  # per OFQL run; rows group by them
+# named in a row only where not the preset's (time sampler and flow ratio: not preset keys, so ofql.Args' defaults)
+UNSHOWN_SETTINGS = ("tau", "lr_decay", "grad_norm", "adaptive_weight", "time_sampler", "flow_ratio")
 MIN_TIME, REPEATS = 0.5, 5  # decision timing: seconds per repetition, repetitions (median)
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
            "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
@@ -124,7 +125,7 @@ def run_ofql(a, name: str, env_name: str, seed: int) -> dict:
 
 def ofql_config(args: dict, preset: dict) -> str:
     """The OFQL settings a report row is about, e.g. `eta 0.1, one, LN, obs-norm`; `preset`: ofql's for the dataset."""
-    others = [f"{key} {args[key]}" for key in UNSHOWN_SETTINGS if args[key] != preset[key]]  # never pooled
+    others = [f"{key} {args[key]}" for key in UNSHOWN_SETTINGS if args.get(key, preset[key]) != preset[key]]  # never pooled
     return ", ".join([f"eta {args['eta']}", args["eval_protocol"], "LN" if args["critic_layer_norm"] else "no LN",
                       "obs-norm" if args["normalize_obs"] else "raw obs", f"gamma {args['gamma']}",
                       f"target {args.get('target_q', 'min')} of heads", f"width {args['hidden_dim']}", *others])
@@ -347,7 +348,8 @@ def report(a):
         if r["method"] == "fql":
             by["fql"].append(r["success"])
         else:
-            preset = ofql.task_preset(f"ogbench/{r['env_name']}")
+            preset = {"time_sampler": ofql.Args.time_sampler, "flow_ratio": ofql.Args.flow_ratio} | ofql.task_preset(
+                f"ogbench/{r['env_name']}")
             by["ofql"].setdefault(ofql_config(r["ofql_args"], preset), []).append(r["success"])
 
     def mean_std(v: list[float]) -> list[float] | None:  # std over seeds (population), as the table shows it
