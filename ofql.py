@@ -93,6 +93,8 @@ class Args:
     """max gradient norm of actor and critic (None: task preset; <= 0 disables clipping)"""
     eta: float | None = None
     """weight of the Q term in the actor loss, L_BC - eta Q / E|Q| (None: task preset)"""
+    normalize_q: bool | None = None
+    """divide the Q term by sg(E|Q|) (DQL, the paper); False: eta weights the raw Q, as FQL does (None: preset, True)"""
     target_q: Literal["min", "mean"] | None = None
     """twin target heads in the TD target: DQL's `min`, or FQL's `mean` on OGBench (None: task preset)"""
     max_q_backup: bool | None = None
@@ -170,15 +172,13 @@ class Args:
         args = dataclasses.replace(self, **{key: value for key, value in preset.items() if getattr(self, key) is None})
         select, samples, temperature, noise_scale = EVAL_PROTOCOLS[args.eval_protocol]
         if args.eval_select not in (None, select):  # a changed selection: the paper's 50 candidates and noise
-            _, samples, _, noise_scale = EVAL_PROTOCOLS["paper"]
-            select = args.eval_select
+            select, (_, samples, _, noise_scale) = args.eval_select, EVAL_PROTOCOLS["paper"]
         samples = 1 if select == "one" else args.eval_samples or samples
         unset = {"save_every": args.eval_every, "eval_temperature": temperature, "eval_noise_scale": noise_scale}
         args = dataclasses.replace(args, eval_select=select, eval_samples=samples,
                                    **{key: value for key, value in unset.items() if getattr(args, key) is None})
-        problems = [f"--{key.replace('_', '-')} {getattr(args, key)} must be a finite number in {interval}"
-                    for key, interval in RANGES.items() if not in_range(getattr(args, key), interval)]
-        if problems:
+        if problems := [f"--{key.replace('_', '-')} {getattr(args, key)} must be a finite number in {interval}"
+                        for key, interval in RANGES.items() if not in_range(getattr(args, key), interval)]:
             raise ValueError("invalid arguments: " + "; ".join(problems))
         return args
 
@@ -196,7 +196,7 @@ MUJOCO = {"gamma": 0.995, "tau": 0.02, "critic_layer_norm": True}  # OFQL's MuJo
 DEFAULTS = {"eta": MUJOCO_ETA, "lr": 3e-4, "critic_lr": 3e-4, "lr_decay": True, "grad_norm": 9.0, "max_q_backup": False,
             "target_q": "min", "reward_scale": 1.0, "reward_bias": 0.0, "total_steps": 1_000_000, "gamma": 0.99,
             "tau": 0.005, "eval_every": 10_000, "hidden_dim": 256, "critic_layer_norm": False, "normalize_obs": True,
-            "eval_protocol": "deterministic", "adaptive_weight": 0.5, "eval_episodes": 10}
+            "eval_protocol": "deterministic", "adaptive_weight": 0.5, "eval_episodes": 10, "normalize_q": True}
 # --preset paper: DQL's critic and sample_action, constant lr (DQL's decay is a no-op bug), raw obs, no adaptive weight
 PAPER = {"gamma": 0.99, "tau": 0.005, "critic_layer_norm": False, "eval_protocol": "paper", "lr_decay": False,
          "normalize_obs": False, "adaptive_weight": 0.0, "eval_episodes": 150}
@@ -496,7 +496,7 @@ class OFQL:
                       "charts/target_q_mean": target.mean()}
 
     def actor_loss(self, batch: dict[str, torch.Tensor], swap_heads: bool) -> tuple[torch.Tensor, dict]:
-        """L_BC - eta Q_i(s, a_pi) / sg(E|Q_j(s, a_pi)|), heads (i, j) = (1, 0) if swap_heads else (0, 1) (DQL)."""
+        """L_BC - eta Q_i(s, a_pi) / sg(E|Q_j(s, a_pi)|) (raw Q_i if not normalize_q), (i, j) = (1, 0) if swap_heads."""
         bc_loss = self.actor.bc_loss(batch["obs"], batch["action"], self.args)
         q_loss = torch.zeros((), device=bc_loss.device)
         if self.args.eta > 0:
@@ -504,7 +504,7 @@ class OFQL:
             q_pi = self.critic(batch["obs"], self.actor.act(batch["obs"]))
             self.critic.requires_grad_(True)
             q_main, q_norm = (q_pi[1], q_pi[0]) if swap_heads else (q_pi[0], q_pi[1])
-            q_loss = -q_main.mean() / q_norm.abs().mean().detach()
+            q_loss = -q_main.mean() / (q_norm.abs().mean().detach() if self.args.normalize_q else 1.0)
         loss = bc_loss + self.args.eta * q_loss
         return loss, {"losses/bc_loss": bc_loss.detach(), "losses/q_loss": q_loss.detach(),
                       "losses/actor_loss": loss.detach()}

@@ -319,9 +319,11 @@ def test_polyak_update_moves_the_targets_by_tau():
         assert not torch.equal(new, old)  # the critic was stepped
 
 
-def test_actor_loss_normalises_q_by_a_detached_mean_abs_q():
-    """d/dtheta of L_BC - eta Q_i / sg(E|Q_j|): the denominator is a constant of the gradient (DQL)."""
-    args = small_args(eta=2.0, hidden_dim=16)
+@pytest.mark.parametrize("normalize_q", [True, False])
+def test_actor_loss_normalises_q_by_a_detached_mean_abs_q(normalize_q):
+    """d/dtheta of L_BC - eta Q_i / sg(E|Q_j|): the denominator is a constant of the gradient (DQL); with
+    normalize_q False there is none (FQL's raw Q)."""
+    args = small_args(eta=2.0, hidden_dim=16, normalize_q=normalize_q)
     task, data = ofql.load_task("bandit-8modes")
     agent = ofql.OFQL(task, args, torch.device("cpu"))
     batch = ofql.ReplayBuffer(data, torch.device("cpu"), torch.Generator().manual_seed(0)).sample(32)
@@ -334,7 +336,7 @@ def test_actor_loss_normalises_q_by_a_detached_mean_abs_q():
         bc = agent.actor.bc_loss(batch["obs"], batch["action"], args)
         q = agent.critic(batch["obs"], agent.actor.act(batch["obs"]))
         main, norm = (q[1], q[0]) if swap else (q[0], q[1])
-        reference = bc - args.eta * main.mean() / norm.abs().mean().item()
+        reference = bc - args.eta * main.mean() / (norm.abs().mean().item() if normalize_q else 1.0)
         for g, r in zip(grads, torch.autograd.grad(reference, params)):
             torch.testing.assert_close(g, r)
         assert all(p.grad is None for p in agent.critic.parameters())

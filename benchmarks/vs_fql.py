@@ -49,10 +49,11 @@ FQL_FLAGS = {  # FQL's README commands, per dataset prefix (first match)
 PUBLISHED = {"cube-single-play-v0": (2, "97 ± 2", "96 ± 1", "ReBRAC 92, IQL 85"),
              "cube-double-play-v0": (2, "36 ± 6", "29 ± 2", "ReBRAC 7, IQL 1"),
              "puzzle-3x3-play-v0": (4, "16 ± 5", "30 ± 1", "ReBRAC 2, IQL 2")}
+# recorded per OFQL run; the report groups OFQL rows by them
 OFQL_SETTINGS = ("eta", "eval_protocol", "critic_layer_norm", "normalize_obs", "gamma", "tau", "lr_decay", "grad_norm",
-                 "hidden_dim", "adaptive_weight", "target_q", "time_sampler", "flow_ratio")  # per OFQL run; rows group by them
+                 "hidden_dim", "adaptive_weight", "target_q", "time_sampler", "flow_ratio", "normalize_q")
 # named in a row only where not the preset's (time sampler and flow ratio: not preset keys, so ofql.Args' defaults)
-UNSHOWN_SETTINGS = ("tau", "lr_decay", "grad_norm", "adaptive_weight", "time_sampler", "flow_ratio")
+UNSHOWN_SETTINGS = ("tau", "lr_decay", "grad_norm", "adaptive_weight", "time_sampler", "flow_ratio", "normalize_q")
 MIN_TIME, REPEATS = 0.5, 5  # decision timing: seconds per repetition, repetitions (median)
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
            "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
