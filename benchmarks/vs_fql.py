@@ -3,6 +3,7 @@
     python benchmarks/vs_fql.py train --dataset cube-single-play-v0 --seeds 0 1 2 --dataset-dir /data/ogbench
     python benchmarks/vs_fql.py speed --dataset cube-single-play-v0    # both take --fql-dir, --fql-python first
     python benchmarks/vs_fql.py report                                  # -> benchmarks/results/ogbench/vs_fql.md
+    python benchmarks/vs_fql.py drift --fql-runs RUN [...] --data FILE.npz  # FQL's one-step policy vs its flow
 
 `train`: FQL (main.py, its README flags) and OFQL (ofql.py) on the same data, task, seeds and steps, 1 CPU
 thread each. A finished run writes <out>/runs/<run>.json (success % at the last step, wall time, steps/s, command)
@@ -271,6 +272,58 @@ def fql_worker(a):
             return
 
 
+def fql_drift(a):
+    """Under --fql-python: benchmarks/onestep_drift.py's numbers for FQL's saved parameters (<run>/params_<step>.pkl
+    and flags.json of its main.py): its one-step policy against its own BC flow (FQL's Euler sampler, its
+    flow_steps) on the same noise, against the data, the mean-of-heads Q of each, and saturation; one JSON row each."""
+    import flax
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+    sys.path.insert(0, str(Path(a.fql_dir).resolve()))
+    from agents.fql import FQLAgent
+    data = np.load(a.data)
+    rows = np.random.default_rng(a.seed).choice(len(data["observations"]), a.states, replace=False)
+    obs, action = data["observations"][rows], data["actions"][rows]
+    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(a.seed), action.shape))
+    for run in a.fql_runs:
+        flags = json.loads((Path(run) / "flags.json").read_text())
+        agent = FQLAgent.create(flags["seed"], obs[:1], action[:1], ml_collections.ConfigDict(flags["agent"]))
+        with open(Path(run) / f"params_{a.step}.pkl", "rb") as file:
+            agent = flax.serialization.from_state_dict(agent, __import__("pickle").load(file)["agent"])
+        one_step = jnp.clip(agent.network.select("actor_onestep_flow")(obs, noise), -1, 1)
+        flow = agent.compute_flow_actions(obs, noise)
+        rms = lambda x, y: float(jnp.sqrt(((x - y) ** 2).mean()))  # noqa: E731
+        q = lambda x: float(agent.network.select("critic")(obs, actions=x).mean())  # noqa: E731
+        saturated = lambda x: float((jnp.abs(x) > 0.999).mean())  # noqa: E731
+        print("VSFQL " + json.dumps({
+            "run": run, "step": a.step, "alpha": flags["agent"]["alpha"], "rms_one_step_vs_flow": rms(one_step, flow),
+            "rms_one_step_vs_data": rms(one_step, action), "rms_flow_vs_data": rms(flow, action), "q_data": q(action),
+            "q_one_step": q(one_step), "q_flow": q(flow), "saturated_one_step": saturated(one_step),
+            "saturated_flow": saturated(flow), "saturated_data": saturated(action)}), flush=True)
+
+
+def drift(a):
+    """fql_drift's rows for FQL runs, printed as benchmarks/onestep_drift.py prints OFQL checkpoints' (optional JSON)."""
+    out = subprocess.run([a.fql_python, str(Path(__file__).resolve()), "--fql-dir", a.fql_dir, "fql-drift-worker",
+                          "--data", a.data, "--step", str(a.step), "--states", str(a.states), "--seed", str(a.seed),
+                          "--fql-runs", *a.fql_runs], env=fql_env(a), capture_output=True, text=True)
+    results = [json.loads(line[6:]) for line in out.stdout.splitlines() if line.startswith("VSFQL ")]
+    if out.returncode != 0 or len(results) != len(a.fql_runs):
+        raise SystemExit(f"{out.stderr[-3000:]}\nerror: the FQL drift worker failed (exit code {out.returncode})")
+    print("| FQL run | step | alpha | one-step vs flow | one-step vs data | flow vs data | Q data / one-step / flow "
+          "| saturated one-step / flow / data |\n|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {Path(r['run']).name} | {r['step']} | {r['alpha']} | {r['rms_one_step_vs_flow']:.3f} "
+              f"| {r['rms_one_step_vs_data']:.3f} | {r['rms_flow_vs_data']:.3f} "
+              f"| {r['q_data']:.1f} / {r['q_one_step']:.1f} / {r['q_flow']:.1f} "
+              f"| {r['saturated_one_step']:.2f} / {r['saturated_flow']:.2f} / {r['saturated_data']:.2f} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"data": a.data, "states": a.states, "seed": a.seed, "runs": results},
+                                           indent=2) + "\n")
+
+
 def speed(a):
     import numpy as np
     import torch
@@ -413,12 +466,22 @@ def main():
         s.add_argument("--steps", type=int, default=300, help="gradient steps per timed round")
         s.add_argument("--rounds", type=int, default=3)
         s.add_argument("--warmup", type=int, default=20, help="untimed steps first (FQL: compilation)")
+    for name in ("drift", "fql-drift-worker"):
+        d = sub.add_parser(name, help="FQL's one-step policy against its own flow (as benchmarks/onestep_drift.py)"
+                           if name == "drift" else argparse.SUPPRESS)
+        d.add_argument("--fql-runs", nargs="+", required=True, help="FQL run folders (flags.json, params_<step>.pkl)")
+        d.add_argument("--data", required=True, help="an OGBench .npz file (its validation split, e.g.)")
+        d.add_argument("--step", type=int, default=50_000, help="which params_<step>.pkl")
+        d.add_argument("--states", type=int, default=2048)
+        d.add_argument("--seed", type=int, default=0)
+        d.add_argument("--json", help="also write the rows here")
     sub.add_parser("report", help="<out>/vs_fql.md and .json from the run summaries and speed files")
     a = p.parse_args()
     if a.command == "train":
         a.task = a.task or DEFAULT_TASK[a.dataset.split("-")[0]]
         a.eval_every = a.eval_every or a.steps
-    {"train": train, "speed": speed, "fql-worker": fql_worker, "report": report}[a.command](a)
+    {"train": train, "speed": speed, "fql-worker": fql_worker, "drift": drift, "fql-drift-worker": fql_drift,
+     "report": report}[a.command](a)
 
 
 if __name__ == "__main__":
