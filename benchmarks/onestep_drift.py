@@ -1,4 +1,4 @@
-"""How far the Q term pulled a checkpoint's one-step map away from its own flow (docs/ogbench.md, "Why eta is narrow").
+"""How far the Q term pulled a checkpoint's one-step map away from its own flow (docs/ogbench.md, "Where the one-step map goes").
 
 The BC loss fits the whole average-velocity field u(z, r, t; s), but with the logit-normal time sampler almost no
 (r, t) pair lands near (0, 1), the only pair the one-step policy a = clip(e - u(e, 0, 1; s), -1, 1) uses and the Q
@@ -21,7 +21,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import eval as ofql_eval  # noqa: E402
 import ofql  # noqa: E402
+
+# the columns both this script and `vs_fql.py drift` (FQL's runs) print after their own
+METRICS_HEADER = ("one-step vs flow | one-step vs data | flow vs data | Q data / one-step / flow "
+                  "| saturated one-step / flow / data")
 
 
 def euler_flow(actor: ofql.MeanFlowActor, noise: torch.Tensor, obs: torch.Tensor, steps: int) -> torch.Tensor:
@@ -36,28 +41,30 @@ def euler_flow(actor: ofql.MeanFlowActor, noise: torch.Tensor, obs: torch.Tensor
 @torch.no_grad()
 def drift(checkpoint: str, observations: np.ndarray, actions: np.ndarray, steps: int, seed: int) -> dict:
     """The one-step map of `checkpoint` against its flow and the data, on the given (raw) observations."""
-    state = ofql.load_checkpoint(checkpoint)
-    args = ofql.Args(**state["args"])
-    if observations.shape[1] != state["obs_mean"].shape[0]:
-        raise ValueError(f"{checkpoint} expects {state['obs_mean'].shape[0]}-dim observations, the data has "
+    agent, task, normalizer, args = ofql_eval.load_agent(checkpoint, torch.device("cpu"), kernels="torch")
+    if observations.shape[1] != task.obs_dim:
+        raise ValueError(f"{checkpoint} expects {task.obs_dim}-dim observations, the data has "
                          f"{observations.shape[1]}: give --data the file it was trained on")
-    obs = (torch.from_numpy(observations).float() - state["obs_mean"].float()) / state["obs_std"].float()
-    action = torch.from_numpy(actions).float()
-    actor = ofql.MeanFlowActor(obs.shape[1], action.shape[1], args.hidden_dim, time_scale=args.time_emb_scale)
-    actor.load_state_dict(state["agent"]["actor"])
-    critic = ofql.TwinCritic(obs.shape[1], action.shape[1], args.hidden_dim, args.critic_layer_norm)
-    critic.load_state_dict(state["agent"]["critic"])
+    obs, action = torch.from_numpy(normalizer(observations)).float(), torch.from_numpy(actions).float()
+    actor, critic = agent.actor, agent.critic
     noise = torch.randn(action.shape, generator=torch.Generator().manual_seed(seed))
     one_step, flow = actor.act(obs, noise), euler_flow(actor, noise, obs, steps)
     rms = lambda a, b: (a - b).pow(2).mean().sqrt().item()  # noqa: E731
     q = lambda a: critic(obs, a).min(0).values.mean().item()  # noqa: E731
     saturated = lambda a: (a.abs() > 0.999).float().mean().item()  # noqa: E731
-    return {"checkpoint": checkpoint, "step": state["agent"]["step"], "eta": args.eta,
+    return {"checkpoint": checkpoint, "step": agent.step, "eta": args.eta,
             "time_sampler": args.time_sampler, "rms_one_step_vs_flow": rms(one_step, flow),
             "rms_one_step_vs_data": rms(one_step, action), "rms_flow_vs_data": rms(flow, action),
             "q_data": q(action), "q_one_step": q(one_step), "q_flow": q(flow),
             "saturated_one_step": saturated(one_step), "saturated_flow": saturated(flow),
             "saturated_data": saturated(action)}
+
+
+def metrics_cells(row: dict) -> str:
+    """A drift row's METRICS_HEADER cells."""
+    return (f"{row['rms_one_step_vs_flow']:.3f} | {row['rms_one_step_vs_data']:.3f} | {row['rms_flow_vs_data']:.3f} "
+            f"| {row['q_data']:.1f} / {row['q_one_step']:.1f} / {row['q_flow']:.1f} "
+            f"| {row['saturated_one_step']:.2f} / {row['saturated_flow']:.2f} / {row['saturated_data']:.2f}")
 
 
 def main():
@@ -74,16 +81,13 @@ def main():
     rows = np.random.default_rng(cli.seed).choice(len(data["observations"]), cli.states, replace=False)
     results = [drift(path, data["observations"][rows], data["actions"][rows], cli.flow_steps, cli.seed)
                for path in cli.checkpoints]
-    print("| run | step | eta | sampler | one-step vs flow | one-step vs data | flow vs data | Q data / one-step / flow "
-          "| saturated one-step / flow / data |\n|---|---|---|---|---|---|---|---|---|")
+    print(f"| run | step | eta | sampler | {METRICS_HEADER} |\n|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {Path(r['checkpoint']).parent.name} | {r['step']} | {r['eta']} | {r['time_sampler']} "
-              f"| {r['rms_one_step_vs_flow']:.3f} | {r['rms_one_step_vs_data']:.3f} | {r['rms_flow_vs_data']:.3f} "
-              f"| {r['q_data']:.1f} / {r['q_one_step']:.1f} / {r['q_flow']:.1f} "
-              f"| {r['saturated_one_step']:.2f} / {r['saturated_flow']:.2f} / {r['saturated_data']:.2f} |")
+              f"| {metrics_cells(r)} |")
     if cli.json:
         Path(cli.json).write_text(json.dumps({"data": cli.data, "states": cli.states, "flow_steps": cli.flow_steps,
-                                              "seed": cli.seed, "runs": results}, indent=1) + "\n")
+                                              "seed": cli.seed, "runs": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -276,6 +276,8 @@ def fql_drift(a):
     """Under --fql-python: benchmarks/onestep_drift.py's numbers for FQL's saved parameters (<run>/params_<step>.pkl
     and flags.json of its main.py): its one-step policy against its own BC flow (FQL's Euler sampler, its
     flow_steps) on the same noise, against the data, the mean-of-heads Q of each, and saturation; one JSON row each."""
+    import pickle
+
     import flax
     import jax
     import jax.numpy as jnp
@@ -291,7 +293,7 @@ def fql_drift(a):
         flags = json.loads((Path(run) / "flags.json").read_text())
         agent = FQLAgent.create(flags["seed"], obs[:1], action[:1], ml_collections.ConfigDict(flags["agent"]))
         with open(Path(run) / f"params_{a.step}.pkl", "rb") as file:
-            agent = flax.serialization.from_state_dict(agent, __import__("pickle").load(file)["agent"])
+            agent = flax.serialization.from_state_dict(agent, pickle.load(file)["agent"])
         one_step = jnp.clip(agent.network.select("actor_onestep_flow")(obs, noise), -1, 1)
         flow = agent.compute_flow_actions(obs, noise)
         rms = lambda x, y: float(jnp.sqrt(((x - y) ** 2).mean()))  # noqa: E731
@@ -306,19 +308,17 @@ def fql_drift(a):
 
 def drift(a):
     """fql_drift's rows for FQL runs, printed as benchmarks/onestep_drift.py prints OFQL checkpoints' (optional JSON)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import onestep_drift
     out = subprocess.run([a.fql_python, str(Path(__file__).resolve()), "--fql-dir", a.fql_dir, "fql-drift-worker",
                           "--data", a.data, "--step", str(a.step), "--states", str(a.states), "--seed", str(a.seed),
                           "--fql-runs", *a.fql_runs], env=fql_env(a), capture_output=True, text=True)
     results = [json.loads(line[6:]) for line in out.stdout.splitlines() if line.startswith("VSFQL ")]
     if out.returncode != 0 or len(results) != len(a.fql_runs):
         raise SystemExit(f"{out.stderr[-3000:]}\nerror: the FQL drift worker failed (exit code {out.returncode})")
-    print("| FQL run | step | alpha | one-step vs flow | one-step vs data | flow vs data | Q data / one-step / flow "
-          "| saturated one-step / flow / data |\n|---|---|---|---|---|---|---|---|")
+    print(f"| FQL run | step | alpha | {onestep_drift.METRICS_HEADER} |\n|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {Path(r['run']).name} | {r['step']} | {r['alpha']} | {r['rms_one_step_vs_flow']:.3f} "
-              f"| {r['rms_one_step_vs_data']:.3f} | {r['rms_flow_vs_data']:.3f} "
-              f"| {r['q_data']:.1f} / {r['q_one_step']:.1f} / {r['q_flow']:.1f} "
-              f"| {r['saturated_one_step']:.2f} / {r['saturated_flow']:.2f} / {r['saturated_data']:.2f} |")
+        print(f"| {Path(r['run']).name} | {r['step']} | {r['alpha']} | {onestep_drift.metrics_cells(r)} |")
     if a.json:
         Path(a.json).write_text(json.dumps({"data": a.data, "states": a.states, "seed": a.seed, "runs": results},
                                            indent=2) + "\n")
