@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import eval as ofql_eval  # noqa: E402
 import ofql  # noqa: E402
 import ofql_data  # noqa: E402
 
@@ -145,13 +146,9 @@ def terminated_samples(env: str, gamma: float, states: int) -> tuple[ofql.Task, 
 
 
 def load_agent(path: str) -> tuple[ofql.OFQL, ofql.Task, ofql.Args, ofql.Normalizer, int]:
-    """An OFQL checkpoint as (agent, task, resolved args, normalizer, step)."""
-    state = ofql.load_checkpoint(path)
-    args = ofql.Args(**state["args"])
-    task, _ = ofql.load_task(args.env, with_data=False)
-    agent = ofql.OFQL(task, args, torch.device("cpu"))
-    agent.load_state_dict(state["agent"])
-    return agent, task, args, ofql.Normalizer(state["obs_mean"].numpy(), state["obs_std"].numpy()), state["agent"]["step"]
+    """An OFQL checkpoint as (agent, task, resolved args, normalizer, step), through eval.load_agent (its errors)."""
+    agent, task, normalizer, args = ofql_eval.load_agent(path, torch.device("cpu"))
+    return agent, task, args, normalizer, agent.step
 
 
 def min_target_q(agent: ofql.OFQL, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
