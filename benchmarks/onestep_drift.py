@@ -52,8 +52,9 @@ def drift(checkpoint: str, observations: np.ndarray, actions: np.ndarray, steps:
     rms = lambda a, b: (a - b).pow(2).mean().sqrt().item()  # noqa: E731
     q = lambda a: critic(obs, a).min(0).values.mean().item()  # noqa: E731
     saturated = lambda a: (a.abs() > 0.999).float().mean().item()  # noqa: E731
-    return {"checkpoint": checkpoint, "step": agent.step, "eta": args.eta,
-            "time_sampler": args.time_sampler, "rms_one_step_vs_flow": rms(one_step, flow),
+    settings = ("eta", "time_sampler", "target_q", "normalize_q", "adaptive_weight", "lr_decay", "hidden_dim")
+    return {"checkpoint": checkpoint, "step": agent.step, **{key: getattr(args, key) for key in settings},
+            "rms_one_step_vs_flow": rms(one_step, flow),
             "rms_one_step_vs_data": rms(one_step, action), "rms_flow_vs_data": rms(flow, action),
             "q_data": q(action), "q_one_step": q(one_step), "q_flow": q(flow),
             "saturated_one_step": saturated(one_step), "saturated_flow": saturated(flow),
