@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -177,9 +176,9 @@ class Args:
         unset = {"save_every": args.eval_every, "eval_temperature": temperature, "eval_noise_scale": noise_scale}
         args = dataclasses.replace(args, eval_select=select, eval_samples=samples,
                                    **{key: value for key, value in unset.items() if getattr(args, key) is None})
-        if problems := list(literal_problems(args)) + [  # one error for all; a bad --eval-protocol read as paper above
-                f"--{key.replace('_', '-')} {getattr(args, key)} must be a finite number in {interval}"
-                for key, interval in RANGES.items() if not in_range(getattr(args, key), interval)]:
+        problems = [f"--{key.replace('_', '-')} {getattr(args, key)} must be a finite number in {interval}"
+                    for key, interval in RANGES.items() if not in_range(getattr(args, key), interval)]
+        if problems := problems + list(literal_problems(args)):  # a bad --eval-protocol was read as paper above
             raise ValueError("invalid arguments: " + "; ".join(problems))
         return args
 
@@ -219,8 +218,11 @@ CHECKPOINT_FORMAT = "ofql-checkpoint-v2"  # v1 pickled numpy/python objects; v2 
 def data_module(env: str, required: bool = False):
     """The data module of a task name (docs/data.md), ogbench_tasks.py for `ogbench/` names, else ofql_data.py: imported
     here only, so ofql.py copied alone trains on in-memory data. Absent: None, or a ValueError where `required`."""
-    try:  # ogbench_tasks imports the optional ogbench package inside its loader
-        module = importlib.import_module("ogbench_tasks" if env.startswith("ogbench/") else "ofql_data")
+    try:
+        if env.startswith("ogbench/"):
+            import ogbench_tasks as module  # the optional ogbench package is imported inside its loader
+        else:
+            import ofql_data as module
     except ModuleNotFoundError as err:
         if err.name not in ("ogbench_tasks", "ofql_data"):
             raise
@@ -331,8 +333,7 @@ class TimeEmbedding(nn.Module):
 
     def forward_with_tangent(self, time: torch.Tensor):
         """Embedding and its derivative with respect to time (tangent 1)."""
-        arg = time[:, None] * self.freqs
-        sin, cos = arg.sin(), arg.cos()
+        sin, cos = (arg := time[:, None] * self.freqs).sin(), arg.cos()
         return mlp_with_tangent(self.mlp, torch.cat([sin, cos], -1), torch.cat([cos, -sin], -1) * self.freqs.repeat(2))
 
 
@@ -365,8 +366,7 @@ class MeanFlowActor(nn.Module):
             return kernels.velocity_and_dudt(kernels.actor_weights(self), z, r, t, obs, v)
         (emb_t, demb_t), emb_r = self.emb_t.forward_with_tangent(t), self.emb_r(r)
         x = torch.cat([z, emb_r, emb_t, obs], -1)
-        with torch.no_grad():
-            tangent = torch.cat([v, torch.zeros_like(emb_r), demb_t, torch.zeros_like(obs)], -1)
+        tangent = torch.cat([v, torch.zeros_like(emb_r), demb_t, torch.zeros_like(obs)], -1)  # needs no graph: v, t none
         return mlp_with_tangent(self.net, x, tangent)
 
     def bc_loss(self, obs, action, args: Args) -> torch.Tensor:

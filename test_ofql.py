@@ -785,9 +785,9 @@ def test_literal_flags_are_checked_from_the_type_hints_with_the_numeric_ones():
     """Every bad flag in one error, a subclass's Literal fields (baselines.py's --policy) too; every choice resolves."""
     with pytest.raises(ValueError) as error:
         small_args(target_q="maen", eval_protocol="papr", eta=math.nan)
-    assert str(error.value) == ("invalid arguments: --target-q 'maen' must be one of min, mean; --eval-protocol 'papr' "
-                                "must be one of paper, argmax, one, deterministic; --eta nan must be a finite number in "
-                                "[0, inf)")
+    assert str(error.value) == ("invalid arguments: --eta nan must be a finite number in [0, inf); --target-q 'maen' "
+                                "must be one of min, mean; --eval-protocol 'papr' must be one of paper, argmax, one, "
+                                "deterministic")
     with pytest.raises(ValueError, match=re.escape("--policy 'flw' must be one of meanflow, flow, diffusion")):
         baseline_args(policy="flw")
     for field, values in {"target_q": ("min", "mean"), "time_sampler": ("logit-normal", "uniform"), "eval_protocol": (
