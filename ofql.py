@@ -21,9 +21,8 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, ClassVar, Literal
+from typing import Annotated, Callable, ClassVar, Iterator, Literal, get_args, get_origin, get_type_hints
 
 import gymnasium as gym
 import numpy as np
@@ -40,7 +39,7 @@ except ImportError as error:
 
 
 # ---- Configuration -------------------------------------------------------------------------
-@dataclass
+@dataclasses.dataclass
 class Args:
     """OFQL's options (docs/flags.md); the comparison baselines' are `python baselines.py train --help`."""
 
@@ -170,15 +169,16 @@ class Args:
         """A new Args with every None field filled from the task preset and the eval protocol, values checked."""
         preset = task_preset(self.env, paper=self.preset == "paper")
         args = dataclasses.replace(self, **{key: value for key, value in preset.items() if getattr(self, key) is None})
-        select, samples, temperature, noise_scale = EVAL_PROTOCOLS[args.eval_protocol]
+        select, samples, temperature, noise_scale = EVAL_PROTOCOLS.get(args.eval_protocol, EVAL_PROTOCOLS["paper"])
         if args.eval_select not in (None, select):  # a changed selection: the paper's 50 candidates and noise
             select, (_, samples, _, noise_scale) = args.eval_select, EVAL_PROTOCOLS["paper"]
         samples = 1 if select == "one" else args.eval_samples or samples
         unset = {"save_every": args.eval_every, "eval_temperature": temperature, "eval_noise_scale": noise_scale}
         args = dataclasses.replace(args, eval_select=select, eval_samples=samples,
                                    **{key: value for key, value in unset.items() if getattr(args, key) is None})
-        if problems := [f"--{key.replace('_', '-')} {getattr(args, key)} must be a finite number in {interval}"
-                        for key, interval in RANGES.items() if not in_range(getattr(args, key), interval)]:
+        problems = [f"--{key.replace('_', '-')} {getattr(args, key)} must be a finite number in {interval}"
+                    for key, interval in RANGES.items() if not in_range(getattr(args, key), interval)]
+        if problems := problems + list(literal_problems(args)):  # a bad --eval-protocol was read as paper above
             raise ValueError("invalid arguments: " + "; ".join(problems))
         return args
 
@@ -251,7 +251,16 @@ def in_range(value: float, interval: str) -> bool:
         value <= high if interval[-1] == "]" else value < high)
 
 
-@dataclass
+def literal_problems(args) -> Iterator[str]:
+    """A problem for each Literal field of args (a subclass's too) its type hint does not allow; tyro checks only a CLI's."""
+    for key, hint in get_type_hints(type(args)).items():
+        parts = (hint,) if get_origin(hint) is Literal else get_args(hint)  # Literal[...] or `| None` (None allowed)
+        choices = [choice for part in parts if get_origin(part) is Literal for choice in get_args(part)]
+        if choices and (value := getattr(args, key)) not in choices and not (value is None and type(None) in parts):
+            yield f"--{key.replace('_', '-')} {value!r} must be one of {', '.join(map(str, choices))}"
+
+
+@dataclasses.dataclass
 class Task:
     """What training and evaluation need to know about a task besides its transitions."""
 
@@ -324,8 +333,7 @@ class TimeEmbedding(nn.Module):
 
     def forward_with_tangent(self, time: torch.Tensor):
         """Embedding and its derivative with respect to time (tangent 1)."""
-        arg = time[:, None] * self.freqs
-        sin, cos = arg.sin(), arg.cos()
+        sin, cos = (arg := time[:, None] * self.freqs).sin(), arg.cos()
         return mlp_with_tangent(self.mlp, torch.cat([sin, cos], -1), torch.cat([cos, -sin], -1) * self.freqs.repeat(2))
 
 
@@ -358,8 +366,7 @@ class MeanFlowActor(nn.Module):
             return kernels.velocity_and_dudt(kernels.actor_weights(self), z, r, t, obs, v)
         (emb_t, demb_t), emb_r = self.emb_t.forward_with_tangent(t), self.emb_r(r)
         x = torch.cat([z, emb_r, emb_t, obs], -1)
-        with torch.no_grad():
-            tangent = torch.cat([v, torch.zeros_like(emb_r), demb_t, torch.zeros_like(obs)], -1)
+        tangent = torch.cat([v, torch.zeros_like(emb_r), demb_t, torch.zeros_like(obs)], -1)  # needs no graph: v, t none
         return mlp_with_tangent(self.net, x, tangent)
 
     def bc_loss(self, obs, action, args: Args) -> torch.Tensor:
@@ -414,8 +421,7 @@ class TwinCritic(nn.Module):
         self.net = nn.Sequential(*layers, EnsembleLinear(2, hidden, 1))
 
     def forward(self, obs, action):
-        x = torch.cat([obs, action], -1)
-        return self.net(x.expand(2, *x.shape)).squeeze(-1)
+        return self.net(torch.cat([obs, action], -1).expand(2, -1, -1)).squeeze(-1)
 
 
 # ---- Losses --------------------------------------------------------------------------------
@@ -438,8 +444,7 @@ def meanflow_bc_loss(actor: MeanFlowActor, obs, action, args: Args, generator=No
     """|| u(z_t, r, t; s) - sg(v - (t - r) du/dt) ||^2 averaged over batch and action dims."""
     noise = torch.randn(action.shape, device=action.device, generator=generator)
     r, t = sample_times(len(action), args, action.device, generator)
-    z = (1 - t[:, None]) * action + t[:, None] * noise
-    v = noise - action
+    z, v = (1 - t[:, None]) * action + t[:, None] * noise, noise - action  # z_t and the velocity e - a
     u, dudt = actor.velocity_and_dudt(z, r, t, obs, v)
     target = v - (t - r)[:, None] * dudt
     err = (u - target.detach()).pow(2).mean(-1)  # mean over action dims as DQL/MeanFlow: eta is the paper's scale
@@ -452,9 +457,7 @@ def td_target(actor, critic_target, batch, args: Args) -> torch.Tensor:
     """r + gamma * mask * min_i Q'_i(s', a') (mean_i with --target-q mean), a' from the (EMA) one-step policy (noise
     std --target-noise-scale); with max-Q backup, max over `max_q_samples` next actions per head before the min/mean."""
     with torch.no_grad():
-        next_obs = batch["next_obs"]
-        if args.max_q_backup:
-            next_obs = next_obs.repeat_interleave(args.max_q_samples, 0)
+        next_obs = batch["next_obs"].repeat_interleave(args.max_q_samples, 0) if args.max_q_backup else batch["next_obs"]
         noise = args.target_noise_scale * torch.randn(len(next_obs), actor.act_dim, device=next_obs.device)
         q_next = critic_target(next_obs, actor.act(next_obs, noise))
         if args.max_q_backup:
@@ -471,8 +474,7 @@ class OFQL:
     def __init__(self, task: Task, args: Args, device: torch.device):
         self.args = args
         self.actor = args.make_actor(task.obs_dim, task.act_dim, device)
-        keep_ema = args.ema_actor or args.eval_ema
-        self.actor_ema = copy.deepcopy(self.actor).requires_grad_(False) if keep_ema else self.actor
+        self.actor_ema = copy.deepcopy(self.actor).requires_grad_(False) if args.ema_actor or args.eval_ema else self.actor
         self.actor_target = self.actor_ema if args.ema_actor else self.actor  # next actions of the TD target
         evaluated = self.actor_ema if args.eval_ema else self.actor
         self.evaluation_act = getattr(evaluated, "evaluation_act", evaluated.act)  # what evaluation samples
@@ -529,9 +531,8 @@ class OFQL:
     def update(self, batch: dict[str, torch.Tensor], swap_heads: bool) -> dict[str, torch.Tensor]:
         """One gradient step, the lr schedules, the EMA actor; detached metrics (no host sync)."""
         metrics = self.gradient_step(batch, swap_heads)
-        if self.args.lr_decay:
-            self.actor_sched.step()
-            self.critic_sched.step()
+        for sched in (self.actor_sched, self.critic_sched) if self.args.lr_decay else ():
+            sched.step()
         self.step += 1
         with torch.no_grad():
             if self.actor_ema is not self.actor and self.step % self.args.ema_every == 0:
@@ -872,10 +873,9 @@ def train(args: Args, data: dict[str, np.ndarray] | None = None, make_env: Calla
         task.plot_samples(samples, args.label, run_dir)
     wall, scores = time.time() - t0, [h["score_mean"] for h in history]
     summary = {"env": args.env, "steps": agent.step, "wall_time_s": wall,
-               "steps_per_second": (agent.step - start) / max(wall, 1e-9),
-               "final_score": scores[-1] if scores else None, "best_score": max(scores) if scores else None,
-               "score_source": task.ref_source, "history": history, "run_dir": str(run_dir),
-               "checkpoint": str(ckpt_path), "args": dataclasses.asdict(args)}
+               "steps_per_second": (agent.step - start) / max(wall, 1e-9), "final_score": scores[-1] if scores else None,
+               "best_score": max(scores) if scores else None, "score_source": task.ref_source, "history": history,
+               "run_dir": str(run_dir), "checkpoint": str(ckpt_path), "args": dataclasses.asdict(args)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     writer.close()
     if args.track:

@@ -769,6 +769,35 @@ def test_counts_below_one_are_refused(field):
         small_args(**{field: 0})
 
 
+@pytest.mark.parametrize("field,value,choices", [
+    ("target_q", "maen", "min, mean"), ("time_sampler", "unifrom", "logit-normal, uniform"),
+    ("eval_protocol", "papr", "paper, argmax, one, deterministic"), ("eval_select", "sofmax", "one, softmax, argmax"),
+    ("preset", "dql", "ofql, paper"), ("kernels", "cuda", "auto, triton, torch"), ("time_sampler", None, "logit-normal")])
+def test_invalid_literal_flags_are_refused(field, value, choices):
+    """tyro checks a command line's choices, not an Args(...) built in Python: resolved() refuses a bad value (target_q
+    fell through to min, time_sampler to uniform, eval_protocol raised a bare KeyError), None only where the type allows."""
+    with pytest.raises(ValueError, match=re.escape(f"invalid arguments: --{field.replace('_', '-')} {value!r} must be "
+                                                   f"one of {choices}")):
+        small_args(**{field: value})
+
+
+def test_literal_flags_are_checked_from_the_type_hints_with_the_numeric_ones():
+    """Every bad flag in one error, a subclass's Literal fields (baselines.py's --policy) too; every choice resolves."""
+    with pytest.raises(ValueError) as error:
+        small_args(target_q="maen", eval_protocol="papr", eta=math.nan)
+    assert str(error.value) == ("invalid arguments: --eta nan must be a finite number in [0, inf); --target-q 'maen' "
+                                "must be one of min, mean; --eval-protocol 'papr' must be one of paper, argmax, one, "
+                                "deterministic")
+    with pytest.raises(ValueError, match=re.escape("--policy 'flw' must be one of meanflow, flow, diffusion")):
+        baseline_args(policy="flw")
+    for field, values in {"target_q": ("min", "mean"), "time_sampler": ("logit-normal", "uniform"), "eval_protocol": (
+            "paper", "argmax", "one", "deterministic"), "eval_select": ("one", "softmax", "argmax")}.items():
+        for value in values:
+            assert getattr(small_args(**{field: value}), field) == value
+    assert small_args(target_q=None, eval_protocol=None, eval_select=None).target_q == "min"  # None: the preset's
+    assert not list(ofql.literal_problems(ofql.Args()))  # unresolved: None where the type has `| None`
+
+
 def test_nan_eta_stops_before_any_work(tmp_path):
     """`--eta nan` used to train until the divergence guard; now the run stops first and creates nothing."""
     with pytest.raises(ValueError, match=re.escape("--eta nan must be a finite number in [0, inf)")):
