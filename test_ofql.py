@@ -2608,6 +2608,26 @@ def test_onestep_drift_integrates_the_flow_and_reads_a_checkpoint(tmp_path, monk
     with pytest.raises(ValueError, match="expects 1-dim observations, the data has 3"):
         onestep_drift.drift(summary["checkpoint"], rng.normal(size=(8, 3)), rng.uniform(-1, 1, (8, 2)), 5, 0)
 
+
+def test_bc_gradient_scale_matches_the_adaptive_weight_of_a_single_sample(tmp_path, monkeypatch):
+    """benchmarks/bc_gradient_scale.py: on a batch of one, the BC gradient with adaptive weight p is the plain one times
+    (e + 1e-3)^-p exactly (e: that sample's error, the plain loss), so a mis-plumbed power or draw fails; p = 0 gives 1.
+    It reads a real checkpoint and a fresh actor of its task."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "benchmarks"))
+    import bc_gradient_scale
+
+    args = ofql.Args(env="bandit-8modes", hidden_dim=32).resolved()
+    actor = ofql.OFQL(ofql.load_task("bandit-8modes")[0], args, torch.device("cpu")).actor
+    obs, action = torch.zeros(1, 1), torch.tensor([[0.5, -0.3]])
+    weighted, _ = bc_gradient_scale.gradient_norm(actor, obs, action, args, 0.5, 7)
+    plain, error = bc_gradient_scale.gradient_norm(actor, obs, action, args, 0.0, 7)
+    assert weighted / plain == pytest.approx((error + 1e-3) ** -0.5, rel=1e-5)
+    summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=3, eval_every=3, hidden_dim=32))
+    row = bc_gradient_scale.scale(summary["checkpoint"], 0.5, batches=3, batch_size=1, seed=0)
+    assert row["step"] == 3 and row["trained_with_power"] == 0.5
+    assert all(np.isfinite(row[at]["gradient_ratio"]) for at in ("trained", "initialisation"))
+    assert bc_gradient_scale.scale(summary["checkpoint"], 0.0, 2, 8, 0)["trained"]["gradient_ratio"] == pytest.approx(1.0)
+
 # ------------------------------------------------------------------------------------------------
 # Architecture: imports run one way, kernels.py <- ofql.py <- ogbench_tasks.py <- baselines.py <- eval.py, sweep.py, benchmarks/
 # ------------------------------------------------------------------------------------------------
