@@ -366,7 +366,7 @@ class MeanFlowActor(nn.Module):
             return kernels.velocity_and_dudt(kernels.actor_weights(self), z, r, t, obs, v)
         (emb_t, demb_t), emb_r = self.emb_t.forward_with_tangent(t), self.emb_r(r)
         x = torch.cat([z, emb_r, emb_t, obs], -1)
-        tangent = torch.cat([v, torch.zeros_like(emb_r), demb_t, torch.zeros_like(obs)], -1)  # graph-free: v and demb_t carry no grad
+        tangent = torch.cat([v, torch.zeros_like(emb_r), demb_t, torch.zeros_like(obs)], -1)  # v, demb_t: no grad
         return mlp_with_tangent(self.net, x, tangent)
 
     def bc_loss(self, obs, action, args: Args) -> torch.Tensor:
