@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -52,10 +53,16 @@ def measure(actor, data, args, power: float, batches: int, batch_size: int, seed
             "mean_error": float(np.mean(errors))}
 
 
+@functools.lru_cache(maxsize=2)
+def task_transitions(env: str, d4rl_mirror: str | None) -> dict:
+    """The task's raw transitions, read once for all the checkpoints of one task."""
+    return ofql.load_task(env, d4rl_mirror=d4rl_mirror)[1]
+
+
 def scale(checkpoint: str, power: float, batches: int, batch_size: int, seed: int) -> dict:
     """measure() for the checkpoint's actor and for a fresh actor of the same task and settings."""
     agent, task, normalizer, args = ofql_eval.load_agent(checkpoint, torch.device("cpu"), kernels="torch")
-    _, raw = ofql.load_task(args.env, d4rl_mirror=args.d4rl_mirror)
+    raw = task_transitions(args.env, args.d4rl_mirror)
     data = {"obs": torch.from_numpy(normalizer(raw["obs"])).float(), "action": torch.from_numpy(raw["action"]).float()}
     torch.manual_seed(seed)
     fresh = ofql.OFQL(task, args, torch.device("cpu")).actor

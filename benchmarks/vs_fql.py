@@ -13,7 +13,8 @@ and evaluates once at the restart, unused). FQL reads ogbench's ~/.ogbench/data:
 whose .ogbench/data links to --dataset-dir, and a stand-in `wandb` module first on PYTHONPATH; its eval.csv is read.
 `speed`: steps/s at batch 256 on random data of the dataset's shapes, rounds alternating FQL (a worker process under
 --fql-python) and OFQL, median reported; decisions/s at batch 1: FQL's sample_actions (its one-step policy, called
-as its evaluate() does) and compute_flow_actions (10 flow steps), OFQL's act step as eval.py times it.
+as its evaluate() does) and compute_flow_actions (10 flow steps), OFQL's act step as eval.py times it (one sample, and
+--eval-protocol paper's 50 candidates scored by the target critic).
 
 FQL's environment (its requirements.txt less D4RL, wandb and video; Python 3.11):
     git clone https://github.com/seohongpark/fql /tmp/fql/fql
@@ -376,8 +377,10 @@ def speed(a):
     def act_step(policy):  # eval.py's act step: numpy in, normalise, act, numpy out (numba's policy does it all)
         return lambda: policy(torch.from_numpy(normalizer(obs_np)), torch.randn(1, task.act_dim)).numpy()
     with torch.no_grad():
+        paper = ofql_eval.candidate_policy(actor.act, agent.critic_target.eval(), ofql_eval.PAPER_CANDIDATES)
         for name, fn in (("ofql-1 eager", act_step(actor.act)), ("ofql-1 folded", act_step(folded)),
-                         ("ofql-1 numba", lambda: numba_policy(obs_np))):
+                         ("ofql-1 numba", lambda: numba_policy(obs_np)),
+                         (f"ofql paper ({ofql_eval.PAPER_CANDIDATES} cand. + critic, eager)", act_step(paper))):
             decisions[name] = 1 / ofql_eval.time_calls(fn, MIN_TIME, REPEATS, torch.device("cpu"))
     result = {"dataset": a.dataset, "obs_dim": task.obs_dim, "act_dim": task.act_dim, "batch_size": 256,
               "threads": 1, "steps_per_round": a.steps, "rounds": rounds,
