@@ -2628,6 +2628,61 @@ def test_bc_gradient_scale_matches_the_adaptive_weight_of_a_single_sample(tmp_pa
     assert all(np.isfinite(row[at]["gradient_ratio"]) for at in ("trained", "initialisation"))
     assert bc_gradient_scale.scale(summary["checkpoint"], 0.0, 2, 8, 0)["trained"]["gradient_ratio"] == pytest.approx(1.0)
 
+def test_vs_fql_rescores_each_run_once_and_reports_the_scores_beside_their_settings(tmp_path, monkeypatch):
+    """benchmarks/vs_fql.py rescore evaluates a finished run's checkpoint under each action selection once (a second
+    call skips it), with the environment resets of eval.py's seed 0; report pairs each re-score with its own run's
+    settings (not the dataset's), beside the training-time scores and FQL's, mean and population std over seeds."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "benchmarks"))
+    monkeypatch.setenv("OGBENCH_DATASET_DIR", str(tmp_path))  # rescore points it at each run's data folder
+    import vs_fql
+
+    def run_vs_fql(*argv):
+        monkeypatch.setattr(sys, "argv", ["vs_fql.py", "--out", str(tmp_path / "out"), *argv])
+        vs_fql.main()
+
+    summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=3, eval_every=3, hidden_dim=32))
+    run_dir = Path(summary["checkpoint"]).parent
+    (tmp_path / "out/runs").mkdir(parents=True)
+    (tmp_path / "out/runs/ofql__bandit.json").write_text(json.dumps({"run_dir": str(run_dir), "dataset_dir": "x"}))
+    run_vs_fql("rescore", "--episodes", "3")
+    direct = ofql_eval.main(ofql_eval.EvalArgs(checkpoint=summary["checkpoint"], eval_protocol="paper", episodes=3))
+    written = {p: json.loads((tmp_path / f"out/rescored/{run_dir.name}__{p}.json").read_text()) for p in ("paper", "one")}
+    assert written["paper"]["per_seed"] == direct["per_seed"] and written["one"]["eval_select"] == "one"
+    assert written["paper"]["seeds"] == written["one"]["seeds"] == [0] and written["one"]["episodes_per_seed"] == 3
+    (tmp_path / f"out/rescored/{run_dir.name}__paper.json").write_text('{"score_mean": -1}')
+    run_vs_fql("rescore", "--episodes", "3")  # exists: skipped, not evaluated again
+    assert json.loads((tmp_path / f"out/rescored/{run_dir.name}__paper.json").read_text()) == {"score_mean": -1}
+    with pytest.raises(SystemExit, match="no finished OFQL run"):
+        run_vs_fql("rescore", "--runs", "nothing*")
+
+    for path in (tmp_path / "out").rglob("*.json"):
+        path.unlink()
+    cube = "cube-single-play-singletask-task2-v0"
+    base = ofql.Args(env=f"ogbench/{cube}").resolved()
+
+    def finished(method, seed, success, eta=None, **rescores):
+        name = f"{method}__cube-single-play-v0__task2__seed{seed}__50000__eta{eta}"
+        settings = {k: getattr(dataclasses.replace(base, eta=eta or base.eta), k) for k in vs_fql.OFQL_SETTINGS}
+        run = {"method": method, "dataset": "cube-single-play-v0", "task": 2, "env_name": cube, "steps": 50_000,
+               "success": success, "run_dir": f"/elsewhere/{name}", "ofql_args": settings}
+        (tmp_path / f"out/runs/{name}.json").write_text(json.dumps(run))
+        for protocol, score in rescores.items():
+            (tmp_path / f"out/rescored/{name}__{protocol}.json").write_text(json.dumps({"score_mean": score}))
+
+    finished("ofql", 0, 40.0, eta=0.3, paper=80.0, one=44.0)
+    finished("ofql", 1, 36.0, eta=0.3, paper=60.0)
+    finished("ofql", 0, 6.0, eta=0.1, paper=30.0, argmax=2.0)
+    finished("fql", 0, 90.0)
+    run_vs_fql("report")
+    rows = {row["ofql_settings"].split(",")[0]: row for row in
+            json.loads((tmp_path / "out/vs_fql.json").read_text())["rows"]}
+    assert rows["eta 0.3"]["ofql"] == [40.0, 36.0] and rows["eta 0.3"]["fql"] == [90.0]
+    assert rows["eta 0.3"]["ofql_rescored"] == {"paper": [80.0, 60.0], "one": [44.0]}
+    assert rows["eta 0.3"]["ofql_rescored_mean_std"]["paper"] == [70.0, 10.0]
+    assert rows["eta 0.1"]["ofql_rescored"] == {"paper": [30.0], "one": []}
+    assert "| 70.0 ± 10.0 (2) / 44.0 ± 0.0 (1) |" in (tmp_path / "out/vs_fql.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------------
 # Architecture: imports run one way, kernels.py <- ofql.py <- ogbench_tasks.py <- baselines.py <- eval.py, sweep.py, benchmarks/
 # ------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     python benchmarks/vs_fql.py train --dataset cube-single-play-v0 --seeds 0 1 2 --dataset-dir /data/ogbench
     python benchmarks/vs_fql.py speed --dataset cube-single-play-v0    # both take --fql-dir, --fql-python first
+    python benchmarks/vs_fql.py rescore --runs '*eta0.3*'              # OFQL's checkpoints under other selections
     python benchmarks/vs_fql.py report                                  # -> benchmarks/results/ogbench/vs_fql.md
     python benchmarks/vs_fql.py drift --fql-runs RUN [...] --data FILE.npz  # FQL's one-step policy vs its flow
 
@@ -11,6 +12,8 @@ and is skipped later. A killed run resumes: OFQL with --resume; FQL from its las
 with --restore_path/--restore_epoch and the remaining steps (FQL reseeds numpy then, so its batch order starts over,
 and evaluates once at the restart, unused). FQL reads ogbench's ~/.ogbench/data: it runs with HOME=<work>/fql_home,
 whose .ogbench/data links to --dataset-dir, and a stand-in `wandb` module first on PYTHONPATH; its eval.csv is read.
+`rescore`: each finished OFQL run's checkpoint evaluated again by eval.py under --eval-protocol paper and one (50
+episodes, evaluation seed 0, so the same environment resets for each), into <out>/rescored/; `report` adds them.
 `speed`: steps/s at batch 256 on random data of the dataset's shapes, rounds alternating FQL (a worker process under
 --fql-python) and OFQL, median reported; decisions/s at batch 1: FQL's sample_actions (its one-step policy, called
 as its evaluate() does) and compute_flow_actions (10 flow steps), OFQL's act step as eval.py times it (one sample, and
@@ -56,6 +59,7 @@ OFQL_SETTINGS = ("eta", "eval_protocol", "critic_layer_norm", "normalize_obs", "
                  "hidden_dim", "adaptive_weight", "target_q", "time_sampler", "flow_ratio", "normalize_q")
 # named in a row only where not the preset's (time sampler and flow ratio: not preset keys, so ofql.Args' defaults)
 UNSHOWN_SETTINGS = ("tau", "lr_decay", "grad_norm", "adaptive_weight", "time_sampler", "flow_ratio", "normalize_q")
+RESCORED = ("paper", "one")  # the action selections `rescore` evaluates by default and `report` shows
 MIN_TIME, REPEATS = 0.5, 5  # decision timing: seconds per repetition, repetitions (median)
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
            "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
@@ -393,6 +397,36 @@ def speed(a):
     print(json.dumps({k: result[k] for k in ("steps_per_s", "decisions_per_s_batch1")}, indent=2), f"\nwrote {path}")
 
 
+def rescore(a):
+    """Each finished OFQL run's checkpoint evaluated again under other action selections (eval.py, 50 episodes,
+    evaluation seed 0: the same environment resets for every protocol): <out>/rescored/<run>__<protocol>.json."""
+    sys.path.insert(0, str(REPO))
+    import fnmatch
+
+    import eval as ofql_eval
+    out = Path(a.out)
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("ofql__*.json"))]
+    runs = [r for r in runs if any(fnmatch.fnmatch(Path(r["run_dir"]).name, pattern) for pattern in a.runs)]
+    if not runs:
+        raise SystemExit(f"error: no finished OFQL run in {out / 'runs'} matches {' '.join(a.runs)}")
+    (out / "rescored").mkdir(parents=True, exist_ok=True)
+    for r in runs:
+        for protocol in a.protocols:
+            name = Path(r["run_dir"]).name
+            path = out / "rescored" / f"{name}__{protocol}.json"
+            checkpoint = Path(r["run_dir"]) / "checkpoint.pt"
+            if path.exists():
+                print(f"skip {path.name}: exists")
+                continue
+            if not checkpoint.exists():
+                raise SystemExit(f"error: {checkpoint} is missing (run {name} was trained elsewhere?): pass --runs "
+                                 "patterns that leave it out")
+            os.environ["OGBENCH_DATASET_DIR"] = r["dataset_dir"]
+            result = ofql_eval.main(ofql_eval.EvalArgs(checkpoint=str(checkpoint), eval_protocol=protocol,
+                                                       episodes=a.episodes, seeds=[0], json=str(path)))
+            print(f"{name} {protocol}: {result['score_mean']:.1f}%", flush=True)
+
+
 def report(a):
     sys.path.insert(0, str(REPO))
     import ofql
@@ -401,13 +435,19 @@ def report(a):
     speeds = [json.loads(p.read_text()) for p in sorted(out.glob("speed_*.json"))]
     groups: dict = {}
     for r in runs:
-        by = groups.setdefault((r["dataset"], r["task"], r["steps"]), {"fql": [], "ofql": {}})
+        by = groups.setdefault((r["dataset"], r["task"], r["steps"]), {"fql": [], "ofql": {}, "rescored": {}})
         if r["method"] == "fql":
             by["fql"].append(r["success"])
         else:
             preset = {"time_sampler": ofql.Args.time_sampler, "flow_ratio": ofql.Args.flow_ratio} | ofql.task_preset(
                 f"ogbench/{r['env_name']}")
-            by["ofql"].setdefault(ofql_config(r["ofql_args"], preset), []).append(r["success"])
+            config = ofql_config(r["ofql_args"], preset)
+            by["ofql"].setdefault(config, []).append(r["success"])
+            for protocol in RESCORED:
+                rescored = out / "rescored" / f"{Path(r['run_dir']).name}__{protocol}.json"
+                if rescored.exists():
+                    by["rescored"].setdefault((config, protocol), []).append(
+                        json.loads(rescored.read_text())["score_mean"])
 
     def mean_std(v: list[float]) -> list[float] | None:  # std over seeds (population), as the table shows it
         return [round(statistics.mean(v), 1), round(statistics.pstdev(v), 1)] if v else None
@@ -418,17 +458,23 @@ def report(a):
              "Success rate %: the evaluation at the last step (50 episodes), mean ± std over seeds (number of seeds), "
              "on regenerated datasets (docs/ogbench.md). FQL paper: Tables 2-3, 1M steps, 8 seeds, mean of the "
              "evaluations at 800k/900k/1M, on the published files.", "",
-             "| dataset | task | steps | OFQL | OFQL settings | FQL (here) | FQL paper (this task / 5-task avg) | "
-             "paper, others |", "|---|---|---|---|---|---|---|---|"]
+             "OFQL re-scored: the same checkpoints acting by --eval-protocol paper (50 candidates, softmax of the "
+             "target Q) and one (one sample), 50 episodes, evaluation seed 0 (`vs_fql.py rescore`).", "",
+             "| dataset | task | steps | OFQL | OFQL settings | OFQL re-scored: paper / one | FQL (here) | "
+             "FQL paper (this task / 5-task avg) | paper, others |", "|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for (dataset, task, steps), by in sorted(groups.items()):
         default_task, on_task, five, others = PUBLISHED.get(dataset, (None, "—", "—", "—"))
         on_task, others = (on_task, others) if task == default_task else ("—", "—")
         for config, ofql in sorted(by["ofql"].items()) or [("—", [])]:
+            rescored = {protocol: by["rescored"].get((config, protocol), []) for protocol in RESCORED}
             rows.append({"dataset": dataset, "task": task, "steps": steps, "ofql": ofql, "ofql_mean_std": mean_std(ofql),
-                         "ofql_settings": config, "fql": by["fql"], "fql_mean_std": mean_std(by["fql"]),
+                         "ofql_settings": config, "ofql_rescored": rescored,
+                         "ofql_rescored_mean_std": {k: mean_std(v) for k, v in rescored.items()},
+                         "fql": by["fql"], "fql_mean_std": mean_std(by["fql"]),
                          "fql_paper_task": on_task, "fql_paper_5task": five})
-            lines.append(f"| {dataset} | task{task} | {steps:,} | {fmt(ofql)} | {config} | {fmt(by['fql'])} | "
+            lines.append(f"| {dataset} | task{task} | {steps:,} | {fmt(ofql)} | {config} | "
+                         f"{' / '.join(fmt(v) for v in rescored.values())} | {fmt(by['fql'])} | "
                          f"{on_task} / {five} | {others} |")
     if speeds:
         lines += ["", "Speed on this CPU, 1 thread: gradient steps/s at batch 256 (median of interleaved rounds), "
@@ -478,13 +524,17 @@ def main():
         d.add_argument("--states", type=int, default=2048)
         d.add_argument("--seed", type=int, default=0)
         d.add_argument("--json", help="also write the rows here")
-    sub.add_parser("report", help="<out>/vs_fql.md and .json from the run summaries and speed files")
+    r = sub.add_parser("rescore", help="finished OFQL runs evaluated again under other action selections")
+    r.add_argument("--runs", nargs="+", default=["*"], help="run folder names or patterns (default: every OFQL run)")
+    r.add_argument("--protocols", nargs="+", default=list(RESCORED), choices=("paper", "argmax", "one", "deterministic"))
+    r.add_argument("--episodes", type=int, default=50)
+    sub.add_parser("report", help="<out>/vs_fql.md and .json from the run summaries, re-scores and speed files")
     a = p.parse_args()
     if a.command == "train":
         a.task = a.task or DEFAULT_TASK[a.dataset.split("-")[0]]
         a.eval_every = a.eval_every or a.steps
-    {"train": train, "speed": speed, "fql-worker": fql_worker, "drift": drift, "fql-drift-worker": fql_drift,
-     "report": report}[a.command](a)
+    {"train": train, "rescore": rescore, "speed": speed, "fql-worker": fql_worker, "drift": drift,
+     "fql-drift-worker": fql_drift, "report": report}[a.command](a)
 
 
 if __name__ == "__main__":
