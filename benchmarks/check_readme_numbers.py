@@ -26,6 +26,7 @@ ROWS = {  # the start of a row's first cell -> globs of the files its numbers co
                                       CAL + "protocols-rescored-gamma0.995-tau0.02-50k/**/*.json"],
     "OGBench cube-single-play": ["benchmarks/results/ogbench/runs/*.json", "benchmarks/results/ogbench/vs_fql.json",
                                  "benchmarks/results/ogbench/rescored/*__protocols.json"],
+    "OGBench cube-double-play": ["benchmarks/results/ogbench/runs/*.json", "benchmarks/results/ogbench/vs_fql.json"],
     "toy, paper Figure 3": ["benchmarks/results/toy_figure.json"],
     "training steps/s": ["benchmarks/results/train_speed_cpu_1thread.json"],
     "time per gradient step": ["benchmarks/results/train_policies_cpu_1thread.json"],
