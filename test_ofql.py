@@ -2628,6 +2628,7 @@ def test_bc_gradient_scale_matches_the_adaptive_weight_of_a_single_sample(tmp_pa
     assert all(np.isfinite(row[at]["gradient_ratio"]) for at in ("trained", "initialisation"))
     assert bc_gradient_scale.scale(summary["checkpoint"], 0.0, 2, 8, 0)["trained"]["gradient_ratio"] == pytest.approx(1.0)
 
+
 def test_vs_fql_rescores_each_run_once_and_reports_the_scores_beside_their_settings(tmp_path, monkeypatch):
     """benchmarks/vs_fql.py rescore evaluates a finished run's checkpoint under each action selection once (a second
     call skips it), with the environment resets of eval.py's seed 0; report pairs each re-score with its own run's

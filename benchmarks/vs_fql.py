@@ -397,6 +397,11 @@ def speed(a):
     print(json.dumps({k: result[k] for k in ("steps_per_s", "decisions_per_s_batch1")}, indent=2), f"\nwrote {path}")
 
 
+def rescored_path(out: Path, run: dict, protocol: str) -> Path:
+    """Where `rescore` writes, and `report` reads, a run's re-score under one action selection."""
+    return out / "rescored" / f"{Path(run['run_dir']).name}__{protocol}.json"
+
+
 def rescore(a):
     """Each finished OFQL run's checkpoint evaluated again under other action selections (eval.py, 50 episodes,
     evaluation seed 0: the same environment resets for every protocol): <out>/rescored/<run>__<protocol>.json."""
@@ -411,10 +416,9 @@ def rescore(a):
         raise SystemExit(f"error: no finished OFQL run in {out / 'runs'} matches {' '.join(a.runs)}")
     (out / "rescored").mkdir(parents=True, exist_ok=True)
     for r in runs:
+        name, checkpoint = Path(r["run_dir"]).name, Path(r["run_dir"]) / "checkpoint.pt"
         for protocol in a.protocols:
-            name = Path(r["run_dir"]).name
-            path = out / "rescored" / f"{name}__{protocol}.json"
-            checkpoint = Path(r["run_dir"]) / "checkpoint.pt"
+            path = rescored_path(out, r, protocol)
             if path.exists():
                 print(f"skip {path.name}: exists")
                 continue
@@ -444,7 +448,7 @@ def report(a):
             config = ofql_config(r["ofql_args"], preset)
             by["ofql"].setdefault(config, []).append(r["success"])
             for protocol in RESCORED:
-                rescored = out / "rescored" / f"{Path(r['run_dir']).name}__{protocol}.json"
+                rescored = rescored_path(out, r, protocol)
                 if rescored.exists():
                     by["rescored"].setdefault((config, protocol), []).append(
                         json.loads(rescored.read_text())["score_mean"])
