@@ -2661,19 +2661,20 @@ def test_vs_fql_rescores_each_run_once_and_reports_the_scores_beside_their_setti
     cube = "cube-single-play-singletask-task2-v0"
     base = ofql.Args(env=f"ogbench/{cube}").resolved()
 
-    def finished(method, seed, success, eta=None, **rescores):
+    def finished(method, seed, success, eta=None, episode_return=None, **rescores):
         name = f"{method}__cube-single-play-v0__task2__seed{seed}__50000__eta{eta}"
         settings = {k: getattr(dataclasses.replace(base, eta=eta or base.eta), k) for k in vs_fql.OFQL_SETTINGS}
         run = {"method": method, "dataset": "cube-single-play-v0", "task": 2, "env_name": cube, "steps": 50_000,
                "success": success, "run_dir": f"/elsewhere/{name}", "ofql_args": settings}
+        run |= {"return": episode_return} if episode_return is not None else {}  # older runs have no return
         (tmp_path / f"out/runs/{name}.json").write_text(json.dumps(run))
         for protocol, score in rescores.items():
             (tmp_path / f"out/rescored/{name}__{protocol}.json").write_text(json.dumps({"score_mean": score}))
 
-    finished("ofql", 0, 40.0, eta=0.3, paper=80.0, one=44.0)
-    finished("ofql", 1, 36.0, eta=0.3, paper=60.0)
+    finished("ofql", 0, 40.0, eta=0.3, episode_return=-160.0, paper=80.0, one=44.0)
+    finished("ofql", 1, 36.0, eta=0.3, episode_return=-170.0, paper=60.0)
     finished("ofql", 0, 6.0, eta=0.1, paper=30.0, argmax=2.0)
-    finished("fql", 0, 90.0)
+    finished("fql", 0, 90.0, episode_return=-100.0)
     run_vs_fql("report")
     rows = {row["ofql_settings"].split(",")[0]: row for row in
             json.loads((tmp_path / "out/vs_fql.json").read_text())["rows"]}
@@ -2682,6 +2683,22 @@ def test_vs_fql_rescores_each_run_once_and_reports_the_scores_beside_their_setti
     assert rows["eta 0.3"]["ofql_rescored_mean_std"]["paper"] == [70.0, 10.0]
     assert rows["eta 0.1"]["ofql_rescored"] == {"paper": [30.0], "one": []}
     assert "| 70.0 ± 10.0 (2) / 44.0 ± 0.0 (1) |" in (tmp_path / "out/vs_fql.md").read_text()
+    assert rows["eta 0.3"]["ofql_return_mean_std"] == [-165.0, 5.0] and rows["eta 0.3"]["fql_return_mean_std"] == [-100, 0]
+    assert rows["eta 0.1"]["ofql_return_mean_std"] is None
+    assert "| -165.0 ± 5.0 (2) | -100.0 ± 0.0 (1) |" in (tmp_path / "out/vs_fql.md").read_text()
+
+
+def test_vs_fql_reads_fqls_evaluations_by_absolute_step_without_a_restarts_first_one(tmp_path, monkeypatch):
+    """FQL's eval.csv counts steps from its own start: an attempt resumed at 15k logs 5k for step 20k, and evaluates
+    once at its step 1 (the restored parameters, already counted); vs_fql reads success % and return per absolute step."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "benchmarks"))
+    import vs_fql
+
+    (tmp_path / "eval.csv").write_text("evaluation/episode.return,evaluation/success,step\n"
+                                       "-300.5,0.25,1\n-120.0,0.75,5000\n")
+    assert vs_fql.fql_evals(15_000, tmp_path) == {20_000: (75.0, -120.0)}
+    assert vs_fql.fql_evals(0, tmp_path) == {1: (25.0, -300.5), 5_000: (75.0, -120.0)}
+    assert vs_fql.fql_evals(0, tmp_path / "not-started") == {}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -125,7 +125,8 @@ def run_ofql(a, name: str, env_name: str, seed: int) -> dict:
         wall = run_logged([sys.executable, str(REPO / "ofql.py"), "--resume", str(ckpt)] if resumed else command,
                           env, REPO, run_dir / "log.txt")
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"evals": {h["step"]: h["score_mean"] for h in summary["history"]}, "wall_time_s": wall,
+    return {"evals": {h["step"]: h["score_mean"] for h in summary["history"]},
+            "returns": {h["step"]: h["return_mean"] for h in summary["history"]}, "wall_time_s": wall,
             "steps_per_s": summary["steps_per_second"], "resumed": resumed, "command": command,
             "ofql_args": {k: summary["args"][k] for k in OFQL_SETTINGS}, "run_dir": str(run_dir)}
 
@@ -143,11 +144,13 @@ def fql_attempts(base: Path) -> list[tuple[int, Path]]:
     return sorted((int(d.name[4:]), run) for d in base.glob("from*") for run in d.glob("fql/vs_fql/sd*"))
 
 
-def fql_evals(first: int, run: Path) -> dict[int, float]:
-    """Success % by absolute step from an attempt's eval.csv (a restart's evaluation at its step 1 left out)."""
+def fql_evals(first: int, run: Path) -> dict[int, tuple[float, float]]:
+    """(success %, mean episode return) by absolute step from an attempt's eval.csv (a restart's evaluation at its
+    step 1 left out)."""
     lines = (run / "eval.csv").read_text().splitlines() if (run / "eval.csv").exists() else []
     rows = [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
-    return {first + int(r["step"]): 100 * float(r["evaluation/success"]) for r in rows if not first or r["step"] != "1"}
+    return {first + int(r["step"]): (100 * float(r["evaluation/success"]), float(r["evaluation/episode.return"]))
+            for r in rows if not first or r["step"] != "1"}
 
 
 def run_fql(a, name: str, env_name: str, seed: int) -> dict:
@@ -168,7 +171,9 @@ def run_fql(a, name: str, env_name: str, seed: int) -> dict:
         shutil.rmtree(base / f"from{start}", ignore_errors=True)  # an attempt from here that saved nothing later
         wall = run_logged(cmd, fql_env(a), Path(a.fql_dir), base / "log.txt")
         evals.update(fql_evals(start, next(run for first, run in fql_attempts(base) if first == start)))
-    return {"evals": evals, "wall_time_s": wall, "steps_per_s": wall and (a.steps - start) / wall,
+    return {"evals": {step: success for step, (success, _) in evals.items()},
+            "returns": {step: episode_return for step, (_, episode_return) in evals.items()},
+            "wall_time_s": wall, "steps_per_s": wall and (a.steps - start) / wall,
             "resumed": start > 0, "command": cmd, "run_dir": str(base)}
 
 
@@ -195,6 +200,7 @@ def train(a):
                 raise SystemExit(f"error: {name} has no evaluation at step {a.steps} ({result['run_dir']})")
             summary = {"method": method, "dataset": a.dataset, "task": a.task, "env_name": env_name, "seed": seed,
                        "steps": a.steps, "eval_episodes": a.eval_episodes, "success": result["evals"][a.steps],
+                       "return": result["returns"][a.steps],
                        **result, "fql_commit": FQL_COMMIT if method == "fql" else None,
                        "dataset_dir": str(Path(a.dataset_dir).resolve()), "finished": time.strftime("%Y-%m-%d %H:%M")}
             (out / f"{name}.json").write_text(json.dumps(summary, indent=2))
@@ -439,14 +445,17 @@ def report(a):
     speeds = [json.loads(p.read_text()) for p in sorted(out.glob("speed_*.json"))]
     groups: dict = {}
     for r in runs:
-        by = groups.setdefault((r["dataset"], r["task"], r["steps"]), {"fql": [], "ofql": {}, "rescored": {}})
+        by = groups.setdefault((r["dataset"], r["task"], r["steps"]),
+                               {"fql": [], "ofql": {}, "rescored": {}, "fql_return": [], "ofql_return": {}})
         if r["method"] == "fql":
             by["fql"].append(r["success"])
+            by["fql_return"] += [r["return"]] if "return" in r else []
         else:
             preset = {"time_sampler": ofql.Args.time_sampler, "flow_ratio": ofql.Args.flow_ratio} | ofql.task_preset(
                 f"ogbench/{r['env_name']}")
             config = ofql_config(r["ofql_args"], preset)
             by["ofql"].setdefault(config, []).append(r["success"])
+            by["ofql_return"].setdefault(config, []).extend([r["return"]] if "return" in r else [])
             for protocol in RESCORED:
                 rescored = rescored_path(out, r, protocol)
                 if rescored.exists():
@@ -466,7 +475,7 @@ def report(a):
              "target Q) and one (one sample), 50 episodes, evaluation seed 0 (`vs_fql.py rescore`).", "",
              "| dataset | task | steps | OFQL | OFQL settings | OFQL re-scored: paper / one | FQL (here) | "
              "FQL paper (this task / 5-task avg) | paper, others |", "|---|---|---|---|---|---|---|---|---|"]
-    rows = []
+    rows, return_lines = [], []
     for (dataset, task, steps), by in sorted(groups.items()):
         default_task, on_task, five, others = PUBLISHED.get(dataset, (None, "—", "—", "—"))
         on_task, others = (on_task, others) if task == default_task else ("—", "—")
@@ -476,10 +485,21 @@ def report(a):
                          "ofql_settings": config, "ofql_rescored": rescored,
                          "ofql_rescored_mean_std": {k: mean_std(v) for k, v in rescored.items()},
                          "fql": by["fql"], "fql_mean_std": mean_std(by["fql"]),
+                         "ofql_return_mean_std": mean_std(by["ofql_return"].get(config, [])),
+                         "fql_return_mean_std": mean_std(by["fql_return"]),
                          "fql_paper_task": on_task, "fql_paper_5task": five})
             lines.append(f"| {dataset} | task{task} | {steps:,} | {fmt(ofql)} | {config} | "
                          f"{' / '.join(fmt(v) for v in rescored.values())} | {fmt(by['fql'])} | "
                          f"{on_task} / {five} | {others} |")
+            if by["ofql_return"].get(config) and by["fql_return"]:
+                return_lines.append(f"| {dataset} | task{task} | {steps:,} | {config} | "
+                                    f"{fmt(by['ofql_return'][config])} | {fmt(by['fql_return'])} |")
+    if return_lines:
+        lines += ["", "Mean episode return at the last evaluation, mean ± std over seeds. OGBench's single-task reward "
+                  "is 0 once the task is solved and negative before (cube, scene, puzzle: minus the subtasks not yet "
+                  "solved, each step), so where both methods score 0% the higher return got closer.",
+                  "", "| dataset | task | steps | OFQL settings | OFQL return | FQL return |", "|---|---|---|---|---|---|",
+                  *return_lines]
     if speeds:
         lines += ["", "Speed on this CPU, 1 thread: gradient steps/s at batch 256 (median of interleaved rounds), "
                   "decisions/s at batch 1.", "", "| dataset | FQL steps/s | OFQL steps/s | decisions/s |",
