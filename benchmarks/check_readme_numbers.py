@@ -27,6 +27,7 @@ ROWS = {  # the start of a row's first cell -> globs of the files its numbers co
     "OGBench cube-single-play": ["benchmarks/results/ogbench/runs/*.json", "benchmarks/results/ogbench/vs_fql.json",
                                  "benchmarks/results/ogbench/rescored/*__protocols.json"],
     "OGBench cube-double-play": ["benchmarks/results/ogbench/runs/*.json", "benchmarks/results/ogbench/vs_fql.json"],
+    "OGBench puzzle-3x3-play": ["benchmarks/results/ogbench/runs/*.json", "benchmarks/results/ogbench/vs_fql.json"],
     "toy, paper Figure 3": ["benchmarks/results/toy_figure.json"],
     "training steps/s": ["benchmarks/results/train_speed_cpu_1thread.json"],
     "time per gradient step": ["benchmarks/results/train_policies_cpu_1thread.json"],
