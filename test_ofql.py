@@ -1480,7 +1480,7 @@ def test_ogbench_trains_briefly_and_scores_success_at_episode_end_not_return(tmp
     write_ogbench_dataset(ANTMAZE_OG, lengths=(20, 20), success_rows=(5, 30))
     summary = ofql.train(ofql.Args(env=ANTMAZE_OG, out_dir=str(tmp_path), total_steps=30, eval_every=30,
                                    eval_episodes=2, batch_size=16, hidden_dim=16, log_every=10))
-    assert (summary["args"]["gamma"], summary["args"]["eval_protocol"]) == (0.99, "one")  # FQL's, on antmaze-large
+    assert (summary["args"]["gamma"], summary["args"]["eval_protocol"]) == (0.99, "paper")  # FQL's gamma on antmaze-large
     last = summary["history"][-1]
     # 1000 steps at reward -1, never at the goal: success 0, not a score of the return (100 x -1000)
     assert (last["score_mean"], last["return_mean"]) == (0.0, -1000.0) and "success" in last["ref_source"]
@@ -1662,7 +1662,7 @@ def test_preset_paper_resolves_as_the_table_says():
     ("D4RL/kitchen/complete-v2", "kitchen", {"eta": 0.005, "grad_norm": 9, "total_steps": 250_000, "gamma": 0.99}),
     ("mujoco/hopper/medium-v0", "mujoco", {"eta": 0.1, "gamma": 0.995, "tau": 0.02, "eval_protocol": "argmax"}),
     ("standin/hopper/medium-expert-v0", "mujoco", {"eta": 0.1, "critic_layer_norm": True}),
-    ("ogbench/cube-single-play-singletask-v0", "ogbench", {"gamma": 0.99, "eval_protocol": "one"}),
+    ("ogbench/cube-single-play-singletask-v0", "ogbench", {"gamma": 0.99, "eval_protocol": "paper"}),
     ("ogbench/humanoidmaze-medium-navigate-singletask-v0", "ogbench", {"gamma": 0.995, "critic_layer_norm": True}),
     ("bandit-8modes", "bandit", {"eta": 0.3, "lr_decay": False, "eval_protocol": "one", "eval_episodes": 1000}),
     ("pendulum-swingup", "pendulum", {"eta": 3.0, "total_steps": 6000, "eval_protocol": "deterministic"}),
@@ -1677,9 +1677,9 @@ def test_every_task_family_resolves_its_preset(name, family, fields):
 
 def test_a_missing_data_module_names_itself_and_the_in_memory_entry(monkeypatch):
     """Without ogbench_tasks.py (or ofql_data.py) next to ofql.py, a task name of that family says which file it loads
-    through. The OGBench preset: FQL's critic, evaluation and discount (ogbench_tasks.task_settings)."""
-    preset = ofql.Args(env=CUBE_OG).resolved()  # FQL's, unchanged from ogbench_tasks.ogbench_preset of older versions
-    assert (preset.gamma, preset.critic_layer_norm, preset.eval_protocol, preset.eta) == (0.99, True, "one", 0.1)
+    through. The OGBench preset: FQL's critic and discount, the paper's selection (ogbench_tasks.task_settings)."""
+    preset = ofql.Args(env=CUBE_OG).resolved()
+    assert (preset.gamma, preset.critic_layer_norm, preset.eval_protocol, preset.eta) == (0.99, True, "paper", 0.1)
     assert ofql.Args(env="ogbench/antmaze-giant-navigate-singletask-v0").resolved().gamma == 0.995
     monkeypatch.setitem(sys.modules, "ogbench_tasks", None)  # `import ogbench_tasks` fails, as where it is absent
     with pytest.raises(ValueError, match="--env " + CUBE_OG + " loads through ogbench_tasks.py, which is not next to "
