@@ -7,7 +7,7 @@
 A leaf, like ofql_data.py: it imports no project file, and ofql.load_task imports it for `ogbench/` names only, so
 the optional `ogbench` package is needed only there (it is imported inside the functions that use it). It returns
 plain data (`load_task`: task fields as a dict, transitions as numpy arrays; `task_settings`: the OGBench preset, FQL's
-critic LayerNorm, one-sample evaluation and discount of a dataset). It reads the data as FQL does. `generate` rewrites
+critic LayerNorm and discount, the paper's candidate selection). It reads the data as FQL does. `generate` rewrites
 a manipulation dataset (cube, scene, puzzle) with the scripted oracles the `ogbench` package ships, by OGBench's
 published procedure: another draw of the same distribution, not the published file. Training moved to ofql.py:
 `python ogbench_tasks.py --env ...` answers with the ofql.py command.
