@@ -34,8 +34,8 @@ import tyro
 def task_settings(name: str) -> tuple[str, dict]:
     """("ogbench", settings) for ofql.task_preset: FQL's critic LayerNorm, the paper's 50-candidate selection (one
     sample scored far lower on cube-single and puzzle-3x3, docs/ogbench.md; eta: ofql.py's MuJoCo default) and FQL's
-    discount: 0.995 where FQL used it (antmaze-giant, humanoidmaze-medium/large,
-    antsoccer-arena), extended to the other giant and humanoid mazes and antsoccer-medium, else 0.99 (docs/ogbench.md)."""
+    discount: 0.995 where FQL used it (antmaze-giant, humanoidmaze-medium/large, antsoccer-arena), extended to the
+    other giant and humanoid mazes and antsoccer-medium, else 0.99 (docs/ogbench.md)."""
     name = name.removeprefix("ogbench/")
     gamma = 0.995 if name.startswith(("humanoidmaze-", "antsoccer-")) or "maze-giant-" in name else 0.99
     return "ogbench", {"critic_layer_norm": True, "eval_protocol": "paper", "gamma": gamma}

@@ -445,17 +445,14 @@ def report(a):
     speeds = [json.loads(p.read_text()) for p in sorted(out.glob("speed_*.json"))]
     groups: dict = {}
     for r in runs:
-        by = groups.setdefault((r["dataset"], r["task"], r["steps"]),
-                               {"fql": [], "ofql": {}, "rescored": {}, "fql_return": [], "ofql_return": {}})
+        by = groups.setdefault((r["dataset"], r["task"], r["steps"]), {"fql": [], "ofql": {}, "rescored": {}})
         if r["method"] == "fql":
-            by["fql"].append(r["success"])
-            by["fql_return"] += [r["return"]] if "return" in r else []
+            by["fql"].append(r)
         else:
             preset = {"time_sampler": ofql.Args.time_sampler, "flow_ratio": ofql.Args.flow_ratio} | ofql.task_preset(
                 f"ogbench/{r['env_name']}")
             config = ofql_config(r["ofql_args"], preset)
-            by["ofql"].setdefault(config, []).append(r["success"])
-            by["ofql_return"].setdefault(config, []).extend([r["return"]] if "return" in r else [])
+            by["ofql"].setdefault(config, []).append(r)
             for protocol in RESCORED:
                 rescored = rescored_path(out, r, protocol)
                 if rescored.exists():
@@ -464,6 +461,12 @@ def report(a):
 
     def mean_std(v: list[float]) -> list[float] | None:  # std over seeds (population), as the table shows it
         return [round(statistics.mean(v), 1), round(statistics.pstdev(v), 1)] if v else None
+
+    def successes(group: list[dict]) -> list[float]:
+        return [r["success"] for r in group]
+
+    def returns(group: list[dict]) -> list[float]:  # runs written before returns were recorded have none
+        return [r["return"] for r in group if "return" in r]
 
     def fmt(v: list[float]) -> str:
         return "{:.1f} ± {:.1f} ({})".format(*mean_std(v), len(v)) if v else "—"
@@ -479,21 +482,22 @@ def report(a):
     for (dataset, task, steps), by in sorted(groups.items()):
         default_task, on_task, five, others = PUBLISHED.get(dataset, (None, "—", "—", "—"))
         on_task, others = (on_task, others) if task == default_task else ("—", "—")
-        for config, ofql in sorted(by["ofql"].items()) or [("—", [])]:
+        fql, fql_returns = successes(by["fql"]), returns(by["fql"])
+        for config, ofql_runs in sorted(by["ofql"].items()) or [("—", [])]:
+            ofql, ofql_returns = successes(ofql_runs), returns(ofql_runs)
             rescored = {protocol: by["rescored"].get((config, protocol), []) for protocol in RESCORED}
             rows.append({"dataset": dataset, "task": task, "steps": steps, "ofql": ofql, "ofql_mean_std": mean_std(ofql),
                          "ofql_settings": config, "ofql_rescored": rescored,
                          "ofql_rescored_mean_std": {k: mean_std(v) for k, v in rescored.items()},
-                         "fql": by["fql"], "fql_mean_std": mean_std(by["fql"]),
-                         "ofql_return_mean_std": mean_std(by["ofql_return"].get(config, [])),
-                         "fql_return_mean_std": mean_std(by["fql_return"]),
+                         "fql": fql, "fql_mean_std": mean_std(fql),
+                         "ofql_return_mean_std": mean_std(ofql_returns), "fql_return_mean_std": mean_std(fql_returns),
                          "fql_paper_task": on_task, "fql_paper_5task": five})
             lines.append(f"| {dataset} | task{task} | {steps:,} | {fmt(ofql)} | {config} | "
-                         f"{' / '.join(fmt(v) for v in rescored.values())} | {fmt(by['fql'])} | "
+                         f"{' / '.join(fmt(v) for v in rescored.values())} | {fmt(fql)} | "
                          f"{on_task} / {five} | {others} |")
-            if by["ofql_return"].get(config) and by["fql_return"]:
-                return_lines.append(f"| {dataset} | task{task} | {steps:,} | {config} | "
-                                    f"{fmt(by['ofql_return'][config])} | {fmt(by['fql_return'])} |")
+            if ofql_returns and fql_returns:
+                return_lines.append(f"| {dataset} | task{task} | {steps:,} | {config} | {fmt(ofql_returns)} | "
+                                    f"{fmt(fql_returns)} |")
     if return_lines:
         lines += ["", "Mean episode return at the last evaluation, mean ± std over seeds. OGBench's single-task reward "
                   "is 0 once the task is solved and negative before (cube, scene, puzzle: minus the subtasks not yet "
