@@ -2661,10 +2661,11 @@ def test_vs_fql_rescores_each_run_once_and_reports_the_scores_beside_their_setti
     cube = "cube-single-play-singletask-task2-v0"
     base = ofql.Args(env=f"ogbench/{cube}").resolved()
 
-    def finished(method, seed, success, eta=None, episode_return=None, **rescores):
-        name = f"{method}__cube-single-play-v0__task2__seed{seed}__50000__eta{eta}"
-        settings = {k: getattr(dataclasses.replace(base, eta=eta or base.eta), k) for k in vs_fql.OFQL_SETTINGS}
-        run = {"method": method, "dataset": "cube-single-play-v0", "task": 2, "env_name": cube, "steps": 50_000,
+    def finished(method, seed, success, eta=None, episode_return=None, task=2, protocol="one", **rescores):
+        name = f"{method}__cube-single-play-v0__task{task}__seed{seed}__50000__eta{eta}"
+        settings = {k: getattr(dataclasses.replace(base, eta=eta or base.eta, eval_protocol=protocol), k)
+                    for k in vs_fql.OFQL_SETTINGS}
+        run = {"method": method, "dataset": "cube-single-play-v0", "task": task, "env_name": cube, "steps": 50_000,
                "success": success, "run_dir": f"/elsewhere/{name}", "ofql_args": settings}
         run |= {"return": episode_return} if episode_return is not None else {}  # older runs have no return
         (tmp_path / f"out/runs/{name}.json").write_text(json.dumps(run))
@@ -2686,6 +2687,18 @@ def test_vs_fql_rescores_each_run_once_and_reports_the_scores_beside_their_setti
     assert rows["eta 0.3"]["ofql_return_mean_std"] == [-165.0, 5.0] and rows["eta 0.3"]["fql_return_mean_std"] == [-100, 0]
     assert rows["eta 0.1"]["ofql_return_mean_std"] is None
     assert "| -165.0 ± 5.0 (2) | -100.0 ± 0.0 (1) |" in (tmp_path / "out/vs_fql.md").read_text()
+    assert json.loads((tmp_path / "out/vs_fql.json").read_text())["per_task"] == []  # one task: no per-task table
+
+    # the other four tasks at eta 0.3, trained under another selection: pooled by their re-scores, task by task
+    for task, paper, one in ((1, 90.0, 50.0), (3, 20.0, 10.0), (4, 0.0, 0.0), (5, 40.0, 30.0)):
+        finished("ofql", 0, one, eta=0.3, task=task, protocol="paper", paper=paper, one=one)
+    run_vs_fql("report")
+    (per_task,) = json.loads((tmp_path / "out/vs_fql.json").read_text())["per_task"]  # eta 0.1 has one task: none
+    assert per_task["tasks"]["2"] == {"paper": 70.0, "one": 44.0} and per_task["seeds"] == {"1": 1, "2": 2, "3": 1,
+                                                                                           "4": 1, "5": 1}
+    assert per_task["five_task_mean"] == {"paper": 44.0, "one": 26.8}  # (90+70+20+0+40)/5, (50+44+10+0+30)/5
+    assert "| 90.0 / 50.0 (1) | 70.0 / 44.0 (2) | 20.0 / 10.0 (1) | 0.0 / 0.0 (1) | 40.0 / 30.0 (1) | 44.0 / 26.8 | " \
+        "96 ± 1 |" in (tmp_path / "out/vs_fql.md").read_text()
 
 
 def test_vs_fql_reads_fqls_evaluations_by_absolute_step_without_a_restarts_first_one(tmp_path, monkeypatch):

@@ -131,10 +131,12 @@ def run_ofql(a, name: str, env_name: str, seed: int) -> dict:
             "ofql_args": {k: summary["args"][k] for k in OFQL_SETTINGS}, "run_dir": str(run_dir)}
 
 
-def ofql_config(args: dict, preset: dict) -> str:
-    """The OFQL settings a report row is about, e.g. `eta 0.1, one, LN, obs-norm`; `preset`: ofql's for the dataset."""
+def ofql_config(args: dict, preset: dict, selection: bool = True) -> str:
+    """The OFQL settings a report row is about, e.g. `eta 0.1, one, LN, obs-norm`; `preset`: ofql's for the dataset;
+    `selection=False` leaves out the training-time action selection (re-scores act under each)."""
     others = [f"{key} {args[key]}" for key in UNSHOWN_SETTINGS if args.get(key, preset[key]) != preset[key]]  # never pooled
-    return ", ".join([f"eta {args['eta']}", args["eval_protocol"], "LN" if args["critic_layer_norm"] else "no LN",
+    return ", ".join([f"eta {args['eta']}", *[args["eval_protocol"]] * selection,
+                      "LN" if args["critic_layer_norm"] else "no LN",
                       "obs-norm" if args["normalize_obs"] else "raw obs", f"gamma {args['gamma']}",
                       f"target {args.get('target_q', 'min')} of heads", f"width {args['hidden_dim']}", *others])
 
@@ -444,6 +446,7 @@ def report(a):
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     speeds = [json.loads(p.read_text()) for p in sorted(out.glob("speed_*.json"))]
     groups: dict = {}
+    per_task: dict = {}  # (dataset, steps, settings but the selection) -> {task: {protocol: [re-scores over seeds]}}
     for r in runs:
         by = groups.setdefault((r["dataset"], r["task"], r["steps"]), {"fql": [], "ofql": {}, "rescored": {}})
         if r["method"] == "fql":
@@ -453,11 +456,13 @@ def report(a):
                 f"ogbench/{r['env_name']}")
             config = ofql_config(r["ofql_args"], preset)
             by["ofql"].setdefault(config, []).append(r)
+            tasks = per_task.setdefault((r["dataset"], r["steps"], ofql_config(r["ofql_args"], preset, False)), {})
             for protocol in RESCORED:
                 rescored = rescored_path(out, r, protocol)
                 if rescored.exists():
-                    by["rescored"].setdefault((config, protocol), []).append(
-                        json.loads(rescored.read_text())["score_mean"])
+                    score = json.loads(rescored.read_text())["score_mean"]
+                    by["rescored"].setdefault((config, protocol), []).append(score)
+                    tasks.setdefault(r["task"], {}).setdefault(protocol, []).append(score)
 
     def mean_std(v: list[float]) -> list[float] | None:  # std over seeds (population), as the table shows it
         return [round(statistics.mean(v), 1), round(statistics.pstdev(v), 1)] if v else None
@@ -504,13 +509,35 @@ def report(a):
                   "solved, each step), so where both methods score 0% the higher return got closer.",
                   "", "| dataset | task | steps | OFQL settings | OFQL return | FQL return |", "|---|---|---|---|---|---|",
                   *return_lines]
+    task_rows, task_lines = [], []
+    for (dataset, steps, config), tasks in sorted(per_task.items()):
+        if len(tasks) < 2:
+            continue
+        means = {task: {p: statistics.mean(v) for p, v in scores.items()} for task, scores in tasks.items()}
+        all_five = sorted(means) == [1, 2, 3, 4, 5] and all(len(m) == len(RESCORED) for m in means.values())
+        five = {p: round(statistics.mean(m[p] for m in means.values()), 1) for p in RESCORED} if all_five else None
+        seeds = {task: max(map(len, scores.values())) for task, scores in tasks.items()}
+        paper_five = PUBLISHED.get(dataset, (None, "—", "—"))[2]
+        task_rows.append({"dataset": dataset, "steps": steps, "ofql_settings": config, "tasks": means, "seeds": seeds,
+                          "five_task_mean": five, "fql_paper_5task": paper_five})
+        cells = [" / ".join(f"{means[t][p]:.1f}" if p in means[t] else "—" for p in RESCORED) + f" ({seeds[t]})"
+                 if t in means else "—" for t in range(1, 6)]
+        five_cell = " / ".join(f"{five[p]:.1f}" for p in RESCORED) if five else "—"
+        task_lines.append(f"| {dataset} | {steps:,} | {config} | {' | '.join(cells)} | {five_cell} | {paper_five} |")
+    if task_rows:
+        lines += ["", "OFQL on each task of a dataset, re-scored (" + " / ".join(RESCORED) + "; mean over the task's "
+                  "seeds, their number in brackets; `vs_fql.py rescore`), and the mean over the five tasks where all five ran; FQL's paper gives "
+                  "its 5-task average at 1M steps.", "",
+                  "| dataset | steps | OFQL settings (any selection) | task1 | task2 | task3 | task4 | task5 | "
+                  "5-task mean | FQL paper 5-task avg |", "|---|---|---|---|---|---|---|---|---|---|",
+                  *task_lines]
     if speeds:
         lines += ["", "Speed on this CPU, 1 thread: gradient steps/s at batch 256 (median of interleaved rounds), "
                   "decisions/s at batch 1.", "", "| dataset | FQL steps/s | OFQL steps/s | decisions/s |",
                   "|---|---|---|---|"]
         lines += [f"| {s['dataset']} | {s['steps_per_s']['fql']:.1f} | {s['steps_per_s']['ofql']:.1f} | " +
                   ", ".join(f"{k}: {v:,.0f}" for k, v in s["decisions_per_s_batch1"].items()) + " |" for s in speeds]
-    report_json = {"rows": rows, "speed": speeds, "runs": runs}
+    report_json = {"rows": rows, "per_task": task_rows, "speed": speeds, "runs": runs}
     (out / "vs_fql.json").write_text(json.dumps(report_json, indent=2, ensure_ascii=False))
     (out / "vs_fql.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines) + f"\n\nwrote {out / 'vs_fql.md'} and {out / 'vs_fql.json'}")
