@@ -2670,7 +2670,8 @@ def test_vs_fql_rescores_each_run_once_and_reports_the_scores_beside_their_setti
         run |= {"return": episode_return} if episode_return is not None else {}  # older runs have no return
         (tmp_path / f"out/runs/{name}.json").write_text(json.dumps(run))
         for protocol, score in rescores.items():
-            (tmp_path / f"out/rescored/{name}__{protocol}.json").write_text(json.dumps({"score_mean": score}))
+            (tmp_path / f"out/rescored/{name}__{protocol}.json").write_text(json.dumps({"score_mean": score,
+                                                                                        "return_mean": score - 200}))
 
     finished("ofql", 0, 40.0, eta=0.3, episode_return=-160.0, paper=80.0, one=44.0)
     finished("ofql", 1, 36.0, eta=0.3, episode_return=-170.0, paper=60.0)
@@ -2686,7 +2687,9 @@ def test_vs_fql_rescores_each_run_once_and_reports_the_scores_beside_their_setti
     assert "| 70.0 ± 10.0 (2) / 44.0 ± 0.0 (1) |" in (tmp_path / "out/vs_fql.md").read_text()
     assert rows["eta 0.3"]["ofql_return_mean_std"] == [-165.0, 5.0] and rows["eta 0.3"]["fql_return_mean_std"] == [-100, 0]
     assert rows["eta 0.1"]["ofql_return_mean_std"] is None
-    assert "| -165.0 ± 5.0 (2) | -100.0 ± 0.0 (1) |" in (tmp_path / "out/vs_fql.md").read_text()
+    assert rows["eta 0.3"]["ofql_rescored_return_mean_std"] == {"paper": [-130.0, 10.0], "one": [-156.0, 0.0]}
+    assert "| -165.0 ± 5.0 (2) | -130.0 ± 10.0 (2) / -156.0 ± 0.0 (1) | -100.0 ± 0.0 (1) |" in \
+        (tmp_path / "out/vs_fql.md").read_text()
     assert json.loads((tmp_path / "out/vs_fql.json").read_text())["per_task"] == []  # one task: no per-task table
 
     # the other four tasks at eta 0.3, trained under another selection: pooled by their re-scores, task by task

@@ -460,9 +460,9 @@ def report(a):
             for protocol in RESCORED:
                 rescored = rescored_path(out, r, protocol)
                 if rescored.exists():
-                    score = json.loads(rescored.read_text())["score_mean"]
-                    by["rescored"].setdefault((config, protocol), []).append(score)
-                    tasks.setdefault(r["task"], {}).setdefault(protocol, []).append(score)
+                    result = json.loads(rescored.read_text())
+                    by["rescored"].setdefault((config, protocol), []).append(result)
+                    tasks.setdefault(r["task"], {}).setdefault(protocol, []).append(result["score_mean"])
 
     def mean_std(v: list[float]) -> list[float] | None:  # std over seeds (population), as the table shows it
         return [round(statistics.mean(v), 1), round(statistics.pstdev(v), 1)] if v else None
@@ -490,24 +490,29 @@ def report(a):
         fql, fql_returns = successes(by["fql"]), returns(by["fql"])
         for config, ofql_runs in sorted(by["ofql"].items()) or [("—", [])]:
             ofql, ofql_returns = successes(ofql_runs), returns(ofql_runs)
-            rescored = {protocol: by["rescored"].get((config, protocol), []) for protocol in RESCORED}
+            rescores = {protocol: by["rescored"].get((config, protocol), []) for protocol in RESCORED}
+            rescored = {protocol: [x["score_mean"] for x in v] for protocol, v in rescores.items()}
+            rescored_returns = {protocol: [x["return_mean"] for x in v if "return_mean" in x] for protocol, v in
+                                rescores.items()}
             rows.append({"dataset": dataset, "task": task, "steps": steps, "ofql": ofql, "ofql_mean_std": mean_std(ofql),
                          "ofql_settings": config, "ofql_rescored": rescored,
                          "ofql_rescored_mean_std": {k: mean_std(v) for k, v in rescored.items()},
                          "fql": fql, "fql_mean_std": mean_std(fql),
                          "ofql_return_mean_std": mean_std(ofql_returns), "fql_return_mean_std": mean_std(fql_returns),
+                         "ofql_rescored_return_mean_std": {k: mean_std(v) for k, v in rescored_returns.items()},
                          "fql_paper_task": on_task, "fql_paper_5task": five})
             lines.append(f"| {dataset} | task{task} | {steps:,} | {fmt(ofql)} | {config} | "
                          f"{' / '.join(fmt(v) for v in rescored.values())} | {fmt(fql)} | "
                          f"{on_task} / {five} | {others} |")
             if ofql_returns and fql_returns:
                 return_lines.append(f"| {dataset} | task{task} | {steps:,} | {config} | {fmt(ofql_returns)} | "
-                                    f"{fmt(fql_returns)} |")
+                                    f"{' / '.join(fmt(v) for v in rescored_returns.values())} | {fmt(fql_returns)} |")
     if return_lines:
         lines += ["", "Mean episode return at the last evaluation, mean ± std over seeds. OGBench's single-task reward "
                   "is 0 once the task is solved and negative before (cube, scene, puzzle: minus the subtasks not yet "
                   "solved, each step), so where both methods score 0% the higher return got closer.",
-                  "", "| dataset | task | steps | OFQL settings | OFQL return | FQL return |", "|---|---|---|---|---|---|",
+                  "", "| dataset | task | steps | OFQL settings | OFQL return | OFQL re-scored: " + " / ".join(RESCORED)
+                  + " | FQL return |", "|---|---|---|---|---|---|---|",
                   *return_lines]
     task_rows, task_lines = [], []
     for (dataset, steps, config), tasks in sorted(per_task.items()):
