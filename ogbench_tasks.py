@@ -7,7 +7,7 @@
 A leaf, like ofql_data.py: it imports no project file, and ofql.load_task imports it for `ogbench/` names only, so
 the optional `ogbench` package is needed only there (it is imported inside the functions that use it). It returns
 plain data (`load_task`: task fields as a dict, transitions as numpy arrays; `task_settings`: the OGBench preset, FQL's
-critic LayerNorm and discount, the paper's candidate selection, eta 0.3 on manipulation). It reads the data as FQL does. `generate` rewrites
+critic LayerNorm and discount, the paper's candidate selection). It reads the data as FQL does. `generate` rewrites
 a manipulation dataset (cube, scene, puzzle) with the scripted oracles the `ogbench` package ships, by OGBench's
 published procedure: another draw of the same distribution, not the published file. Training moved to ofql.py:
 `python ogbench_tasks.py --env ...` answers with the ofql.py command.
@@ -31,19 +31,14 @@ import numpy as np
 import tyro
 
 
-MANIPULATION_ETA = 0.3  # cube, scene, puzzle: measured on cube-single and puzzle-3x3 (docs/ogbench-calibration.md)
-
-
 def task_settings(name: str) -> tuple[str, dict]:
     """("ogbench", settings) for ofql.task_preset: FQL's critic LayerNorm, the paper's 50-candidate selection (one
-    sample scored far lower on cube-single and puzzle-3x3, docs/ogbench.md), eta 0.3 on the manipulation datasets
-    (the mazes and antsoccer, not measured, keep ofql.py's MuJoCo eta) and FQL's discount: 0.995 where FQL used it
-    (antmaze-giant, humanoidmaze-medium/large, antsoccer-arena), extended to the other giant and humanoid mazes and
-    antsoccer-medium, else 0.99 (docs/ogbench.md)."""
+    sample scored far lower on cube-single and puzzle-3x3, docs/ogbench.md; eta: ofql.py's MuJoCo default) and FQL's
+    discount: 0.995 where FQL used it (antmaze-giant, humanoidmaze-medium/large, antsoccer-arena), extended to the
+    other giant and humanoid mazes and antsoccer-medium, else 0.99 (docs/ogbench.md)."""
     name = name.removeprefix("ogbench/")
     gamma = 0.995 if name.startswith(("humanoidmaze-", "antsoccer-")) or "maze-giant-" in name else 0.99
-    eta = {"eta": MANIPULATION_ETA} if name.startswith(("cube-", "scene-", "puzzle-")) else {}
-    return "ogbench", {"critic_layer_norm": True, "eval_protocol": "paper", "gamma": gamma, **eta}
+    return "ogbench", {"critic_layer_norm": True, "eval_protocol": "paper", "gamma": gamma}
 
 
 def dataset_folder(out_dir: str | None = None) -> Path:

@@ -1662,10 +1662,8 @@ def test_preset_paper_resolves_as_the_table_says():
     ("D4RL/kitchen/complete-v2", "kitchen", {"eta": 0.005, "grad_norm": 9, "total_steps": 250_000, "gamma": 0.99}),
     ("mujoco/hopper/medium-v0", "mujoco", {"eta": 0.1, "gamma": 0.995, "tau": 0.02, "eval_protocol": "argmax"}),
     ("standin/hopper/medium-expert-v0", "mujoco", {"eta": 0.1, "critic_layer_norm": True}),
-    ("ogbench/cube-single-play-singletask-v0", "ogbench", {"gamma": 0.99, "eval_protocol": "paper", "eta": 0.3}),
-    ("ogbench/puzzle-4x4-noisy-singletask-task2-v0", "ogbench", {"eta": 0.3, "critic_layer_norm": True}),
-    ("ogbench/humanoidmaze-medium-navigate-singletask-v0", "ogbench", {"gamma": 0.995, "critic_layer_norm": True,
-                                                                        "eta": ofql.MUJOCO_ETA}),
+    ("ogbench/cube-single-play-singletask-v0", "ogbench", {"gamma": 0.99, "eval_protocol": "paper", "eta": 0.1}),
+    ("ogbench/humanoidmaze-medium-navigate-singletask-v0", "ogbench", {"gamma": 0.995, "critic_layer_norm": True}),
     ("bandit-8modes", "bandit", {"eta": 0.3, "lr_decay": False, "eval_protocol": "one", "eval_episodes": 1000}),
     ("pendulum-swingup", "pendulum", {"eta": 3.0, "total_steps": 6000, "eval_protocol": "deterministic"}),
     ("my-robot", "mujoco", {"eta": 0.1, "gamma": 0.995, "eval_protocol": "argmax"}),  # your own data's name
@@ -1679,11 +1677,11 @@ def test_every_task_family_resolves_its_preset(name, family, fields):
 
 def test_a_missing_data_module_names_itself_and_the_in_memory_entry(monkeypatch):
     """Without ogbench_tasks.py (or ofql_data.py) next to ofql.py, a task name of that family says which file it loads
-    through. The OGBench preset: FQL's critic and discount, the paper's selection, eta 0.3 on manipulation
+    through. The OGBench preset: FQL's critic and discount, the paper's selection, the MuJoCo eta
     (ogbench_tasks.task_settings)."""
     preset = ofql.Args(env=CUBE_OG).resolved()
-    assert (preset.gamma, preset.critic_layer_norm, preset.eval_protocol, preset.eta) == (0.99, True, "paper", 0.3)
-    assert ofql.Args(env=CUBE_OG, eta=0.1).resolved().eta == 0.1  # a flag still wins over the preset
+    assert (preset.gamma, preset.critic_layer_norm, preset.eval_protocol, preset.eta) == (0.99, True, "paper", 0.1)
+    assert ofql.Args(env=CUBE_OG, eta=0.3).resolved().eta == 0.3  # a flag still wins over the preset
     assert ofql.Args(env="ogbench/antmaze-giant-navigate-singletask-v0").resolved().gamma == 0.995
     monkeypatch.setitem(sys.modules, "ogbench_tasks", None)  # `import ogbench_tasks` fails, as where it is absent
     with pytest.raises(ValueError, match="--env " + CUBE_OG + " loads through ogbench_tasks.py, which is not next to "
