@@ -135,8 +135,8 @@ def ofql_config(args: dict, preset: dict, selection: bool = True) -> str:
     """The OFQL settings a report row is about, e.g. `eta 0.1, one, LN, obs-norm`; `preset`: ofql's for the dataset;
     `selection=False` leaves out the training-time action selection (re-scores act under each)."""
     others = [f"{key} {args[key]}" for key in UNSHOWN_SETTINGS if args.get(key, preset[key]) != preset[key]]  # never pooled
-    return ", ".join([f"eta {args['eta']}", *[args["eval_protocol"]] * selection,
-                      "LN" if args["critic_layer_norm"] else "no LN",
+    protocol = [args["eval_protocol"]] if selection else []
+    return ", ".join([f"eta {args['eta']}", *protocol, "LN" if args["critic_layer_norm"] else "no LN",
                       "obs-norm" if args["normalize_obs"] else "raw obs", f"gamma {args['gamma']}",
                       f"target {args.get('target_q', 'min')} of heads", f"width {args['hidden_dim']}", *others])
 
