@@ -21,7 +21,7 @@ fql_lane() {  # FQL (~5 steps/s on one core here): the default tasks
 }
 ofql_lane() {  # OFQL (~25 steps/s) and the data generation; each run re-scored under the paper's selection and one
   # sample. eta 0.3 (best on cube-single task2, collapsed on its tasks 1 and 5) beside the preset's eta 0.1, both named
-  local eta03=(--tag eta0.3 --ofql-flag=--eta=0.3) eta01=(--tag eta0.1 --ofql-flag=--eta=0.1)
+  local eta03=(--tag eta0.3 --ofql-flag=--eta=0.3) eta01=(--tag eta0.1 --ofql-flag=--eta=0.1 --ofql-flag=--compile)
   generate cube-single-play-v0 && vs ofql cube-single-play-v0 0 1 2 "${eta03[@]}"
   generate cube-double-play-v0 && vs ofql cube-double-play-v0 0 1 2 "${eta03[@]}"
   generate puzzle-3x3-play-v0 && vs ofql puzzle-3x3-play-v0 0 1 2 "${eta03[@]}"
@@ -29,8 +29,10 @@ ofql_lane() {  # OFQL (~25 steps/s) and the data generation; each run re-scored 
   for task in 1 3 4 5; do vs ofql cube-single-play-v0 0 --task "$task" "${eta03[@]}"; done
   vs ofql cube-single-play-v0 0 1 2 "${eta01[@]}"  # the preset on the default task, 3 seeds
   for task in 1 3 4 5; do vs ofql cube-single-play-v0 0 --task "$task" "${eta01[@]}"; done
+  vs ofql cube-double-play-v0 0 1 2 "${eta01[@]}" && vs ofql puzzle-3x3-play-v0 0 1 2 "${eta01[@]}"  # the preset's defaults
   vs ofql puzzle-3x3-play-v0 1 2 --task 1 "${eta03[@]}" && vs ofql puzzle-3x3-play-v0 1 2 --task 1 "${eta01[@]}"
-  python benchmarks/vs_fql.py --work "$WORK" rescore
+  # runs of earlier sessions are re-scored already (their checkpoints may be gone): only the ones queued here
+  python benchmarks/vs_fql.py --work "$WORK" rescore --runs '*eta0.1' '*task1__seed[12]__*'
 }
 for lane in ${1:-fql ofql}; do "${lane}_lane" > "$LOGS/${lane}_lane.log" 2>&1 & done
 wait
