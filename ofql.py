@@ -94,6 +94,9 @@ class Args:
     """weight of the Q term in the actor loss, L_BC - eta Q / E|Q| (None: task preset)"""
     normalize_q: bool | None = None
     """divide the Q term by sg(E|Q|) (DQL, the paper); False: eta weights the raw Q, as FQL does (None: preset, True)"""
+    q_scale_running_max: bool = False
+    """divide the Q term by the running max of sg(E|Q|) over training, not the batch's: with rewards <= 0 a critic
+    turning optimistic then cannot raise the Q term's weight (docs/ogbench-calibration.md)"""
     target_q: Literal["min", "mean"] | None = None
     """twin target heads in the TD target: DQL's `min`, or FQL's `mean` on OGBench (None: task preset)"""
     max_q_backup: bool | None = None
@@ -484,7 +487,7 @@ class OFQL:
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True)
         self.actor_sched, self.critic_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.total_steps)
                                                for opt in (self.actor_opt, self.critic_opt))
-        self.step = 0
+        self.step, self.q_scale = 0, torch.zeros((), device=device)  # q_scale: --q-scale-running-max's max
         # --compile: step count, lr schedules and EMA stay outside, as Python state (docs/flags.md#--compile)
         self.gradient_step = torch.compile(self.eager_gradient_step, dynamic=False, mode="reduce-overhead" if
                                            device.type == "cuda" else None) if args.compile else self.eager_gradient_step
@@ -498,7 +501,8 @@ class OFQL:
                       "charts/target_q_mean": target.mean()}
 
     def actor_loss(self, batch: dict[str, torch.Tensor], swap_heads: bool) -> tuple[torch.Tensor, dict]:
-        """L_BC - eta Q_i(s, a_pi) / sg(E|Q_j(s, a_pi)|) (raw Q_i if not normalize_q), (i, j) = (1, 0) if swap_heads."""
+        """L_BC - eta Q_i(s, a_pi) / sg(E|Q_j(s, a_pi)|) (raw Q_i if not normalize_q; the running max of E|Q_j| if
+        q_scale_running_max), (i, j) = (1, 0) if swap_heads."""
         bc_loss = self.actor.bc_loss(batch["obs"], batch["action"], self.args)
         q_loss = torch.zeros((), device=bc_loss.device)
         if self.args.eta > 0:
@@ -506,7 +510,10 @@ class OFQL:
             q_pi = self.critic(batch["obs"], self.actor.act(batch["obs"]))
             self.critic.requires_grad_(True)
             q_main, q_norm = (q_pi[1], q_pi[0]) if swap_heads else (q_pi[0], q_pi[1])
-            q_loss = -q_main.mean() / (q_norm.abs().mean().detach() if self.args.normalize_q else 1.0)
+            scale = q_norm.abs().mean().detach() if self.args.normalize_q else 1.0
+            if self.args.q_scale_running_max and self.args.normalize_q:
+                scale = self.q_scale.copy_(torch.maximum(self.q_scale, scale))
+            q_loss = -q_main.mean() / scale
         loss = bc_loss + self.args.eta * q_loss
         return loss, {"losses/bc_loss": bc_loss.detach(), "losses/q_loss": q_loss.detach(),
                       "losses/actor_loss": loss.detach()}
@@ -545,10 +552,12 @@ class OFQL:
                                   "actor_sched", "critic_sched")} | {"actor_target": "actor_ema"}
 
     def state_dict(self) -> dict:
-        return {key: getattr(self, attr).state_dict() for key, attr in self.STATE.items()} | {"step": self.step}
+        return {key: getattr(self, attr).state_dict() for key, attr in self.STATE.items()} | {
+            "step": self.step, "q_scale": self.q_scale}
 
     def load_state_dict(self, state: dict):
         self.step = state["step"]
+        self.q_scale.fill_(float(state.get("q_scale", 0.0)))  # checkpoints before --q-scale-running-max have none
         for key, attr in self.STATE.items():
             if attr == "actor_ema" and self.actor_ema is self.actor:
                 continue  # this agent keeps no EMA copy: the file's (EMA or actor) must not overwrite the actor

@@ -342,6 +342,35 @@ def test_actor_loss_normalises_q_by_a_detached_mean_abs_q(normalize_q):
         assert all(p.grad is None for p in agent.critic.parameters())
 
 
+
+def test_q_scale_running_max_keeps_the_largest_denominator_and_travels_with_the_state():
+    """--q-scale-running-max: the Q term is divided by the largest sg(E|Q_j|) seen so far, so a batch of smaller
+    |Q| (an optimistic critic on rewards <= 0) does not raise the term's weight; the max is checkpointed."""
+    args = small_args(eta=2.0, hidden_dim=16, q_scale_running_max=True)
+    task, data = ofql.load_task("bandit-8modes")
+    agent = ofql.OFQL(task, args, torch.device("cpu"))
+    batch = ofql.ReplayBuffer(data, torch.device("cpu"), torch.Generator().manual_seed(0)).sample(32)
+
+    def q_term(peak: float) -> tuple[float, float]:  # (the loss's Q term, -E Q_0 / max(peak, E|Q_1|)) on one noise
+        agent.q_scale.fill_(peak)
+        torch.manual_seed(1)
+        _, metrics = agent.actor_loss(batch, swap_heads=False)
+        torch.manual_seed(1)
+        agent.actor.bc_loss(batch["obs"], batch["action"], args)  # the same draws as inside actor_loss
+        q = agent.critic(batch["obs"], agent.actor.act(batch["obs"])).detach()
+        return metrics["losses/q_loss"].item(), (-q[0].mean() / max(peak, q[1].abs().mean().item())).item()
+
+    got, want = q_term(0.0)  # from 0 the max is this batch's E|Q_1|: the batch-normalised term
+    batch_scale = agent.q_scale.item()
+    assert got == pytest.approx(want) and batch_scale > 0
+    got_held, want_held = q_term(10 * batch_scale)  # an earlier, larger |Q| keeps its place in the denominator
+    assert got_held == pytest.approx(want_held) and agent.q_scale.item() == pytest.approx(10 * batch_scale)
+    assert got_held == pytest.approx(got / 10)
+    restored = ofql.OFQL(task, args, torch.device("cpu"))
+    agent.q_scale.fill_(3.5)
+    restored.load_state_dict(agent.state_dict())
+    assert restored.q_scale.item() == 3.5
+
 def chain_episodes(gamma: float):
     """A 6-state chain s_0 -> ... -> s_5 -> end, reward k + 1 for leaving s_k, the action irrelevant; full
     episodes end in a terminal, others are truncated (time limit) at s_3, and later ones start at s_3.

@@ -56,9 +56,12 @@ PUBLISHED = {"cube-single-play-v0": (2, "97 ± 2", "96 ± 1", "ReBRAC 92, IQL 85
              "puzzle-3x3-play-v0": (4, "16 ± 5", "30 ± 1", "ReBRAC 2, IQL 2")}
 # recorded per OFQL run; the report groups OFQL rows by them
 OFQL_SETTINGS = ("eta", "eval_protocol", "critic_layer_norm", "normalize_obs", "gamma", "tau", "lr_decay", "grad_norm",
-                 "hidden_dim", "adaptive_weight", "target_q", "time_sampler", "flow_ratio", "normalize_q")
-# named in a row only where not the preset's (time sampler and flow ratio: not preset keys, so ofql.Args' defaults)
-UNSHOWN_SETTINGS = ("tau", "lr_decay", "grad_norm", "adaptive_weight", "time_sampler", "flow_ratio", "normalize_q")
+                 "hidden_dim", "adaptive_weight", "target_q", "time_sampler", "flow_ratio", "normalize_q",
+                 "q_scale_running_max")
+# not preset keys: ofql.Args' defaults stand for the preset (and for runs recorded before the key was)
+ARGS_DEFAULTS = ("time_sampler", "flow_ratio", "q_scale_running_max")
+# named in a row only where not the preset's
+UNSHOWN_SETTINGS = ("tau", "lr_decay", "grad_norm", "adaptive_weight", *ARGS_DEFAULTS, "normalize_q")
 RESCORED = ("paper", "one")  # the action selections `rescore` evaluates by default and `report` shows
 MIN_TIME, REPEATS = 0.5, 5  # decision timing: seconds per repetition, repetitions (median)
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
@@ -128,7 +131,7 @@ def run_ofql(a, name: str, env_name: str, seed: int) -> dict:
     return {"evals": {h["step"]: h["score_mean"] for h in summary["history"]},
             "returns": {h["step"]: h["return_mean"] for h in summary["history"]}, "wall_time_s": wall,
             "steps_per_s": summary["steps_per_second"], "resumed": resumed, "command": command,
-            "ofql_args": {k: summary["args"][k] for k in OFQL_SETTINGS}, "run_dir": str(run_dir)}
+            "ofql_args": {k: summary["args"][k] for k in OFQL_SETTINGS if k in summary["args"]}, "run_dir": str(run_dir)}
 
 
 def ofql_config(args: dict, preset: dict, selection: bool = True) -> str:
@@ -452,7 +455,7 @@ def report(a):
         if r["method"] == "fql":
             by["fql"].append(r)
         else:
-            preset = {"time_sampler": ofql.Args.time_sampler, "flow_ratio": ofql.Args.flow_ratio} | ofql.task_preset(
+            preset = {key: getattr(ofql.Args, key) for key in ARGS_DEFAULTS} | ofql.task_preset(
                 f"ogbench/{r['env_name']}")
             config = ofql_config(r["ofql_args"], preset)
             by["ofql"].setdefault(config, []).append(r)
