@@ -2692,13 +2692,14 @@ def test_vs_fql_rescores_each_run_once_and_reports_the_scores_beside_their_setti
     cube = "cube-single-play-singletask-task2-v0"
     base = ofql.Args(env=f"ogbench/{cube}").resolved()
 
-    def finished(method, seed, success, eta=None, episode_return=None, task=2, protocol="one", **rescores):
+    def finished(method, seed, success, eta=None, episode_return=None, task=2, protocol="one", sha=None, **rescores):
         name = f"{method}__cube-single-play-v0__task{task}__seed{seed}__50000__eta{eta}"
         settings = {k: getattr(dataclasses.replace(base, eta=eta or base.eta, eval_protocol=protocol), k)
                     for k in vs_fql.OFQL_SETTINGS}
         run = {"method": method, "dataset": "cube-single-play-v0", "task": task, "env_name": cube, "steps": 50_000,
                "success": success, "run_dir": f"/elsewhere/{name}", "ofql_args": settings}
         run |= {"return": episode_return} if episode_return is not None else {}  # older runs have no return
+        run |= {"data_sha256": sha} if sha else {}  # nor the hash of their training file
         (tmp_path / f"out/runs/{name}.json").write_text(json.dumps(run))
         for protocol, score in rescores.items():
             (tmp_path / f"out/rescored/{name}__{protocol}.json").write_text(json.dumps({"score_mean": score,
@@ -2722,11 +2723,16 @@ def test_vs_fql_rescores_each_run_once_and_reports_the_scores_beside_their_setti
     assert "| -165.0 ± 5.0 (2) | -130.0 ± 10.0 (2) / -156.0 ± 0.0 (1) | -100.0 ± 0.0 (1) |" in \
         (tmp_path / "out/vs_fql.md").read_text()
     assert json.loads((tmp_path / "out/vs_fql.json").read_text())["per_task"] == []  # one task: no per-task table
+    assert json.loads((tmp_path / "out/vs_fql.json").read_text())["files"] == [
+        {"dataset": "cube-single-play-v0", "sha256_prefix": "unrecorded", "fql": 1, "ofql": 3}]
 
     # the other four tasks at eta 0.3, trained under another selection: pooled by their re-scores, task by task
     for task, paper, one in ((1, 90.0, 50.0), (3, 20.0, 10.0), (4, 0.0, 0.0), (5, 40.0, 30.0)):
-        finished("ofql", 0, one, eta=0.3, task=task, protocol="paper", paper=paper, one=one)
+        finished("ofql", 0, one, eta=0.3, task=task, protocol="paper", sha="0123456789abcdef", paper=paper, one=one)
     run_vs_fql("report")
+    files = json.loads((tmp_path / "out/vs_fql.json").read_text())["files"]
+    files = {f["sha256_prefix"]: (f["ofql"], f["fql"]) for f in files}
+    assert files == {"unrecorded": (3, 1), "01234567": (4, 0)}  # each file's runs, by method
     (per_task,) = json.loads((tmp_path / "out/vs_fql.json").read_text())["per_task"]  # eta 0.1 has one task: none
     assert per_task["tasks"]["2"] == {"paper": 70.0, "one": 44.0} and per_task["seeds"] == {"1": 1, "2": 2, "3": 1,
                                                                                            "4": 1, "5": 1}

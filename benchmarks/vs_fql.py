@@ -31,6 +31,7 @@ FQL's environment (its requirements.txt less D4RL, wandb and video; Python 3.11)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -191,6 +192,8 @@ def train(a):
     if missing:
         raise SystemExit(f"error: {', '.join(missing)} not in --dataset-dir / $OGBENCH_DATASET_DIR ({a.dataset_dir})")
     env_name = f"{a.dataset.removesuffix('-v0')}-singletask-task{a.task}-v0"
+    # which regeneration the runs train on: files regenerated on another machine have differed (docs/ogbench.md)
+    data_sha256 = hashlib.sha256((Path(a.dataset_dir) / f"{a.dataset}.npz").read_bytes()).hexdigest()
     out = Path(a.out) / "runs"
     out.mkdir(parents=True, exist_ok=True)
     for seed in a.seeds:
@@ -207,7 +210,8 @@ def train(a):
                        "steps": a.steps, "eval_episodes": a.eval_episodes, "success": result["evals"][a.steps],
                        "return": result["returns"][a.steps],
                        **result, "fql_commit": FQL_COMMIT if method == "fql" else None,
-                       "dataset_dir": str(Path(a.dataset_dir).resolve()), "finished": time.strftime("%Y-%m-%d %H:%M")}
+                       "dataset_dir": str(Path(a.dataset_dir).resolve()), "data_sha256": data_sha256,
+                       "finished": time.strftime("%Y-%m-%d %H:%M")}
             (out / f"{name}.json").write_text(json.dumps(summary, indent=2))
             print(f"done {name}: success {summary['success']:.1f}%, {summary['wall_time_s'] or 0:.0f} s", flush=True)
 
@@ -545,7 +549,16 @@ def report(a):
                   "|---|---|---|---|"]
         lines += [f"| {s['dataset']} | {s['steps_per_s']['fql']:.1f} | {s['steps_per_s']['ofql']:.1f} | " +
                   ", ".join(f"{k}: {v:,.0f}" for k, v in s["decisions_per_s_batch1"].items()) + " |" for s in speeds]
-    report_json = {"rows": rows, "per_task": task_rows, "speed": speeds, "runs": runs}
+    files: dict = {}  # (dataset, sha256 prefix) -> {method: runs}
+    for r in runs:
+        key = (r["dataset"], r["data_sha256"][:8] if "data_sha256" in r else "unrecorded")
+        files.setdefault(key, {"fql": 0, "ofql": 0})[r["method"]] += 1
+    lines += ["", "Training files: the sha256 (first 8 hex digits) of each dataset's training file and how many runs of "
+              "each method used it. Where a dataset has two files, runs on different ones are different draws of "
+              "the same procedure, not a same-file comparison.", "", "| dataset | sha256 | OFQL runs | FQL runs |",
+              "|---|---|---|---|", *(f"| {d} | {h} | {n['ofql']} | {n['fql']} |" for (d, h), n in sorted(files.items()))]
+    report_json = {"rows": rows, "per_task": task_rows, "speed": speeds, "runs": runs,
+                   "files": [{"dataset": d, "sha256_prefix": h, **n} for (d, h), n in sorted(files.items())]}
     (out / "vs_fql.json").write_text(json.dumps(report_json, indent=2, ensure_ascii=False))
     (out / "vs_fql.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines) + f"\n\nwrote {out / 'vs_fql.md'} and {out / 'vs_fql.json'}")
