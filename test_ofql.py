@@ -2737,8 +2737,9 @@ def test_vs_fql_rescores_each_run_once_and_reports_the_scores_beside_their_setti
     assert per_task["tasks"]["2"] == {"paper": 70.0, "one": 44.0} and per_task["seeds"] == {"1": 1, "2": 2, "3": 1,
                                                                                            "4": 1, "5": 1}
     assert per_task["five_task_mean"] == {"paper": 44.0, "one": 26.8}  # (90+70+20+0+40)/5, (50+44+10+0+30)/5
-    assert "| 90.0 / 50.0 (1) | 70.0 / 44.0 (2) | 20.0 / 10.0 (1) | 0.0 / 0.0 (1) | 40.0 / 30.0 (1) | 44.0 / 26.8 | " \
-        "96 ± 1 |" in (tmp_path / "out/vs_fql.md").read_text()
+    assert per_task["stds"] == {"1": {}, "2": {"paper": 10.0}, "3": {}, "4": {}, "5": {}}  # task2's paper: 80, 60
+    assert "| 90.0 / 50.0 (1) | 70.0 ± 10.0 / 44.0 (2) | 20.0 / 10.0 (1) | 0.0 / 0.0 (1) | 40.0 / 30.0 (1) | " \
+        "44.0 / 26.8 | 96 ± 1 |" in (tmp_path / "out/vs_fql.md").read_text()
 
 
 def test_vs_fql_reads_fqls_evaluations_by_absolute_step_without_a_restarts_first_one(tmp_path, monkeypatch):

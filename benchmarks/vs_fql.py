@@ -526,19 +526,24 @@ def report(a):
         if len(tasks) < 2:
             continue
         means = {task: {p: statistics.mean(v) for p, v in scores.items()} for task, scores in tasks.items()}
+        stds = {task: {p: round(statistics.pstdev(v), 1) for p, v in scores.items() if len(v) > 1}
+                for task, scores in tasks.items()}  # over seeds, where a task has more than one
         all_five = sorted(means) == [1, 2, 3, 4, 5] and all(len(m) == len(RESCORED) for m in means.values())
         five = {p: round(statistics.mean(m[p] for m in means.values()), 1) for p in RESCORED} if all_five else None
         seeds = {task: max(map(len, scores.values())) for task, scores in tasks.items()}
         paper_five = PUBLISHED.get(dataset, (None, "—", "—"))[2]
         task_rows.append({"dataset": dataset, "steps": steps, "ofql_settings": config, "tasks": means, "seeds": seeds,
-                          "five_task_mean": five, "fql_paper_5task": paper_five})
-        cells = [" / ".join(f"{means[t][p]:.1f}" if p in means[t] else "—" for p in RESCORED) + f" ({seeds[t]})"
-                 if t in means else "—" for t in range(1, 6)]
+                          "stds": stds, "five_task_mean": five, "fql_paper_5task": paper_five})
+
+        def cell(t: int, p: str) -> str:
+            return "—" if p not in means[t] else f"{means[t][p]:.1f}" + (f" ± {stds[t][p]}" if p in stds[t] else "")
+        cells = [" / ".join(cell(t, p) for p in RESCORED) + f" ({seeds[t]})" if t in means else "—"
+                 for t in range(1, 6)]
         five_cell = " / ".join(f"{five[p]:.1f}" for p in RESCORED) if five else "—"
         task_lines.append(f"| {dataset} | {steps:,} | {config} | {' | '.join(cells)} | {five_cell} | {paper_five} |")
     if task_rows:
         lines += ["", "OFQL on each task of a dataset, re-scored (" + " / ".join(RESCORED) + "; mean over the task's "
-                  "seeds, their number in brackets; `vs_fql.py rescore`), and the mean over the five tasks where all "
+                  "seeds ± their std where more than one, their number in brackets; `vs_fql.py rescore`), and the mean over the five tasks where all "
                   "five ran; FQL's paper gives its 5-task average at 1M steps.", "",
                   "| dataset | steps | OFQL settings (any selection) | task1 | task2 | task3 | task4 | task5 | "
                   "5-task mean | FQL paper 5-task avg |", "|---|---|---|---|---|---|---|---|---|---|",
