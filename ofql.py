@@ -181,6 +181,8 @@ class Args:
                                    **{key: value for key, value in unset.items() if getattr(args, key) is None})
         problems = [f"--{key.replace('_', '-')} {getattr(args, key)} must be a finite number in {interval}"
                     for key, interval in RANGES.items() if not in_range(getattr(args, key), interval)]
+        problems += ["--q-scale-running-max needs --normalize-q True (it holds the largest E|Q|, the normalising term)"
+                     ] if args.q_scale_running_max and not args.normalize_q else []
         if problems := problems + list(literal_problems(args)):  # a bad --eval-protocol was read as paper above
             raise ValueError("invalid arguments: " + "; ".join(problems))
         return args
@@ -511,7 +513,7 @@ class OFQL:
             self.critic.requires_grad_(True)
             q_main, q_norm = (q_pi[1], q_pi[0]) if swap_heads else (q_pi[0], q_pi[1])
             scale = q_norm.abs().mean().detach() if self.args.normalize_q else 1.0
-            if self.args.q_scale_running_max and self.args.normalize_q:
+            if self.args.q_scale_running_max:  # resolved() refuses it without normalize_q
                 scale = self.q_scale.copy_(torch.maximum(self.q_scale, scale))
             q_loss = -q_main.mean() / scale
         loss = bc_loss + self.args.eta * q_loss

@@ -370,6 +370,8 @@ def test_q_scale_running_max_keeps_the_largest_denominator_and_travels_with_the_
     agent.q_scale.fill_(3.5)
     restored.load_state_dict(agent.state_dict())
     assert restored.q_scale.item() == 3.5
+    with pytest.raises(ValueError, match="q-scale-running-max needs --normalize-q True"):
+        small_args(q_scale_running_max=True, normalize_q=False)  # no E|Q| to hold: refused, not ignored
 
 def chain_episodes(gamma: float):
     """A 6-state chain s_0 -> ... -> s_5 -> end, reward k + 1 for leaving s_k, the action irrelevant; full

@@ -543,8 +543,8 @@ def report(a):
         task_lines.append(f"| {dataset} | {steps:,} | {config} | {' | '.join(cells)} | {five_cell} | {paper_five} |")
     if task_rows:
         lines += ["", "OFQL on each task of a dataset, re-scored (" + " / ".join(RESCORED) + "; mean over the task's "
-                  "seeds ± their std where more than one, their number in brackets; `vs_fql.py rescore`), and the mean over the five tasks where all "
-                  "five ran; FQL's paper gives its 5-task average at 1M steps.", "",
+                  "seeds ± their std where more than one, their number in brackets; `vs_fql.py rescore`), and the "
+                  "mean over the five tasks where all five ran; FQL's paper gives its 5-task average at 1M steps.", "",
                   "| dataset | steps | OFQL settings (any selection) | task1 | task2 | task3 | task4 | task5 | "
                   "5-task mean | FQL paper 5-task avg |", "|---|---|---|---|---|---|---|---|---|---|",
                   *task_lines]
