@@ -46,6 +46,8 @@ class EvalArgs:
     """checkpoint written by ofql.py (evaluation; optional for --benchmark)"""
     episodes: int = 10
     """episodes per seed"""
+    envs: int | None = None
+    """environments open at once (replaces the checkpoint's --eval-envs; None: the checkpoint's, all by default)"""
     seeds: list[int] = field(default_factory=lambda: [0])
     """evaluation seeds: env seeds and policy noise from SeedSequence([seed, 0]) (training's evaluations use step >= 1)"""
     eval_protocol: Literal["paper", "argmax", "one", "deterministic"] | None = None
@@ -171,6 +173,8 @@ def evaluate_checkpoint(cfg: EvalArgs) -> dict:
     agent, task, normalizer, args = load_agent(cfg.checkpoint, torch.device(cfg.device), cfg.kernels,
                                                cfg.eval_policy_steps, cfg.eval_ema)
     args = with_eval_selection(args, cfg)
+    if cfg.envs is not None:
+        args = dataclasses.replace(args, eval_envs=cfg.envs).resolved()
     per_seed = []
     for seed in tqdm(cfg.seeds, desc="seeds", unit="seed"):
         frames = [] if cfg.video and task.make_env is not None else None
@@ -193,7 +197,7 @@ def evaluate_checkpoint(cfg: EvalArgs) -> dict:
         "checkpoint": cfg.checkpoint, "env": args.env, "episodes_per_seed": cfg.episodes, "seeds": cfg.seeds,
         "eval_protocol": args.eval_protocol, "eval_select": args.eval_select, "eval_samples": args.eval_samples,
         "eval_temperature": args.eval_temperature, "eval_noise_scale": args.eval_noise_scale,
-        "eval_ema": args.eval_ema, "policy": getattr(args, "policy", "meanflow"),
+        "eval_ema": args.eval_ema, "eval_envs": args.eval_envs, "policy": getattr(args, "policy", "meanflow"),
         "eval_policy_steps": getattr(args, "eval_policy_steps", None),
         "score_mean": float(scores.mean()), "score_std_episodes": float(scores.std()),
         "score_std_seeds": float(seed_means.std()), "return_mean": float(np.mean([r["return_mean"] for r in per_seed])),

@@ -143,6 +143,9 @@ class Args:
     """gradient steps between evaluations (None: task preset)"""
     eval_episodes: int | None = None
     """episodes per evaluation (None: preset, 10; --preset paper: the paper's 150 per task)"""
+    eval_envs: int | None = None
+    """environments open at once in an evaluation (None: all its episodes side by side); fewer run the episodes in
+    waves: same env seeds, other noise draws, less memory (an OGBench env holds ~170 MB, 50 of them ~8.5 GB)"""
     eval_protocol: Literal["paper", "argmax", "one", "deterministic"] | None = None
     """action selection, filling the four fields below where unset (None: task preset): DQL's sample_action
     (`paper`), the `argmax` of 50 by min target-Q, `one` sample, `deterministic` e = 0 (docs/algorithm.md)"""
@@ -180,7 +183,8 @@ class Args:
         args = dataclasses.replace(args, eval_select=select, eval_samples=samples,
                                    **{key: value for key, value in unset.items() if getattr(args, key) is None})
         problems = [f"--{key.replace('_', '-')} {getattr(args, key)} must be a finite number in {interval}"
-                    for key, interval in RANGES.items() if not in_range(getattr(args, key), interval)]
+                    for key, interval in RANGES.items()  # None: eval_envs's all at once
+                    if getattr(args, key) is not None and not in_range(getattr(args, key), interval)]
         problems += ["--q-scale-running-max needs --normalize-q True (it holds the largest E|Q|, the normalising term)"
                      ] if args.q_scale_running_max and not args.normalize_q else []
         if problems := problems + list(literal_problems(args)):  # a bad --eval-protocol was read as paper above
@@ -212,7 +216,7 @@ RANGES = {"eta": "[0, inf)", "lr": "(0, inf)", "critic_lr": "(0, inf)", "gamma":
           "target_noise_scale": "[0, inf)", "eval_noise_scale": "[0, inf)", "eval_temperature": "(0, inf)",
           "ema_decay": "[0, 1]", "divergence_margin": "(0, inf)", **dict.fromkeys((
               "batch_size", "total_steps", "eval_samples", "eval_episodes", "eval_every", "save_every", "log_every",
-              "max_q_samples", "ema_every"), "[1, inf)")}
+              "max_q_samples", "ema_every", "eval_envs"), "[1, inf)")}
 # --eval-protocol -> (eval_select, eval_samples, eval_temperature, eval_noise_scale)
 EVAL_PROTOCOLS = {"paper": ("softmax", 50, 1.0, 1.0), "argmax": ("argmax", 50, 1.0, 1.0), "one": ("one", 1, 1.0, 1.0),
                   "deterministic": ("one", 1, 1.0, 0.0)}
@@ -604,26 +608,29 @@ def sample_actions(agent: OFQL, obs: torch.Tensor, args: Args) -> torch.Tensor:
 
 def evaluate(agent: OFQL, task: Task, normalizer: Normalizer, args: Args, episodes: int, seed: int, step: int = 0) -> dict:
     """Normalized score x 100 of the return (or of info[task.score_key] at the end: OGBench's success) over `episodes`
-    episodes side by side, one batched policy call per step, in envs made in episode order (eval.py records the first).
-    Env seeds and noise from SeedSequence([seed, step]) (training: step >= 1; eval.py: 0); global RNGs untouched."""
+    episodes side by side (--eval-envs at a time), one batched policy call per step, in envs made in episode order
+    (eval.py records the first). Env seeds and noise from SeedSequence([seed, step]) (training: step >= 1; eval.py: 0);
+    global RNGs untouched."""
     device = next(agent.actor.parameters()).device
     env_seeds = np.random.SeedSequence([seed, step]).generate_state(episodes + 1, np.uint64).tolist()
+    returns, final, at_once = np.zeros(episodes), np.zeros(episodes), args.eval_envs or episodes
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(env_seeds.pop())  # evaluation's own draws: its protocol and frequency cannot change training
         agent.actor.eval()
-        envs = [task.make_env() for _ in range(episodes)]
-        obs = np.stack([env.reset(seed=env_seed)[0] for env, env_seed in zip(envs, env_seeds)])
-        returns, alive, final = np.zeros(episodes), np.ones(episodes, bool), np.zeros(episodes)
-        while alive.any():
-            idx = np.flatnonzero(alive)
-            obs_t = torch.as_tensor(normalizer(obs[idx]), dtype=torch.float32, device=device)
-            for i, action in zip(idx, sample_actions(agent, obs_t, args).cpu().numpy()):
-                obs[i], reward, term, trunc, info = envs[i].step(action)
-                returns[i] += reward
-                final[i] = info[task.score_key] if task.score_key else 0.0
-                alive[i] = not (term or trunc)
-        for env in envs:
-            env.close()
+        for wave in (range(first, min(first + at_once, episodes)) for first in range(0, episodes, at_once)):
+            envs = [task.make_env() for _ in wave]
+            obs = np.stack([env.reset(seed=env_seeds[i])[0] for env, i in zip(envs, wave)])
+            alive = np.ones(len(wave), bool)
+            while alive.any():
+                idx = np.flatnonzero(alive)
+                obs_t = torch.as_tensor(normalizer(obs[idx]), dtype=torch.float32, device=device)
+                for j, action in zip(idx, sample_actions(agent, obs_t, args).cpu().numpy()):
+                    obs[j], reward, term, trunc, info = envs[j].step(action)
+                    returns[wave[j]] += reward
+                    final[wave[j]] = info[task.score_key] if task.score_key else 0.0
+                    alive[j] = not (term or trunc)
+            for env in envs:
+                env.close()
         agent.actor.train()
     scores = 100 * ((final if task.score_key else returns) - task.ref_min) / (task.ref_max - task.ref_min)
     return {"return_mean": float(returns.mean()), "return_std": float(returns.std()), "score_mean": float(scores.mean()),

@@ -633,6 +633,38 @@ def test_evaluation_seeds_never_collide_and_leave_the_global_rng_alone(monkeypat
     assert len(SeedRecordingBandit.seeds) == 5 * len(keys) == len(set(SeedRecordingBandit.seeds))
 
 
+def test_eval_envs_runs_the_episodes_in_waves_with_the_same_seeds_and_scores():
+    """--eval-envs 2 runs 5 Pendulum episodes in waves, never more than 2 envs open, each episode on the env seed it has
+    side by side: a deterministic policy's per-episode scores (all different) equal the side-by-side run's."""
+    open_envs, most_open, seeds = [0], [0], []
+
+    class Counted(gym.Wrapper):
+        def reset(self, seed=None, options=None):
+            seeds.append(seed)
+            return self.env.reset(seed=seed, options=options)
+
+        def close(self):
+            open_envs[0] -= 1
+            super().close()
+
+    def make_env(**kwargs):
+        open_envs[0] += 1
+        most_open[0] = max(most_open[0], open_envs[0])
+        return Counted(pendulum_in_unit_box(**kwargs))
+
+    task = ofql.Task("pendulum", obs_dim=3, act_dim=1, make_env=make_env, ref_min=-1600.0, ref_max=0.0, ref_source="")
+    args = small_args(hidden_dim=8, eval_protocol="deterministic")
+    agent, normalizer, results = ofql.OFQL(task, args, torch.device("cpu")), ofql.Normalizer(np.zeros(3), np.ones(3)), {}
+    for at_once in (None, 2):
+        seeds.clear(), most_open.__setitem__(0, 0)
+        results[at_once] = ofql.evaluate(agent, task, normalizer, dataclasses.replace(args, eval_envs=at_once), 5, 0)
+        results[at_once]["seeds"], results[at_once]["most_open"] = list(seeds), most_open[0]
+    assert results[None]["most_open"] == 5 and results[2]["most_open"] == 2 and open_envs[0] == 0
+    assert results[2]["seeds"] == results[None]["seeds"]
+    assert len(set(results[None]["scores"])) == 5
+    np.testing.assert_allclose(results[2]["scores"], results[None]["scores"], rtol=1e-6)
+
+
 def test_evaluation_feeds_the_agent_normalised_observations(monkeypatch):
     """A normalised agent acts on (obs - mean) / std at evaluation, never on raw observations."""
     monkeypatch.setattr(SeedRecordingBandit, "start", np.array([5.0]))
@@ -794,7 +826,7 @@ def test_invalid_hyperparameters_are_refused(field, value, interval):
         small_args(**{field: value})
 
 
-@pytest.mark.parametrize("field", ["batch_size", "total_steps", "eval_episodes", "eval_every", "max_q_samples"])
+@pytest.mark.parametrize("field", ["batch_size", "total_steps", "eval_episodes", "eval_every", "max_q_samples", "eval_envs"])
 def test_counts_below_one_are_refused(field):
     with pytest.raises(ValueError, match=re.escape(f"--{field.replace('_', '-')} 0 must be a finite number in [1, inf)")):
         small_args(**{field: 0})
