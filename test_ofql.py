@@ -2776,6 +2776,30 @@ def test_vs_fql_rescores_each_run_once_and_reports_the_scores_beside_their_setti
         "44.0 / 26.8 | 96 ± 1 |" in (tmp_path / "out/vs_fql.md").read_text()
 
 
+def test_vs_fql_train_lists_the_runs_to_do_and_needs_the_data_only_for_them(tmp_path, monkeypatch, capsys):
+    """`train --to-do` prints the runs without a summary (the campaign makes data only for them); with every run
+    finished, train skips them without the dataset; a run to do without it stops with the command that makes it."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "benchmarks"))
+    monkeypatch.delenv("OGBENCH_DATASET_DIR", raising=False)
+    import vs_fql
+
+    def train(*argv):
+        monkeypatch.setattr(sys, "argv", ["vs_fql.py", "--out", str(tmp_path), "--work", str(tmp_path / "work"),
+                                          "train", "--dataset", "puzzle-3x3-play-v0", "--steps", "100", *argv])
+        vs_fql.main()
+        return capsys.readouterr().out.split()
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs/ofql__puzzle-3x3-play-v0__task4__seed1__100__eta0.1.json").write_text("{}")
+    assert train("--seeds", "0", "1", "--tag", "eta0.1", "--to-do") == [
+        "ofql__puzzle-3x3-play-v0__task4__seed0__100__eta0.1", "fql__puzzle-3x3-play-v0__task4__seed0__100__eta0.1",
+        "fql__puzzle-3x3-play-v0__task4__seed1__100__eta0.1"]
+    assert train("--seeds", "1", "--methods", "ofql", "--tag", "eta0.1", "--to-do") == []
+    assert train("--seeds", "1", "--methods", "ofql", "--tag", "eta0.1")[0] == "skip"
+    with pytest.raises(SystemExit, match="puzzle-3x3-play-v0.npz.*Fix: python ogbench_tasks.py generate puzzle-3x3-play-v0"):
+        train("--seeds", "0", "1", "--methods", "ofql", "--tag", "eta0.1", "--dataset-dir", str(tmp_path))
+
+
 def test_vs_fql_reads_fqls_evaluations_by_absolute_step_without_a_restarts_first_one(tmp_path, monkeypatch):
     """FQL's eval.csv counts steps from its own start: an attempt resumed at 15k logs 5k for step 20k, and evaluates
     once at its step 1 (the restored parameters, already counted); vs_fql reads success % and return per absolute step."""

@@ -8,10 +8,11 @@
 
 `train`: FQL (main.py, its README flags) and OFQL (ofql.py) on the same data, task, seeds and steps, 1 CPU
 thread each. A finished run writes <out>/runs/<run>.json (success % at the last step, wall time, steps/s, command)
-and is skipped later. A killed run resumes: OFQL with --resume; FQL from its last params_<step>.pkl (--save-interval)
-with --restore_path/--restore_epoch and the remaining steps (FQL reseeds numpy then, so its batch order starts over,
-and evaluates once at the restart, unused). FQL reads ogbench's ~/.ogbench/data: it runs with HOME=<work>/fql_home,
-whose .ogbench/data links to --dataset-dir, and a stand-in `wandb` module first on PYTHONPATH; its eval.csv is read.
+and is skipped later (`train --to-do` lists the runs still to do). A killed run resumes: OFQL with --resume; FQL from
+its last params_<step>.pkl (--save-interval) with --restore_path/--restore_epoch and the remaining steps (FQL reseeds
+numpy then, so its batch order starts over, and evaluates once at the restart, unused). FQL reads ogbench's
+~/.ogbench/data: it runs with HOME=<work>/fql_home, whose .ogbench/data links to --dataset-dir, and a stand-in `wandb`
+module first on PYTHONPATH; its eval.csv is read.
 `rescore`: each finished OFQL run's checkpoint evaluated again by eval.py under --eval-protocol paper and one (50
 episodes, evaluation seed 0, so the same environment resets for each), into <out>/rescored/; `report` adds them.
 `speed`: steps/s at batch 256 on random data of the dataset's shapes, rounds alternating FQL (a worker process under
@@ -186,34 +187,43 @@ def run_fql(a, name: str, env_name: str, seed: int) -> dict:
 def train(a):
     if a.steps % a.eval_every:
         raise SystemExit(f"--steps {a.steps} must be a multiple of --eval-every {a.eval_every}")
+    out = Path(a.out) / "runs"
+    tag = f"__{a.tag}" if a.tag else ""
+    runs = [(seed, method, f"{method}__{a.dataset}__task{a.task}__seed{seed}__{a.steps}{tag}")
+            for seed in a.seeds for method in a.methods]
+    to_do = [(seed, method, name) for seed, method, name in runs if not (out / f"{name}.json").exists()]
+    if a.to_do:  # for scripts: the data is needed (made, waited for) only where a run is still to do
+        print("\n".join(name for _, _, name in to_do))
+        return
+    for *_, name in runs:
+        if (out / f"{name}.json").exists():
+            print(f"skip {name}: {out / f'{name}.json'} exists")
+    if not to_do:
+        return
     a.dataset_dir = a.dataset_dir or os.environ.get("OGBENCH_DATASET_DIR")
     missing = [f for f in (f"{a.dataset}.npz", f"{a.dataset}-val.npz")
                if not a.dataset_dir or not (Path(a.dataset_dir) / f).exists()]
     if missing:
-        raise SystemExit(f"error: {', '.join(missing)} not in --dataset-dir / $OGBENCH_DATASET_DIR ({a.dataset_dir})")
+        raise SystemExit(f"error: {', '.join(missing)} not in --dataset-dir / $OGBENCH_DATASET_DIR ({a.dataset_dir}). "
+                         f"Fix: python ogbench_tasks.py generate {a.dataset} --out-dir DIR (docs/ogbench.md), then "
+                         "--dataset-dir DIR")
     env_name = f"{a.dataset.removesuffix('-v0')}-singletask-task{a.task}-v0"
     # which regeneration the runs train on: files regenerated on another machine have differed (docs/ogbench.md)
     data_sha256 = hashlib.sha256((Path(a.dataset_dir) / f"{a.dataset}.npz").read_bytes()).hexdigest()
-    out = Path(a.out) / "runs"
     out.mkdir(parents=True, exist_ok=True)
-    for seed in a.seeds:
-        for method in a.methods:
-            name = f"{method}__{a.dataset}__task{a.task}__seed{seed}__{a.steps}" + (f"__{a.tag}" if a.tag else "")
-            if (out / f"{name}.json").exists():
-                print(f"skip {name}: {out / f'{name}.json'} exists")
-                continue
-            print(f"run {name} (log: {Path(a.work) / method / name / 'log.txt'})", flush=True)
-            result = (run_ofql if method == "ofql" else run_fql)(a, name, env_name, seed)
-            if a.steps not in result["evals"]:
-                raise SystemExit(f"error: {name} has no evaluation at step {a.steps} ({result['run_dir']})")
-            summary = {"method": method, "dataset": a.dataset, "task": a.task, "env_name": env_name, "seed": seed,
-                       "steps": a.steps, "eval_episodes": a.eval_episodes, "success": result["evals"][a.steps],
-                       "return": result["returns"][a.steps],
-                       **result, "fql_commit": FQL_COMMIT if method == "fql" else None,
-                       "dataset_dir": str(Path(a.dataset_dir).resolve()), "data_sha256": data_sha256,
-                       "finished": time.strftime("%Y-%m-%d %H:%M")}
-            (out / f"{name}.json").write_text(json.dumps(summary, indent=2))
-            print(f"done {name}: success {summary['success']:.1f}%, {summary['wall_time_s'] or 0:.0f} s", flush=True)
+    for seed, method, name in to_do:
+        print(f"run {name} (log: {Path(a.work) / method / name / 'log.txt'})", flush=True)
+        result = (run_ofql if method == "ofql" else run_fql)(a, name, env_name, seed)
+        if a.steps not in result["evals"]:
+            raise SystemExit(f"error: {name} has no evaluation at step {a.steps} ({result['run_dir']})")
+        summary = {"method": method, "dataset": a.dataset, "task": a.task, "env_name": env_name, "seed": seed,
+                   "steps": a.steps, "eval_episodes": a.eval_episodes, "success": result["evals"][a.steps],
+                   "return": result["returns"][a.steps],
+                   **result, "fql_commit": FQL_COMMIT if method == "fql" else None,
+                   "dataset_dir": str(Path(a.dataset_dir).resolve()), "data_sha256": data_sha256,
+                   "finished": time.strftime("%Y-%m-%d %H:%M")}
+        (out / f"{name}.json").write_text(json.dumps(summary, indent=2))
+        print(f"done {name}: success {summary['success']:.1f}%, {summary['wall_time_s'] or 0:.0f} s", flush=True)
 
 
 def random_data(obs_dim: int, act_dim: int, n: int = 100_000) -> dict:
@@ -590,6 +600,7 @@ def main():
     t.add_argument("--fql-flag", action="append", default=[], help="extra flag for FQL's main.py (repeatable)")
     t.add_argument("--ofql-flag", action="append", default=[], help="extra flag for ofql.py, e.g. --ofql-flag=--eta=0.3")
     t.add_argument("--tag", default="", help="suffix of the run names (runs with other --ofql-flag need their own)")
+    t.add_argument("--to-do", action="store_true", help="print the names of the runs not finished yet and exit")
     for name in ("speed", "fql-worker"):
         s = sub.add_parser(name, help="steps/s and decisions/s of both" if name == "speed" else argparse.SUPPRESS)
         s.add_argument("--dataset", default="cube-single-play-v0")
