@@ -656,7 +656,8 @@ def test_eval_envs_runs_the_episodes_in_waves_with_the_same_seeds_and_scores():
     args = small_args(hidden_dim=8, eval_protocol="deterministic")
     agent, normalizer, results = ofql.OFQL(task, args, torch.device("cpu")), ofql.Normalizer(np.zeros(3), np.ones(3)), {}
     for at_once in (None, 2):
-        seeds.clear(), most_open.__setitem__(0, 0)
+        seeds.clear()
+        most_open[0] = 0
         results[at_once] = ofql.evaluate(agent, task, normalizer, dataclasses.replace(args, eval_envs=at_once), 5, 0)
         results[at_once]["seeds"], results[at_once]["most_open"] = list(seeds), most_open[0]
     assert results[None]["most_open"] == 5 and results[2]["most_open"] == 2 and open_envs[0] == 0
@@ -826,7 +827,8 @@ def test_invalid_hyperparameters_are_refused(field, value, interval):
         small_args(**{field: value})
 
 
-@pytest.mark.parametrize("field", ["batch_size", "total_steps", "eval_episodes", "eval_every", "max_q_samples", "eval_envs"])
+@pytest.mark.parametrize("field", ["batch_size", "total_steps", "eval_episodes", "eval_every", "max_q_samples",
+                                   "eval_envs"])
 def test_counts_below_one_are_refused(field):
     with pytest.raises(ValueError, match=re.escape(f"--{field.replace('_', '-')} 0 must be a finite number in [1, inf)")):
         small_args(**{field: 0})

@@ -191,13 +191,13 @@ def train(a):
     tag = f"__{a.tag}" if a.tag else ""
     runs = [(seed, method, f"{method}__{a.dataset}__task{a.task}__seed{seed}__{a.steps}{tag}")
             for seed in a.seeds for method in a.methods]
-    to_do = [(seed, method, name) for seed, method, name in runs if not (out / f"{name}.json").exists()]
+    finished = [name for *_, name in runs if (out / f"{name}.json").exists()]
+    to_do = [(seed, method, name) for seed, method, name in runs if name not in finished]
     if a.to_do:  # for scripts: the data is needed (made, waited for) only where a run is still to do
         print("\n".join(name for _, _, name in to_do))
         return
-    for *_, name in runs:
-        if (out / f"{name}.json").exists():
-            print(f"skip {name}: {out / f'{name}.json'} exists")
+    for name in finished:
+        print(f"skip {name}: {out / f'{name}.json'} exists")
     if not to_do:
         return
     a.dataset_dir = a.dataset_dir or os.environ.get("OGBENCH_DATASET_DIR")
