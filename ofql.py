@@ -94,9 +94,6 @@ class Args:
     """weight of the Q term in the actor loss, L_BC - eta Q / E|Q| (None: task preset)"""
     normalize_q: bool | None = None
     """divide the Q term by sg(E|Q|) (DQL, the paper); False: eta weights the raw Q, as FQL does (None: preset, True)"""
-    q_scale_running_max: bool = False
-    """divide the Q term by the running max of sg(E|Q|) over training, not the batch's: with rewards <= 0 a critic
-    turning optimistic then cannot raise the Q term's weight (docs/ogbench-calibration.md)"""
     target_q: Literal["min", "mean"] | None = None
     """twin target heads in the TD target: DQL's `min`, or FQL's `mean` on OGBench (None: task preset)"""
     max_q_backup: bool | None = None
@@ -185,8 +182,6 @@ class Args:
         problems = [f"--{key.replace('_', '-')} {getattr(args, key)} must be a finite number in {interval}"
                     for key, interval in RANGES.items()  # None: eval_envs's all at once
                     if getattr(args, key) is not None and not in_range(getattr(args, key), interval)]
-        problems += ["--q-scale-running-max needs --normalize-q True (it holds the largest E|Q|, the normalising term)"
-                     ] if args.q_scale_running_max and not args.normalize_q else []
         if problems := problems + list(literal_problems(args)):  # a bad --eval-protocol was read as paper above
             raise ValueError("invalid arguments: " + "; ".join(problems))
         return args
@@ -493,7 +488,7 @@ class OFQL:
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True)
         self.actor_sched, self.critic_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.total_steps)
                                                for opt in (self.actor_opt, self.critic_opt))
-        self.step, self.q_scale = 0, torch.zeros((), device=device)  # q_scale: --q-scale-running-max's max
+        self.step = 0
         # --compile: step count, lr schedules and EMA stay outside, as Python state (docs/flags.md#--compile)
         self.gradient_step = torch.compile(self.eager_gradient_step, dynamic=False, mode="reduce-overhead" if
                                            device.type == "cuda" else None) if args.compile else self.eager_gradient_step
@@ -507,8 +502,7 @@ class OFQL:
                       "charts/target_q_mean": target.mean()}
 
     def actor_loss(self, batch: dict[str, torch.Tensor], swap_heads: bool) -> tuple[torch.Tensor, dict]:
-        """L_BC - eta Q_i(s, a_pi) / sg(E|Q_j(s, a_pi)|) (raw Q_i if not normalize_q; the running max of E|Q_j| if
-        q_scale_running_max), (i, j) = (1, 0) if swap_heads."""
+        """L_BC - eta Q_i(s, a_pi) / sg(E|Q_j(s, a_pi)|) (raw Q_i if not normalize_q), (i, j) = (1, 0) if swap_heads."""
         bc_loss = self.actor.bc_loss(batch["obs"], batch["action"], self.args)
         q_loss = torch.zeros((), device=bc_loss.device)
         if self.args.eta > 0:
@@ -516,10 +510,7 @@ class OFQL:
             q_pi = self.critic(batch["obs"], self.actor.act(batch["obs"]))
             self.critic.requires_grad_(True)
             q_main, q_norm = (q_pi[1], q_pi[0]) if swap_heads else (q_pi[0], q_pi[1])
-            scale = q_norm.abs().mean().detach() if self.args.normalize_q else 1.0
-            if self.args.q_scale_running_max:  # resolved() refuses it without normalize_q
-                scale = self.q_scale.copy_(torch.maximum(self.q_scale, scale))
-            q_loss = -q_main.mean() / scale
+            q_loss = -q_main.mean() / (q_norm.abs().mean().detach() if self.args.normalize_q else 1.0)
         loss = bc_loss + self.args.eta * q_loss
         return loss, {"losses/bc_loss": bc_loss.detach(), "losses/q_loss": q_loss.detach(),
                       "losses/actor_loss": loss.detach()}
@@ -558,12 +549,10 @@ class OFQL:
                                   "actor_sched", "critic_sched")} | {"actor_target": "actor_ema"}
 
     def state_dict(self) -> dict:
-        return {key: getattr(self, attr).state_dict() for key, attr in self.STATE.items()} | {
-            "step": self.step, "q_scale": self.q_scale}
+        return {key: getattr(self, attr).state_dict() for key, attr in self.STATE.items()} | {"step": self.step}
 
     def load_state_dict(self, state: dict):
         self.step = state["step"]
-        self.q_scale.fill_(float(state.get("q_scale", 0.0)))  # checkpoints before --q-scale-running-max have none
         for key, attr in self.STATE.items():
             if attr == "actor_ema" and self.actor_ema is self.actor:
                 continue  # this agent keeps no EMA copy: the file's (EMA or actor) must not overwrite the actor
@@ -697,6 +686,9 @@ def load_checkpoint(path: str | Path) -> dict:
     if state["args"].pop("mujoco_data", "d4rl") != "d4rl":  # an option of older versions (D4RL names on Minari data)
         raise ValueError(f"{path} was trained with --mujoco-data minari, which this version dropped: use the ofql.py "
                          "that wrote it, or retrain with --env mujoco/<env>/<level>-v0")
+    if state["args"].pop("q_scale_running_max", False):  # an experiment of 2026-12-05, dropped (one seed, no gain)
+        raise ValueError(f"{path} was trained with --q-scale-running-max, which this version dropped: use the ofql.py "
+                         "that wrote it (git show e27f178:ofql.py), or retrain without it")
     return state
 
 

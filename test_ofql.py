@@ -343,36 +343,6 @@ def test_actor_loss_normalises_q_by_a_detached_mean_abs_q(normalize_q):
 
 
 
-def test_q_scale_running_max_keeps_the_largest_denominator_and_travels_with_the_state():
-    """--q-scale-running-max: the Q term is divided by the largest sg(E|Q_j|) seen so far, so a batch of smaller
-    |Q| (an optimistic critic on rewards <= 0) does not raise the term's weight; the max is checkpointed."""
-    args = small_args(eta=2.0, hidden_dim=16, q_scale_running_max=True)
-    task, data = ofql.load_task("bandit-8modes")
-    agent = ofql.OFQL(task, args, torch.device("cpu"))
-    batch = ofql.ReplayBuffer(data, torch.device("cpu"), torch.Generator().manual_seed(0)).sample(32)
-
-    def q_term(peak: float) -> tuple[float, float]:  # (the loss's Q term, -E Q_0 / max(peak, E|Q_1|)) on one noise
-        agent.q_scale.fill_(peak)
-        torch.manual_seed(1)
-        _, metrics = agent.actor_loss(batch, swap_heads=False)
-        torch.manual_seed(1)
-        agent.actor.bc_loss(batch["obs"], batch["action"], args)  # the same draws as inside actor_loss
-        q = agent.critic(batch["obs"], agent.actor.act(batch["obs"])).detach()
-        return metrics["losses/q_loss"].item(), (-q[0].mean() / max(peak, q[1].abs().mean().item())).item()
-
-    got, want = q_term(0.0)  # from 0 the max is this batch's E|Q_1|: the batch-normalised term
-    batch_scale = agent.q_scale.item()
-    assert got == pytest.approx(want) and batch_scale > 0
-    got_held, want_held = q_term(10 * batch_scale)  # an earlier, larger |Q| keeps its place in the denominator
-    assert got_held == pytest.approx(want_held) and agent.q_scale.item() == pytest.approx(10 * batch_scale)
-    assert got_held == pytest.approx(got / 10)
-    restored = ofql.OFQL(task, args, torch.device("cpu"))
-    agent.q_scale.fill_(3.5)
-    restored.load_state_dict(agent.state_dict())
-    assert restored.q_scale.item() == 3.5
-    with pytest.raises(ValueError, match="q-scale-running-max needs --normalize-q True"):
-        small_args(q_scale_running_max=True, normalize_q=False)  # no E|Q| to hold: refused, not ignored
-
 def chain_episodes(gamma: float):
     """A 6-state chain s_0 -> ... -> s_5 -> end, reward k + 1 for leaving s_k, the action irrelevant; full
     episodes end in a terminal, others are truncated (time limit) at s_3, and later ones start at s_3.
@@ -921,17 +891,21 @@ def test_v1_checkpoint_says_it_is_from_an_older_version(tmp_path):
         ofql.load_checkpoint(old)
 
 
-def test_checkpoint_of_a_dropped_option(tmp_path):
-    """An older version's --mujoco-data: at its default the field is dropped and the file opens; at minari it is
-    refused (this version would read D4RL's data for the name)."""
+@pytest.mark.parametrize("option, default, other", [("mujoco_data", "d4rl", "minari"),
+                                                     ("q_scale_running_max", False, True)])
+def test_checkpoint_of_a_dropped_option(tmp_path, option, default, other):
+    """An older version's option: at its default the field is dropped and the file opens (it trained as this version
+    does); otherwise it is refused (--mujoco-data minari: this version would read D4RL's data for the name;
+    --q-scale-running-max: this version's actor loss is another)."""
     summary = ofql.train(ofql.Args(env="bandit-8modes", out_dir=str(tmp_path), total_steps=2, eval_every=2))
     state = torch.load(summary["checkpoint"], weights_only=True)
-    for value in ("d4rl", "minari"):
+    for value in (default, other):
         path = tmp_path / f"{value}.pt"
-        torch.save(state | {"args": state["args"] | {"mujoco_data": value}}, path)
-        if value == "d4rl":
-            assert "mujoco_data" not in ofql.load_checkpoint(path)["args"]
-    with pytest.raises(ValueError, match="trained with --mujoco-data minari, which this version dropped"):
+        torch.save(state | {"args": state["args"] | {option: value}}, path)
+        if value == default:
+            assert option not in ofql.load_checkpoint(path)["args"]
+            ofql_eval.load_agent(str(path), torch.device("cpu"))  # eval.py opens it too
+    with pytest.raises(ValueError, match=f"trained with --{option.replace('_', '-')}.*which this version dropped"):
         ofql.load_checkpoint(path)
 
 
@@ -2731,7 +2705,7 @@ def test_vs_fql_rescores_each_run_once_and_reports_the_scores_beside_their_setti
     def finished(method, seed, success, eta=None, episode_return=None, task=2, protocol="one", sha=None, **rescores):
         name = f"{method}__cube-single-play-v0__task{task}__seed{seed}__50000__eta{eta}"
         settings = {k: getattr(dataclasses.replace(base, eta=eta or base.eta, eval_protocol=protocol), k)
-                    for k in vs_fql.OFQL_SETTINGS}
+                    for k in vs_fql.OFQL_SETTINGS if hasattr(base, k)}  # as ofql.py records them now
         run = {"method": method, "dataset": "cube-single-play-v0", "task": task, "env_name": cube, "steps": 50_000,
                "success": success, "run_dir": f"/elsewhere/{name}", "ofql_args": settings}
         run |= {"return": episode_return} if episode_return is not None else {}  # older runs have no return

@@ -61,9 +61,10 @@ OFQL_SETTINGS = ("eta", "eval_protocol", "critic_layer_norm", "normalize_obs", "
                  "hidden_dim", "adaptive_weight", "target_q", "time_sampler", "flow_ratio", "normalize_q",
                  "q_scale_running_max")
 # not preset keys: ofql.Args' defaults stand for the preset (and for runs recorded before the key was)
-ARGS_DEFAULTS = ("time_sampler", "flow_ratio", "q_scale_running_max")
+ARGS_DEFAULTS = ("time_sampler", "flow_ratio")
+DROPPED = {"q_scale_running_max": False}  # options ofql.py no longer has, at the value it now trains with
 # named in a row only where not the preset's
-UNSHOWN_SETTINGS = ("tau", "lr_decay", "grad_norm", "adaptive_weight", *ARGS_DEFAULTS, "normalize_q")
+UNSHOWN_SETTINGS = ("tau", "lr_decay", "grad_norm", "adaptive_weight", *ARGS_DEFAULTS, *DROPPED, "normalize_q")
 RESCORED = ("paper", "one")  # the action selections `rescore` evaluates by default and `report` shows
 MIN_TIME, REPEATS = 0.5, 5  # decision timing: seconds per repetition, repetitions (median)
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
@@ -469,7 +470,7 @@ def report(a):
         if r["method"] == "fql":
             by["fql"].append(r)
         else:
-            preset = {key: getattr(ofql.Args, key) for key in ARGS_DEFAULTS} | ofql.task_preset(
+            preset = {key: getattr(ofql.Args, key) for key in ARGS_DEFAULTS} | DROPPED | ofql.task_preset(
                 f"ogbench/{r['env_name']}")
             config = ofql_config(r["ofql_args"], preset)
             by["ofql"].setdefault(config, []).append(r)
