@@ -217,6 +217,9 @@ EVAL_PROTOCOLS = {"paper": ("softmax", 50, 1.0, 1.0), "argmax": ("argmax", 50, 1
                   "deterministic": ("one", 1, 1.0, 0.0)}
 TRANSITIONS = ("obs", "action", "reward", "next_obs", "mask", "episode_end")  # train(data=...)'s; the last optional
 CHECKPOINT_FORMAT = "ofql-checkpoint-v2"  # v1 pickled numpy/python objects; v2 holds tensors and plain values only
+# options of older versions: the value this version trains as (such files open), and the fix for any other value
+DROPPED_OPTIONS = {"mujoco_data": ("d4rl", "retrain with --env mujoco/<env>/<level>-v0"),  # D4RL names on Minari data
+                   "q_scale_running_max": (False, "retrain without it (it is in git show e27f178:ofql.py)")}
 
 
 def data_module(env: str, required: bool = False):
@@ -683,12 +686,10 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ValueError(unsafe if needs else corrupt) from err  # a v1 file is unsafe (numpy objects)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an OFQL checkpoint (written by ofql.py save_checkpoint)")
-    if state["args"].pop("mujoco_data", "d4rl") != "d4rl":  # an option of older versions (D4RL names on Minari data)
-        raise ValueError(f"{path} was trained with --mujoco-data minari, which this version dropped: use the ofql.py "
-                         "that wrote it, or retrain with --env mujoco/<env>/<level>-v0")
-    if state["args"].pop("q_scale_running_max", False):  # an experiment of 2026-12-05, dropped (one seed, no gain)
-        raise ValueError(f"{path} was trained with --q-scale-running-max, which this version dropped: use the ofql.py "
-                         "that wrote it (git show e27f178:ofql.py), or retrain without it")
+    for option, (kept, fix) in DROPPED_OPTIONS.items():
+        if (value := state["args"].pop(option, kept)) != kept:
+            raise ValueError(f"{path} was trained with --{option.replace('_', '-')} {value}, which this version "
+                             f"dropped: use the ofql.py that wrote it, or {fix}")
     return state
 
 

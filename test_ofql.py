@@ -2677,6 +2677,7 @@ def test_vs_fql_rescores_each_run_once_and_reports_the_scores_beside_their_setti
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "benchmarks"))
     monkeypatch.setenv("OGBENCH_DATASET_DIR", str(tmp_path))  # rescore points it at each run's data folder
     import vs_fql
+    assert all(ofql.DROPPED_OPTIONS[option][0] == kept for option, kept in vs_fql.DROPPED.items())  # the report's copy
 
     def run_vs_fql(*argv):
         monkeypatch.setattr(sys, "argv", ["vs_fql.py", "--out", str(tmp_path / "out"), *argv])
@@ -2705,7 +2706,7 @@ def test_vs_fql_rescores_each_run_once_and_reports_the_scores_beside_their_setti
     def finished(method, seed, success, eta=None, episode_return=None, task=2, protocol="one", sha=None, **rescores):
         name = f"{method}__cube-single-play-v0__task{task}__seed{seed}__50000__eta{eta}"
         settings = {k: getattr(dataclasses.replace(base, eta=eta or base.eta, eval_protocol=protocol), k)
-                    for k in vs_fql.OFQL_SETTINGS if hasattr(base, k)}  # as ofql.py records them now
+                    for k in vs_fql.OFQL_SETTINGS}
         run = {"method": method, "dataset": "cube-single-play-v0", "task": task, "env_name": cube, "steps": 50_000,
                "success": success, "run_dir": f"/elsewhere/{name}", "ofql_args": settings}
         run |= {"return": episode_return} if episode_return is not None else {}  # older runs have no return

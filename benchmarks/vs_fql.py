@@ -58,11 +58,11 @@ PUBLISHED = {"cube-single-play-v0": (2, "97 ± 2", "96 ± 1", "ReBRAC 92, IQL 85
              "puzzle-3x3-play-v0": (4, "16 ± 5", "30 ± 1", "ReBRAC 2, IQL 2")}
 # recorded per OFQL run; the report groups OFQL rows by them
 OFQL_SETTINGS = ("eta", "eval_protocol", "critic_layer_norm", "normalize_obs", "gamma", "tau", "lr_decay", "grad_norm",
-                 "hidden_dim", "adaptive_weight", "target_q", "time_sampler", "flow_ratio", "normalize_q",
-                 "q_scale_running_max")
+                 "hidden_dim", "adaptive_weight", "target_q", "time_sampler", "flow_ratio", "normalize_q")
 # not preset keys: ofql.Args' defaults stand for the preset (and for runs recorded before the key was)
 ARGS_DEFAULTS = ("time_sampler", "flow_ratio")
-DROPPED = {"q_scale_running_max": False}  # options ofql.py no longer has, at the value it now trains with
+# older runs record these: ofql.DROPPED_OPTIONS at the values ofql.py trains as now (ofql is imported lazily here)
+DROPPED = {"q_scale_running_max": False}
 # named in a row only where not the preset's
 UNSHOWN_SETTINGS = ("tau", "lr_decay", "grad_norm", "adaptive_weight", *ARGS_DEFAULTS, *DROPPED, "normalize_q")
 RESCORED = ("paper", "one")  # the action selections `rescore` evaluates by default and `report` shows
